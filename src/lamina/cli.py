@@ -1,0 +1,241 @@
+"""The `lamina` command: thin verbs over the library, and the composition root that wires the layers.
+
+Every verb parses its flags, calls library functions, and prints. Errors Lamina raises on purpose
+(`LaminaError`) are printed as one line, `error: <what is wrong and how to fix it>`, with exit status 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+import click
+
+from lamina.errors import LaminaError
+from lamina.settings import get_settings
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+
+def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except LaminaError as e:
+            flag = f" (--{e.param.replace('_', '-')})" if e.param in _FLAGS else ""
+            click.echo(f"error: {e.message}{flag}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+# Library errors name the parameter; on the command line, name the flag that sets it.
+_FLAGS = {"max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "model", "device", "dtype"}
+
+
+@click.group(context_settings=CONTEXT_SETTINGS)
+@click.version_option(package_name="lamina")
+def cli() -> None:
+    """Lamina: a six-layer generative-AI stack (infra, arch, foundation, llm, api, apps) on plain PyTorch."""
+
+
+def _model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--dtype", default=None, help="auto|float32|bfloat16|float16 (auto: fastest measured here) [LAMINA_DTYPE]")(fn)
+    fn = click.option("--device", default=None, help="auto|cpu|cuda|cuda:N|mps [LAMINA_DEVICE]")(fn)
+    fn = click.option("--model", "-m", default=None, help="model id (see `lamina models`), .gguf file or HF folder [LAMINA_MODEL]")(fn)
+    return fn
+
+
+def _sampling_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--max-tokens", type=int, default=256, show_default=True, help="most tokens to generate"),
+        click.option("--temperature", "-t", type=float, default=0.7, show_default=True, help="0 = greedy"),
+        click.option("--top-p", type=float, default=0.9, show_default=True, help="nucleus sampling; 1 = off"),
+        click.option("--top-k", type=int, default=0, show_default=True, help="0 = off"),
+        click.option("--min-p", type=float, default=0.0, show_default=True, help="0 = off"),
+        click.option("--repetition-penalty", type=float, default=1.0, show_default=True, help="1 = off"),
+        click.option("--seed", type=int, default=None, help="makes sampling reproducible"),
+        click.option("--stop", multiple=True, help="stop at this string (repeatable)"),
+        click.option("--system", default=None, help="system prompt"),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _sampling(kw: dict[str, Any]) -> Any:
+    from lamina.llm import SamplingParams
+
+    return SamplingParams(
+        max_tokens=kw["max_tokens"],
+        temperature=kw["temperature"],
+        top_p=kw["top_p"],
+        top_k=kw["top_k"],
+        min_p=kw["min_p"],
+        repetition_penalty=kw["repetition_penalty"],
+        seed=kw["seed"],
+        stop=tuple(kw["stop"]),
+    )
+
+
+def _load_llm(model: str | None, device: str | None, dtype: str | None) -> Any:
+    from rich.console import Console
+
+    from lamina.infra.device import set_threads
+    from lamina.llm import LLM
+
+    set_threads(get_settings().threads)
+    name = model or get_settings().model
+    with Console(stderr=True).status(f"loading {name}", spinner="dots"):
+        return LLM.load(model, device=device, dtype=dtype)
+
+
+@cli.command()
+@click.argument("prompt")
+@_model_options
+@_sampling_options
+@click.option("--raw", is_flag=True, help="continue the text as is, without the chat template")
+@_fail_cleanly
+def generate(prompt: str, model: str | None, device: str | None, dtype: str | None, raw: bool, **kw: Any) -> None:
+    """Answer PROMPT (a chat turn for chat models; plain continuation with --raw or for base models)."""
+    from lamina.errors import InvalidRequestError
+
+    if not prompt.strip():
+        raise InvalidRequestError('the prompt is empty: pass some text, e.g. lamina generate "Hello"')
+    params = _sampling(kw)  # validate flags before spending time on loading
+    llm = _load_llm(model, device, dtype)
+    if raw or llm.chat_template is None:
+        text = prompt if kw["system"] is None else f"{kw['system']}\n\n{prompt}"
+        pieces = llm.stream(text, params)
+    else:
+        messages = ([{"role": "system", "content": kw["system"]}] if kw["system"] else []) + [{"role": "user", "content": prompt}]
+        pieces = llm.stream_chat(messages, params)
+    for piece in pieces:
+        click.echo(piece, nl=False)
+    click.echo()
+
+
+@cli.command()
+@_model_options
+@_sampling_options
+@_fail_cleanly
+def chat(model: str | None, device: str | None, dtype: str | None, **kw: Any) -> None:
+    """Talk to a model: streaming answers, history kept; /reset forgets it, /exit (or Ctrl-D) leaves."""
+    params = _sampling(kw)
+    llm = _load_llm(model, device, dtype)
+    system = [{"role": "system", "content": kw["system"]}] if kw["system"] else []
+    history: list[dict[str, str]] = []
+    click.echo(f"{llm.name} on {llm.device} ({str(llm.dtype).removeprefix('torch.')}). /reset clears the history, /exit leaves.", err=True)
+    while True:
+        try:
+            line = input(">>> ")
+        except (EOFError, KeyboardInterrupt):
+            click.echo()
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit", "/bye"):
+            return
+        if text == "/reset":
+            history.clear()
+            click.echo("(history cleared)", err=True)
+            continue
+        if text.startswith("/"):
+            click.echo(f"unknown command {text!r}; commands: /reset, /exit", err=True)
+            continue
+        history.append({"role": "user", "content": text})
+        answer: list[str] = []
+        try:
+            for piece in llm.stream_chat(system + history, params):
+                answer.append(piece)
+                click.echo(piece, nl=False)
+        except KeyboardInterrupt:
+            click.echo(" [interrupted]", nl=False)
+        except LaminaError as e:
+            history.pop()
+            click.echo(f"error: {e.message}", err=True)
+            continue
+        click.echo()
+        history.append({"role": "assistant", "content": "".join(answer)})
+
+
+@cli.command()
+@_fail_cleanly
+def models() -> None:
+    """List the models Lamina can run here (id, family, parameters, format, size, source)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from lamina.infra.registry import Registry
+    from lamina.llm.loader import summarize
+
+    table = Table(box=None, header_style="bold")
+    for column in ("id", "task", "family", "params", "context", "format", "size", "source"):
+        table.add_column(column, justify="right" if column in ("params", "size", "context") else "left")
+    for entry in Registry(get_settings().home).list():
+        try:
+            s = summarize(entry)
+            family, params, context = s.family, _human(s.params), str(s.context or "?")
+        except LaminaError as e:
+            family, params, context = f"unreadable: {e.message}", "?", "?"
+        table.add_row(entry.id, entry.task, family, params, context, entry.format, _human(entry.size_bytes, "B"), entry.source)
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
+
+
+@cli.command()
+@_fail_cleanly
+def info() -> None:
+    """Devices, threads, the dtype `auto` picks, versions, LAMINA_HOME and models."""
+    import platform
+
+    import torch
+
+    import lamina
+    from lamina.infra.device import list_devices, probe_dtypes, resolve_device, set_threads
+    from lamina.infra.registry import Registry
+
+    settings = get_settings()
+    threads = set_threads(settings.threads)
+    click.echo(f"lamina {lamina.__version__}  python {platform.python_version()}  torch {torch.__version__}")
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = []
+    for package in ("numpy", "tokenizers", "safetensors", "gguf", "transformers"):
+        try:
+            versions.append(f"{package} {version(package)}")
+        except PackageNotFoundError:
+            continue
+    click.echo("  " + "  ".join(versions))
+    click.echo(f"LAMINA_HOME {settings.home}")
+    click.echo(f"threads {threads} (torch intra-op; LAMINA_THREADS sets it)")
+    click.echo("devices:")
+    for d in list_devices():
+        memory = _human(d.memory_bytes, "B") if d.memory_bytes else "?"
+        click.echo(f"  {d.name:8} {d.model}  memory {memory}  {d.detail}")
+    device = resolve_device(settings.device)
+    probe = probe_dtypes(device, settings.home / "cache")
+    speeds = ", ".join(f"{k} {v:.0f}" for k, v in probe.gflops.items())
+    click.echo(f"dtype auto on {device}: {probe.choice} (GEMM GFLOP/s: {speeds})")
+    click.echo("models:")
+    for entry in Registry(settings.home).list():
+        click.echo(f"  {entry.id:24} {entry.format:5} {_human(entry.size_bytes, 'B'):>8}  {entry.path}")
+
+
+def _human(n: int | None, unit: str = "") -> str:
+    if n is None:
+        return "?"
+    value = float(n)
+    for prefix in ("", "K", "M", "G", "T"):
+        if abs(value) < 1000 or prefix == "T":
+            return f"{value:.0f}{prefix}{unit}" if prefix == "" else f"{value:.1f}{prefix}{unit}"
+        value /= 1000
+    return str(n)
+
+
+def main() -> None:
+    cli(prog_name="lamina")

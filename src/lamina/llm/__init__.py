@@ -1,0 +1,6 @@
+"""Layer 4, LLM: checkpoints (GGUF, Hugging Face), tokenizers and chat templates, sampling, the engine."""
+
+from lamina.llm.llm import LLM, Completion, Delta
+from lamina.llm.sampling import SamplingParams
+
+__all__ = ["LLM", "Completion", "Delta", "SamplingParams"]

@@ -1,0 +1,221 @@
+"""The Python API for text generation: `LLM.load(...)`, then `generate`, `stream`, `chat`, `stream_chat`.
+
+    from lamina import LLM
+    llm = LLM.load("smollm2-135m-instruct")
+    print(llm.chat([{"role": "user", "content": "What is the capital of France?"}], temperature=0).text)
+    for piece in llm.stream_chat([{"role": "user", "content": "Tell me a story"}], max_tokens=200):
+        print(piece, end="", flush=True)
+
+This layer owns text: tokenizing, chat templates, incremental detokenizing and stop strings. The engine
+underneath sees token ids only.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lamina.arch import build_model
+from lamina.errors import InvalidRequestError
+from lamina.foundation.tokenizer import Tokenizer
+from lamina.infra.device import optimize_for_inference, resolve_device, resolve_dtype
+from lamina.infra.registry import ModelEntry, Registry
+from lamina.llm.chat_template import ChatTemplate, Message
+from lamina.llm.detokenize import IncrementalDetokenizer, StopStrings
+from lamina.llm.engine import Engine, FinishReason
+from lamina.llm.loader import read_checkpoint
+from lamina.llm.sampling import SamplingParams
+from lamina.settings import get_settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    top_logprobs: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass
+class Delta:
+    """A piece of streamed output: new text (maybe empty), and the finish reason on the last one."""
+
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    cached_tokens: int = 0
+    """Prompt tokens whose keys/values were reused from the cache."""
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+
+
+class LLM:
+    """A loaded generative model with its tokenizer and chat template."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Tokenizer,
+        *,
+        name: str,
+        eos_ids: Sequence[int],
+        chat_template: str | None = None,
+        entry: ModelEntry | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.entry = entry
+        self.config = model.config
+        self.chat_template = ChatTemplate(chat_template, tokenizer) if chat_template else None
+        self.engine = Engine(model, eos_ids=eos_ids, max_seq_len=self.config.max_seq_len, vocab_size=self.config.vocab_size)
+        self._lock = threading.Lock()  # one generation at a time (the engine holds one sequence's cache)
+
+    @classmethod
+    def load(
+        cls,
+        model: str | None = None,
+        *,
+        device: str | None = None,
+        dtype: str | None = None,
+        home: str | Path | None = None,
+    ) -> LLM:
+        """Load a model by id (see `lamina models`), .gguf path or Hugging Face folder.
+
+        device: auto|cpu|cuda|cuda:N|mps; dtype: auto|float32|bfloat16|float16 (auto: fastest measured
+        here). Unset arguments come from LAMINA_MODEL, LAMINA_DEVICE, LAMINA_DTYPE, LAMINA_HOME.
+        """
+        settings = get_settings()
+        home = Path(home).expanduser() if home else settings.home
+        entry = Registry(home).resolve(model or settings.model)
+        dev = resolve_device(device or settings.device)
+        dt = resolve_dtype(dtype or settings.dtype, dev, home / "cache")
+        ckpt = read_checkpoint(entry)
+        net = build_model(ckpt.config, ckpt.state_dict, device=dev, dtype=dt).eval()
+        del ckpt.state_dict
+        optimize_for_inference(net, dev, home / "cache")
+        logger.info("loaded %s (%s) on %s in %s", entry.id, ckpt.config.family, dev, dt)
+        return cls(net, ckpt.tokenizer, name=entry.id, eos_ids=ckpt.eos_ids, chat_template=ckpt.chat_template, entry=entry)
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    # --- prompts -----------------------------------------------------------------------------------------
+
+    def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        return self._template().render(messages, add_generation_prompt=add_generation_prompt)
+
+    def encode_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
+        return self._template().encode(messages, add_generation_prompt=add_generation_prompt)
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InvalidRequestError("the prompt is empty: give some text to continue", param="prompt")
+        return self.tokenizer.encode(prompt)
+
+    def _template(self) -> ChatTemplate:
+        if self.chat_template is None:
+            raise InvalidRequestError(
+                f"model {self.name!r} has no chat template (a base model); use generate/completions with plain text",
+                param="messages",
+            )
+        return self.chat_template
+
+    # --- generation --------------------------------------------------------------------------------------
+
+    def generate(self, prompt: str, params: SamplingParams | None = None, **overrides: Any) -> Completion:
+        """Continue `prompt` (plain text, no chat template)."""
+        return self._collect(self.encode_prompt(prompt), _params(params, overrides))
+
+    def stream(self, prompt: str, params: SamplingParams | None = None, **overrides: Any) -> Iterator[str]:
+        for delta in self.stream_ids(self.encode_prompt(prompt), _params(params, overrides)):
+            if delta.text:
+                yield delta.text
+
+    def chat(self, messages: Sequence[Message], params: SamplingParams | None = None, **overrides: Any) -> Completion:
+        """Answer the last message of a conversation ([{"role": ..., "content": ...}, ...])."""
+        return self._collect(self.encode_chat(messages), _params(params, overrides))
+
+    def stream_chat(self, messages: Sequence[Message], params: SamplingParams | None = None, **overrides: Any) -> Iterator[str]:
+        for delta in self.stream_ids(self.encode_chat(messages), _params(params, overrides)):
+            if delta.text:
+                yield delta.text
+
+    def stream_ids(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[Delta]:
+        """The core: prompt token ids in, text deltas out (UTF-8 safe, stop strings removed)."""
+        self.engine.check_fits(len(prompt_ids), params.max_tokens)
+        detok = IncrementalDetokenizer(self.tokenizer)
+        stops = StopStrings(params.stop)
+        with self._lock:
+            events = self.engine.generate(prompt_ids, params)
+            try:
+                for event in events:
+                    delta = Delta("", [event.token_id], cached_tokens=event.cached_prompt_tokens)
+                    if event.logprob is not None:
+                        delta.logprobs.append(self._token_logprob(event.token_id, event.logprob, event.top_logprobs))
+                    if not event.is_stop_token:
+                        delta.text = stops.push(detok.push(event.token_id))
+                    if stops.stopped:
+                        delta.finish_reason = "stop"
+                        yield delta
+                        return
+                    if event.finish_reason is not None:
+                        delta.text += stops.push(detok.flush())
+                        delta.text += "" if stops.stopped else stops.flush()
+                        delta.finish_reason = "stop" if stops.stopped else event.finish_reason
+                        yield delta
+                        return
+                    yield delta
+            finally:
+                events.close()
+
+    def _token_logprob(self, token_id: int, logprob: float, top: tuple[tuple[int, float], ...]) -> TokenLogprob:
+        piece = self.tokenizer.decode([token_id])
+        return TokenLogprob(piece, logprob, tuple((self.tokenizer.decode([i]), lp) for i, lp in top))
+
+    def _collect(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
+        text, ids, logprobs, finish, cached = [], [], [], "length", 0
+        for delta in self.stream_ids(prompt_ids, params):
+            cached = delta.cached_tokens
+            text.append(delta.text)
+            ids += delta.token_ids
+            logprobs += delta.logprobs
+            finish = delta.finish_reason or finish
+        return Completion(
+            text="".join(text),
+            finish_reason=finish,  # type: ignore[arg-type]
+            prompt_tokens=len(prompt_ids),
+            completion_tokens=len(ids),
+            cached_tokens=cached,
+            token_ids=ids,
+            logprobs=logprobs if params.logprobs is not None else None,
+        )
+
+
+def _params(params: SamplingParams | None, overrides: dict[str, Any]) -> SamplingParams:
+    """`SamplingParams` from an object and/or keyword overrides (unknown names are a TypeError)."""
+    base = params or SamplingParams()
+    return replace(base, **overrides) if overrides else base

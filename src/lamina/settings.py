@@ -1,0 +1,39 @@
+"""Lamina's settings, read once from `LAMINA_*` environment variables (and a `.env` file).
+
+Each value has one owner here; code takes the values it needs as arguments rather than reading the
+environment itself, so tests and the composition root (`lamina.cli`) decide what is used.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LAMINA_", env_file=".env", extra="ignore")
+
+    home: Path = Path("~/.lamina")
+    """Where Lamina keeps its state: registered models, caches, databases (LAMINA_HOME)."""
+    model: str = "smollm2-135m-instruct"
+    """The model used when a command is given none (LAMINA_MODEL)."""
+    device: str = "auto"
+    """auto|cpu|cuda|cuda:N|mps (LAMINA_DEVICE)."""
+    dtype: str = "auto"
+    """auto|float32|bfloat16|float16 (LAMINA_DTYPE)."""
+    threads: int | None = None
+    """CPU threads for torch; None keeps torch's default, one per physical core (LAMINA_THREADS)."""
+
+    @field_validator("home")
+    @classmethod
+    def _expand_home(cls, value: Path) -> Path:
+        return value.expanduser()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, read on first use (never at import)."""
+    return Settings()
