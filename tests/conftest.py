@@ -1,0 +1,61 @@
+"""Shared fixtures: an isolated LAMINA_HOME per test, the real SmolLM2 model, tiny random models."""
+
+from __future__ import annotations
+
+import os
+
+# No model hub, ever: everything comes from the PyPI model packages or is made in the tests.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lamina.settings import get_settings
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+SMOLLM = "smollm2-135m-instruct"
+
+
+@pytest.fixture(autouse=True)
+def lamina_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test gets its own LAMINA_HOME, so nothing touches ~/.lamina."""
+    home = tmp_path_factory.mktemp("lamina-home")
+    monkeypatch.setenv("LAMINA_HOME", str(home))
+    get_settings.cache_clear()
+    yield home
+    get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def smollm_gguf() -> Path:
+    from lamina.infra.registry import Registry
+
+    return Registry(Path("/nonexistent")).resolve(SMOLLM).path
+
+
+@pytest.fixture(scope="session")
+def smollm(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """SmolLM2-135M-Instruct on Lamina's own model code, float32 on CPU."""
+    from lamina import LLM
+
+    return LLM.load(SMOLLM, device="cpu", dtype="float32", home=tmp_path_factory.mktemp("smollm-home"))
+
+
+@pytest.fixture(scope="session")
+def hf_smollm(smollm_gguf: Path):  # type: ignore[no-untyped-def]
+    """The same GGUF loaded by transformers (the peer)."""
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(smollm_gguf.parent), gguf_file=smollm_gguf.name, dtype=torch.float32
+    )
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_smollm_tokenizer(smollm_gguf: Path):  # type: ignore[no-untyped-def]
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(smollm_gguf.parent), gguf_file=smollm_gguf.name)

@@ -1,0 +1,97 @@
+"""Sampling parameters: validation with the fix in the message, and what each truncation keeps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lamina.errors import InvalidRequestError
+from lamina.llm.sampling import Sampler, SamplingParams
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "fix"),
+    [
+        ("max_tokens", 0, "1 or more"),
+        ("max_tokens", -5, "1 or more"),
+        ("temperature", -0.1, "use 0 for greedy"),
+        ("top_p", 0.0, "1 turns it off"),
+        ("top_p", 1.5, "1 turns it off"),
+        ("top_k", -2, "0 turns it off"),
+        ("min_p", 1.5, "0 turns it off"),
+        ("repetition_penalty", 0.0, "1 turns it off"),
+        ("presence_penalty", 3.0, "[-2, 2]"),
+        ("frequency_penalty", -3.0, "[-2, 2]"),
+        ("logprobs", 21, "[0, 20]"),
+        ("stop", ["ok", ""], "non-empty"),
+    ],
+)
+def test_bad_values_are_refused_with_the_fix(field: str, value, fix: str) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        SamplingParams(**{field: value})
+    assert fix in info.value.message and info.value.param == field
+
+
+def test_stop_accepts_a_string_or_a_list() -> None:
+    assert SamplingParams(stop="END").stop == ("END",)
+    assert SamplingParams(stop=["a", "b"]).stop == ("a", "b")
+    assert SamplingParams(top_k=-1).top_k == 0
+
+
+def _draws(params: SamplingParams, logits: torch.Tensor, n: int = 400) -> set[int]:
+    sampler = Sampler(params, [], logits.shape[0], torch.device("cpu"))
+    return {sampler(logits).token_id for _ in range(n)}
+
+
+LOGITS = torch.log(torch.tensor([0.5, 0.25, 0.15, 0.06, 0.04]))
+
+
+def test_greedy_picks_the_argmax() -> None:
+    assert _draws(SamplingParams(temperature=0), LOGITS, 5) == {0}
+
+
+def test_top_k_keeps_k_tokens() -> None:
+    assert _draws(SamplingParams(top_k=2, seed=0), LOGITS) == {0, 1}
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
+    assert _draws(SamplingParams(top_p=0.7, seed=0), LOGITS) == {0, 1}  # 0.5 < 0.7 <= 0.75
+    assert _draws(SamplingParams(top_p=0.45, seed=0), LOGITS) == {0}
+    assert _draws(SamplingParams(top_p=0.76, seed=0), LOGITS) == {0, 1, 2}
+
+
+def test_min_p_drops_unlikely_tokens() -> None:
+    assert _draws(SamplingParams(min_p=0.25, seed=0), LOGITS) == {0, 1, 2}  # keeps p >= 0.125
+
+
+def test_plain_sampling_reaches_every_token() -> None:
+    assert _draws(SamplingParams(seed=0), LOGITS, 2000) == {0, 1, 2, 3, 4}
+
+
+def test_seed_makes_sampling_reproducible() -> None:
+    logits = torch.randn(1000)
+
+    def run(seed: int) -> list[int]:
+        s = Sampler(SamplingParams(seed=seed), [], 1000, torch.device("cpu"))
+        return [s(logits).token_id for _ in range(50)]
+
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+
+
+def test_penalties_push_away_from_seen_tokens() -> None:
+    logits = torch.tensor([2.0, 1.9, 0.0])
+    assert Sampler(SamplingParams(temperature=0), [0], 3, torch.device("cpu"))(logits).token_id == 0
+    assert Sampler(SamplingParams(temperature=0, repetition_penalty=1.2), [0], 3, torch.device("cpu"))(logits).token_id == 1
+    s = Sampler(SamplingParams(temperature=0, presence_penalty=0.5), [], 3, torch.device("cpu"))
+    assert [s(logits).token_id for _ in range(2)] == [0, 1]  # the output's own token 0 is penalised next time
+    s = Sampler(SamplingParams(temperature=0, frequency_penalty=0.06), [], 3, torch.device("cpu"))
+    assert [s(logits).token_id for _ in range(3)] == [0, 0, 1]  # 2.0 -> 1.94 -> 1.88 < 1.9
+
+
+def test_logprobs_are_the_raw_distribution() -> None:
+    s = Sampler(SamplingParams(temperature=0, logprobs=3), [], 5, torch.device("cpu"))
+    sample = s(LOGITS)
+    assert sample.token_id == 0
+    assert sample.logprob == pytest.approx(float(torch.log(torch.tensor(0.5))), abs=1e-6)
+    assert [t for t, _ in sample.top_logprobs] == [0, 1, 2]

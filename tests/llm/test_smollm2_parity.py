@@ -1,0 +1,54 @@
+"""SmolLM2-135M-Instruct from its GGUF: Lamina's model code against transformers on the same weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.peer, pytest.mark.slow]
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n",
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+    "Unicode café 東京 🙂 and numbers 1234567890 " * 8,
+]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_fp32_logits_match_transformers(smollm, hf_smollm, prompt: str) -> None:
+    ids = torch.tensor([smollm.tokenizer.encode(prompt)])
+    with torch.no_grad():
+        ours = smollm.model(ids)
+        ref = hf_smollm(ids).logits
+    diff = (ours - ref).abs().max().item()
+    assert diff <= 1e-4, f"max |logit diff| {diff:.2e} over {ids.shape[1]} tokens"
+
+
+def _hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    """Plain greedy decoding on transformers' model, a full forward per token (no generate() heuristics)."""
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids + out]), use_cache=False).logits
+            out.append(int(logits[0, -1].argmax()))
+    return out
+
+
+def test_64_greedy_tokens_identical(smollm, hf_smollm) -> None:
+    messages = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
+    ids = smollm.encode_chat(messages)
+    ours = smollm.engine.generate(ids, _greedy(64))
+    assert [e.token_id for e in ours] == _hf_greedy(hf_smollm, ids, 64)
+
+
+def _greedy(n: int):  # type: ignore[no-untyped-def]
+    from lamina.llm import SamplingParams
+
+    return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+
+
+def test_greedy_answer_is_paris(smollm) -> None:
+    completion = smollm.chat([{"role": "user", "content": "What is the capital of France?"}], temperature=0, max_tokens=30)
+    assert "Paris" in completion.text
+    assert completion.finish_reason == "stop"
