@@ -1,0 +1,200 @@
+"""Batch-1 prefill and decode speed of SmolLM2-135M-Instruct: Lamina against transformers, same weights.
+
+Question: how fast does Lamina's own model code generate, relative to transformers on the same GGUF
+weights, the same threads, in the same run?
+
+Each (engine, dtype) runs in its own process, so peak RSS is that engine's own; engines alternate within
+each round, and each figure is the median over rounds. Decode speed is (n - 1) / (t_n - t_1) over n greedy
+tokens with end-of-sequence ignored (the prefill is excluded); prefill is one forward over a 512-token
+prompt with logits for the last position only.
+
+    python bench/decode.py [--rounds 3] [--threads 2] [--new-tokens 128]
+
+Prints a table and writes bench/results/decode.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CHAT = [{"role": "user", "content": "Write a long story about a lighthouse keeper and a storm."}]
+PREFILL_TEXT = (
+    "Lamina implements the six layers of a generative-AI system as one coherent, fast, installable stack: "
+    "infrastructure, architecture, foundation models, LLM, API and applications. "
+)
+
+
+def worker(engine: str, dtype: str, threads: int, new_tokens: int) -> dict:
+    import resource
+
+    import torch
+
+    torch.set_num_threads(threads)
+    from lamina import LLM
+    from lamina.llm import SamplingParams
+
+    t0 = time.perf_counter()
+    # Lamina's tokenizer and template are checked equal to transformers' by the test suite; use them for both.
+    lamina = LLM.load("smollm2-135m-instruct", device="cpu", dtype=dtype)
+    resolved = str(lamina.dtype).removeprefix("torch.")
+    chat_ids = lamina.encode_chat(CHAT)
+    prefill_ids = (lamina.tokenizer.encode(PREFILL_TEXT * 40))[:512]
+    if engine == "transformers":
+        from transformers import AutoModelForCausalLM
+
+        path = lamina.entry.path
+        del lamina
+        t0 = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=getattr(torch, resolved)
+        ).eval()
+        load_s = time.perf_counter() - t0
+        prefill = _time(lambda: model(torch.tensor([prefill_ids]), logits_to_keep=1))
+        decode = _hf_decode(model, chat_ids, new_tokens)
+    else:
+        load_s = time.perf_counter() - t0
+        model = lamina.model
+
+        def run_prefill() -> None:
+            with torch.inference_mode():
+                model(torch.tensor([prefill_ids]), last_only=True)
+
+        prefill = _time(run_prefill)
+        params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+        decode = []
+        for _ in range(3):
+            lamina.engine.reset()
+            stamps = [time.perf_counter() for _ in lamina.engine.generate(chat_ids, params)]
+            decode.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+        decode = statistics.median(decode)
+    return {
+        "engine": engine,
+        "dtype": resolved,
+        "load_s": load_s,
+        "prefill_tok_s": len(prefill_ids) / prefill,
+        "decode_tok_s": decode,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def _time(fn) -> float:  # type: ignore[no-untyped-def]
+    import torch
+
+    with torch.inference_mode():
+        fn()  # warm-up
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _hf_decode(model, prompt_ids: list[int], n: int) -> float:  # type: ignore[no-untyped-def]
+    import torch
+
+    ids = torch.tensor([prompt_ids])
+    kwargs = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    speeds = []
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=8, min_new_tokens=8, **kwargs)  # warm-up
+        for _ in range(3):
+            t = time.perf_counter()
+            model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
+            t1 = time.perf_counter() - t
+            t = time.perf_counter()
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
+            tn = time.perf_counter() - t
+            speeds.append((n - 1) / (tn - t1))
+    return statistics.median(speeds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "decode.json")
+    parser.add_argument("--worker", nargs=2, metavar=("ENGINE", "DTYPE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker[0], args.worker[1], args.threads, args.new_tokens)))
+        return
+
+    auto = _run("lamina", "auto", args)["dtype"]  # what `auto` resolves to on this machine (also a warm-up)
+    configs = [("lamina", "float32"), ("transformers", "float32")]
+    if auto != "float32":
+        configs += [("lamina", auto), ("transformers", auto)]
+    rounds: dict[tuple[str, str], list[dict]] = {c: [] for c in configs}
+    for r in range(args.rounds):
+        for engine, dtype in configs:
+            result = _run(engine, dtype, args)
+            rounds[(engine, dtype)].append(result)
+            print(f"round {r + 1}: {engine:12} {dtype:9} decode {result['decode_tok_s']:6.1f} tok/s  "
+                  f"prefill {result['prefill_tok_s']:6.0f} tok/s", file=sys.stderr)
+    rows = []
+    for (engine, dtype), results in rounds.items():
+        row = {"engine": engine, "dtype": dtype}
+        for key in ("decode_tok_s", "prefill_tok_s", "peak_rss_mb", "load_s"):
+            values = [x[key] for x in results]
+            row[key] = statistics.median(values)
+            row[key + "_runs"] = values
+        rows.append(row)
+    by = {(r["engine"], r["dtype"]): r for r in rows}
+    hf32 = by[("transformers", "float32")]
+    ratios = {
+        "decode lamina fp32 / transformers fp32": by[("lamina", "float32")]["decode_tok_s"] / hf32["decode_tok_s"],
+        "prefill lamina fp32 / transformers fp32": by[("lamina", "float32")]["prefill_tok_s"] / hf32["prefill_tok_s"],
+        f"decode lamina auto ({auto}) / transformers fp32": by[("lamina", auto)]["decode_tok_s"] / hf32["decode_tok_s"],
+    }
+    if auto != "float32":
+        hf_auto = by[("transformers", auto)]
+        ratios[f"decode lamina {auto} / transformers {auto}"] = by[("lamina", auto)]["decode_tok_s"] / hf_auto["decode_tok_s"]
+        ratios[f"prefill lamina {auto} / transformers {auto}"] = by[("lamina", auto)]["prefill_tok_s"] / hf_auto["prefill_tok_s"]
+
+    print(f"\nSmolLM2-135M-Instruct (Q4_1 GGUF dequantised), batch 1, {args.threads} threads, "
+          f"median of {args.rounds} rounds; auto dtype here = {auto}")
+    print(f"{'engine':13} {'dtype':9} {'decode tok/s':>12} {'prefill-512 tok/s':>18} {'peak RSS MB':>12} {'load s':>7}")
+    for r in rows:
+        print(f"{r['engine']:13} {r['dtype']:9} {r['decode_tok_s']:12.1f} {r['prefill_tok_s']:18.0f} "
+              f"{r['peak_rss_mb']:12.0f} {r['load_s']:7.1f}")
+    spread = max(
+        (max(r["decode_tok_s_runs"]) - min(r["decode_tok_s_runs"])) / r["decode_tok_s"] for r in rows
+    )
+    print(f"largest decode spread across rounds: {spread:.0%}")
+    for name, value in ratios.items():
+        print(f"  {name}: {value:.2f}x")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "machine": {"cpu": _cpu(), "threads": args.threads, "python": platform.python_version()},
+        "auto_dtype": auto, "new_tokens": args.new_tokens, "rounds": args.rounds,
+        "rows": rows, "ratios": ratios, "decode_spread": spread,
+    }, indent=2))
+    print(f"wrote {args.out}")
+
+
+def _run(engine: str, dtype: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--worker", engine, dtype, "--threads", str(args.threads),
+           "--new-tokens", str(args.new_tokens)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"{engine} {dtype} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _cpu() -> str:
+    from lamina.infra.device import cpu_features, cpu_model
+
+    return f"{cpu_model()} ({' '.join(cpu_features())})"
+
+
+if __name__ == "__main__":
+    main()
