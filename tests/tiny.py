@@ -190,3 +190,50 @@ def json_merges(tokenizer: Any) -> list[str]:
 
     model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
     return [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+
+
+def write_gpt2_gguf(path: Path, model: Any, tokenizer: Any) -> Path:
+    """A transformers GPT-2 as llama.cpp's converter writes it: Conv1D weights transposed, output = token_embd."""
+    import gguf
+
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), "gpt2")
+    w.add_block_count(cfg.n_layer)
+    w.add_context_length(cfg.n_positions)
+    w.add_embedding_length(cfg.n_embd)
+    w.add_feed_forward_length(4 * cfg.n_embd)
+    w.add_head_count(cfg.n_head)
+    w.add_layer_norm_eps(cfg.layer_norm_epsilon)
+    w.add_file_type(0)
+    vocab = tokenizer.backend_tokenizer.get_vocab()
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
+    w.add_token_merges(json_merges(tokenizer))
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    names = {"transformer.wte.weight": "token_embd.weight", "transformer.wpe.weight": "position_embd.weight",
+             "transformer.ln_f.weight": "output_norm.weight", "transformer.ln_f.bias": "output_norm.bias"}
+    block = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
+             "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" or name.endswith((".attn.bias", ".attn.masked_bias")):
+            continue
+        array = tensor.detach().float().numpy()
+        if name in names:
+            gname = names[name]
+        else:
+            _, _, i, *rest = name.split(".")
+            gname = f"blk.{i}.{block['.'.join(rest[:-1])]}.{rest[-1]}"
+            if rest[-1] == "weight" and array.ndim == 2:
+                array = array.T.copy()  # Conv1D (in, out) -> (out, in)
+        w.add_tensor(gname, array.astype(np.float32))
+        if gname == "token_embd.weight":
+            w.add_tensor("output.weight", array.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -12,7 +12,7 @@ import torch
 from lamina import LLM
 from lamina.errors import ModelFormatError
 from lamina.llm.gguf import open_gguf, unpermute_qk
-from tests.tiny import hf_llama_folder, permute_qk, train_tokenizer, write_llama_gguf
+from tests.tiny import hf_gpt2_folder, hf_llama_folder, permute_qk, train_tokenizer, write_gpt2_gguf, write_llama_gguf
 
 # K-quants pack 256 values per block, so their rows must be multiples of 256.
 SMALL = {}
@@ -44,6 +44,20 @@ def test_quantised_gguf_logits_match_transformers(tmp_path, qtype: str) -> None:
     if qtype == "F32":  # unquantised: the weights are the HF model's exactly
         with torch.no_grad():
             torch.testing.assert_close(llm.model(ids), hf(ids).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.peer
+def test_gpt2_gguf_logits_match_transformers(tmp_path) -> None:
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    hf = hf_gpt2_folder(tmp_path / "hf", n_positions=1024)  # transformers reads no context length from GPT-2 GGUFs
+    path = write_gpt2_gguf(tmp_path / "gpt2.gguf", hf, transformers.AutoTokenizer.from_pretrained(tmp_path / "hf"))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
+    llm = LLM.load(str(path), device="cpu", dtype="float32")
+    ids = torch.randint(0, 400, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(llm.model(ids), ref(ids).logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(llm.model(ids), hf(ids).logits, atol=1e-5, rtol=0)
 
 
 @pytest.fixture(scope="module")

@@ -327,8 +327,10 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def state_dict(g: GGUFFile, config: LlamaConfig | GPT2Config) -> dict[str, torch.Tensor]:
-    """All weights, dequantised to float32 and renamed to Lamina's parameter names."""
+def state_dict(
+    g: GGUFFile, config: LlamaConfig | GPT2Config, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """All weights, dequantised (in float32, then cast one tensor at a time to `dtype`) and renamed."""
     from gguf.quants import dequantize
 
     is_llama = isinstance(config, LlamaConfig)
@@ -355,7 +357,7 @@ def state_dict(g: GGUFFile, config: LlamaConfig | GPT2Config) -> dict[str, torch
             array = unpermute_qk(array, config.n_heads)
         if not array.flags.writeable or not array.flags.c_contiguous:  # a view into the memory map
             array = np.array(array, order="C")
-        out[name] = torch.from_numpy(array)
+        out[name] = torch.from_numpy(array).to(dtype)
     return out
 
 

@@ -102,8 +102,10 @@ def _llama_config(hf: dict[str, Any], folder: Path) -> LlamaConfig:
     )
 
 
-def state_dict(folder: Path, config: LlamaConfig | GPT2Config) -> dict[str, torch.Tensor]:
-    """Every tensor of the folder's safetensors files, renamed to Lamina's parameter names."""
+def state_dict(
+    folder: Path, config: LlamaConfig | GPT2Config, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """Every tensor of the folder's safetensors files, renamed to Lamina's names and cast to `dtype`."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -130,7 +132,7 @@ def state_dict(folder: Path, config: LlamaConfig | GPT2Config) -> dict[str, torc
                 continue
             if gpt2 and new.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) and tensor.dim() == 2:
                 tensor = tensor.t().contiguous()  # Conv1D (in, out) -> Linear (out, in)
-            out[new] = tensor
+            out[new] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     return out
 
 

@@ -108,7 +108,7 @@ class LLM:
         entry = Registry(home).resolve(model or settings.model)
         dev = resolve_device(device or settings.device)
         dt = resolve_dtype(dtype or settings.dtype, dev, home / "cache")
-        ckpt = read_checkpoint(entry)
+        ckpt = read_checkpoint(entry, dt)
         net = build_model(ckpt.config, ckpt.state_dict, device=dev, dtype=dt).eval()
         del ckpt.state_dict
         optimize_for_inference(net, dev, home / "cache")

@@ -34,7 +34,8 @@ class ModelSummary:
     context: int | None
 
 
-def read_checkpoint(entry: ModelEntry) -> Checkpoint:
+def read_checkpoint(entry: ModelEntry, dtype: torch.dtype = torch.float32) -> Checkpoint:
+    """Config, weights (cast to `dtype` tensor by tensor, to keep peak memory low), tokenizer, template."""
     if entry.task != "generate":
         raise InvalidRequestError(
             f"model {entry.id!r} is an embedding model, not a text generator; pick a generative model", param="model"
@@ -43,10 +44,10 @@ def read_checkpoint(entry: ModelEntry) -> Checkpoint:
         g = gguf.open_gguf(entry.path)
         config = gguf.model_config(g)
         tok = gguf.tokenizer(g)
-        return Checkpoint(entry, config, gguf.state_dict(g, config), tok, gguf.chat_template(g), gguf.eos_ids(g))
+        return Checkpoint(entry, config, gguf.state_dict(g, config, dtype), tok, gguf.chat_template(g), gguf.eos_ids(g))
     config = hf.model_config(entry.path)
     tok = hf.tokenizer(entry.path)
-    return Checkpoint(entry, config, hf.state_dict(entry.path, config), tok, hf.chat_template(entry.path), hf.eos_ids(entry.path, tok))
+    return Checkpoint(entry, config, hf.state_dict(entry.path, config, dtype), tok, hf.chat_template(entry.path), hf.eos_ids(entry.path, tok))
 
 
 def summarize(entry: ModelEntry) -> ModelSummary:
