@@ -12,7 +12,14 @@ import torch
 from lamina import LLM
 from lamina.errors import ModelFormatError
 from lamina.llm.gguf import open_gguf, unpermute_qk
-from tests.tiny import hf_gpt2_folder, hf_llama_folder, permute_qk, train_tokenizer, write_gpt2_gguf, write_llama_gguf
+from tests.tiny import (
+    hf_gpt2_folder,
+    hf_llama_folder,
+    permute_qk,
+    train_tokenizer,
+    write_gpt2_gguf,
+    write_llama_gguf,
+)
 
 # K-quants pack 256 values per block, so their rows must be multiples of 256.
 SMALL = {}
