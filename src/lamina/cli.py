@@ -165,6 +165,113 @@ def chat(model: str | None, device: str | None, dtype: str | None, **kw: Any) ->
 
 
 @cli.command()
+@click.option("--host", default=None, help="address to listen on [LAMINA_HOST, default 127.0.0.1]")
+@click.option("--port", type=int, default=None, help="port [LAMINA_PORT, default 8000]")
+@click.option("--api-key", default=None, help="require this key (Authorization: Bearer KEY) [LAMINA_API_KEY]")
+@click.option("--insecure", is_flag=True, help="allow a non-loopback address with no API key at all")
+@click.option("--max-running", type=int, default=16, show_default=True, help="requests decoded at once; more wait")
+@_model_options
+@_fail_cleanly
+def serve(host: str | None, port: int | None, api_key: str | None, insecure: bool, max_running: int,
+          model: str | None, device: str | None, dtype: str | None) -> None:
+    """Serve the OpenAI-compatible API and the web chat (http://HOST:PORT/)."""
+    import ipaddress
+    import logging
+
+    import uvicorn
+
+    from lamina.api.app import ServeArgs
+    from lamina.api.keys import KeyStore
+    from lamina.apps.server import build_app
+    from lamina.errors import InvalidRequestError
+    from lamina.infra.db import Database
+    from lamina.infra.device import set_threads
+    from lamina.llm.engine import EngineArgs
+
+    settings = get_settings()
+    set_threads(settings.threads)
+    args = ServeArgs(
+        model=model or settings.model, host=host or settings.host, port=port or settings.port,
+        api_key=api_key or settings.api_key, insecure=insecure, device=device or settings.device,
+        dtype=dtype or settings.dtype, home=settings.home, engine=EngineArgs(max_running=max_running),
+    )
+    try:
+        loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not insecure and not KeyStore(Database(args.database), args.api_key).auth_required():
+        raise InvalidRequestError(
+            f"refusing to listen on {args.host} without an API key: pass --api-key KEY (or create one with "
+            "`lamina keys create --name NAME`), or --insecure to serve anyone who can reach this address"
+        )
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    app = build_app(args)
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    click.echo(f"Lamina serving {args.model} at http://{shown}:{args.port}/  (API: http://{shown}:{args.port}/v1)", err=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10)
+
+
+@cli.group()
+def keys() -> None:
+    """Manage API keys (stored hashed in LAMINA_HOME/lamina.db)."""
+
+
+def _key_store():  # type: ignore[no-untyped-def]
+    from lamina.api.keys import KeyStore
+    from lamina.infra.db import Database
+
+    return KeyStore(Database(get_settings().home / "lamina.db"))
+
+
+@keys.command("create")
+@click.option("--name", required=True, help="a label for the key")
+@click.option("--rpm", type=int, default=None, help="requests per minute allowed")
+@click.option("--tpm", type=int, default=None, help="tokens (prompt + completion) per minute allowed")
+@click.option("--models", default=None, help="comma-separated model ids the key may use (default: all)")
+@_fail_cleanly
+def keys_create(name: str, rpm: int | None, tpm: int | None, models: str | None) -> None:
+    """Create a key; it is printed once and cannot be shown again."""
+    key, secret = _key_store().create(name, rpm=rpm, tpm=tpm, models=[m.strip() for m in (models or "").split(",") if m.strip()])
+    click.echo(secret)
+    click.echo(f"created key {key.name!r} ({key.prefix}...); store it now, it is not shown again", err=True)
+
+
+@keys.command("list")
+@_fail_cleanly
+def keys_list() -> None:
+    """List keys (never the secrets)."""
+    import datetime
+
+    for k in _key_store().list():
+        state = "active" if k.active else f"revoked {datetime.datetime.fromtimestamp(k.revoked_at or 0):%Y-%m-%d %H:%M}"
+        limits = f"rpm={k.rpm or '-'} tpm={k.tpm or '-'} models={','.join(k.models) or 'all'}"
+        click.echo(f"{k.name:20} {k.prefix}...  {limits:40} {state}")
+
+
+@keys.command("revoke")
+@click.argument("name")
+@_fail_cleanly
+def keys_revoke(name: str) -> None:
+    """Revoke a key by name or prefix; it stops working at once."""
+    key = _key_store().revoke(name)
+    click.echo(f"revoked key {key.name!r} ({key.prefix}...)")
+
+
+@cli.command()
+@_fail_cleanly
+def usage() -> None:
+    """Requests and tokens per key and model, from the usage log."""
+    from lamina.api.usage import UsageLog
+    from lamina.infra.db import Database
+
+    rows = UsageLog(Database(get_settings().home / "lamina.db")).totals()
+    click.echo(f"{'key':20} {'model':24} {'requests':>8} {'errors':>6} {'prompt':>9} {'completion':>10} {'mean ms':>8}")
+    for r in rows:
+        click.echo(f"{r['key']:20} {r['model']:24} {r['requests']:8} {r['errors']:6} {r['prompt_tokens']:9} "
+                   f"{r['completion_tokens']:10} {r['mean_latency_ms'] or 0:8.0f}")
+
+
+@cli.command()
 @_fail_cleanly
 def models() -> None:
     """List the models Lamina can run here (id, family, parameters, format, size, source)."""

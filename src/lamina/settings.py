@@ -26,6 +26,12 @@ class Settings(BaseSettings):
     """auto|float32|bfloat16|float16 (LAMINA_DTYPE)."""
     threads: int | None = None
     """CPU threads for torch; None keeps torch's default, one per physical core (LAMINA_THREADS)."""
+    host: str = "127.0.0.1"
+    """Address `lamina serve` listens on (LAMINA_HOST)."""
+    port: int = 8000
+    """Port `lamina serve` listens on (LAMINA_PORT)."""
+    api_key: str | None = None
+    """A single static API key for `lamina serve`, like vLLM's --api-key (LAMINA_API_KEY)."""
 
     @field_validator("home")
     @classmethod

@@ -52,7 +52,8 @@ def test_logprobs_are_returned_when_asked(smollm) -> None:
     completion = smollm.chat(QUESTION, temperature=0, max_tokens=5, logprobs=2)
     assert completion.logprobs is not None and len(completion.logprobs) == 5
     first = completion.logprobs[0]
-    assert first.logprob <= 0 and len(first.top_logprobs) == 2 and first.top_logprobs[0][0] == first.token
+    assert first.logprob <= 0 and len(first.top_logprobs) == 2 and first.top_logprobs[0].token == first.token
+    assert first.bytes == first.token.encode()
 
 
 def test_empty_prompt_is_refused(smollm) -> None:

@@ -77,6 +77,28 @@ def _byte_level_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
     return steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
 
 
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return dict(zip(printable, map(chr, chars), strict=True))
+
+
+_UNICODE_TO_BYTES: dict[str, int] = {}
+
+
+def _unicode_to_bytes() -> dict[str, int]:
+    if not _UNICODE_TO_BYTES:
+        _UNICODE_TO_BYTES.update({c: b for b, c in _bytes_to_unicode().items()})
+    return _UNICODE_TO_BYTES
+
+
 class Tokenizer:
     """Text <-> token ids, with the model's special tokens."""
 
@@ -191,6 +213,27 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str | None:
         return self.backend.id_to_token(token_id)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The exact bytes a token stands for (what OpenAI's logprobs `bytes` report).
+
+        Byte-level BPE spells bytes as printable characters (GPT-2's table); special and added tokens are
+        their UTF-8 text.
+        """
+        piece = self.backend.id_to_token(token_id)
+        if piece is None:
+            return b""
+        added = self.backend.get_added_tokens_decoder().get(token_id)
+        if added is not None or not self._byte_level:
+            return self.decode([token_id]).encode("utf-8") if added is None else piece.encode("utf-8")
+        table = _unicode_to_bytes()
+        if all(ch in table for ch in piece):
+            return bytes(table[ch] for ch in piece)
+        return piece.encode("utf-8")
+
+    @property
+    def _byte_level(self) -> bool:
+        return isinstance(self.backend.decoder, decoders.ByteLevel)
 
     @property
     def vocab_size(self) -> int:

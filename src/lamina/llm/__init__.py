@@ -1,6 +1,7 @@
 """Layer 4, LLM: checkpoints (GGUF, Hugging Face), tokenizers and chat templates, sampling, the engine."""
 
-from lamina.llm.llm import LLM, Completion, Delta
+from lamina.llm.llm import LLM, Completion
 from lamina.llm.sampling import SamplingParams
+from lamina.llm.text import Delta
 
 __all__ = ["LLM", "Completion", "Delta", "SamplingParams"]

@@ -1,35 +1,44 @@
-"""The generation engine: token ids in, token ids out, one sequence at a time on a KV cache.
+"""The generation engine: token ids in, token ids out, for many sequences at once.
 
-The engine knows nothing of text, tokenizers or chat templates (those live in `lamina.llm.llm`); it
-prefills the prompt, then decodes one token per step, reusing the cache across calls: when a new prompt
-starts with tokens already in the cache (a multi-turn chat, a shared system prompt), only the new tokens
-are computed. The cache grows in steps as sequences get longer, so short requests stay small.
+    engine.add_request("r1", prompt_ids, SamplingParams(...))
+    while engine.has_unfinished():
+        for event in engine.step():       # one token for each sequence that produced one
+            ...
+    engine.abort("r1")                    # a client went away, or a stop string was found upstream
+
+`step()` is schedule -> execute -> sample (vLLM's split): the `Scheduler` picks the chunks, the
+`ModelRunner` runs them and owns the KV caches, and the engine samples, checks end tokens and limits, and
+reports `TokenEvent`s. The engine knows nothing of text, tokenizers or chat templates; those live above it
+(`lamina.llm.text`, `lamina.llm.llm`). It is not thread-safe: one thread drives it (the caller for the
+Python API, `AsyncEngine`'s worker thread for the server).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
 from torch import nn
 
-from lamina.arch import KVCache
 from lamina.errors import ContextLengthError, InvalidRequestError
+from lamina.llm.runner import ModelRunner
 from lamina.llm.sampling import Sampler, SamplingParams
+from lamina.llm.scheduler import Scheduler, Status
+from lamina.llm.scheduler import Sequence as Seq
 
 logger = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length"]
-_CACHE_STEP = 512  # the cache grows in multiples of this many positions
 
 
 @dataclass(frozen=True)
 class TokenEvent:
-    """One generated token. The last event of a sequence carries its finish reason."""
+    """One generated token of one request. The last event of a request carries its finish reason."""
 
+    request_id: str
     token_id: int
     logprob: float | None = None
     top_logprobs: tuple[tuple[int, float], ...] = ()
@@ -37,78 +46,122 @@ class TokenEvent:
     is_stop_token: bool = False
     """True for an end-of-sequence or stop token id: counted, but not part of the text."""
     cached_prompt_tokens: int = 0
-    """How many prompt tokens were reused from the cache (set on every event)."""
+    """How many prompt tokens were reused from an earlier sequence's cache."""
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    max_running: int = 16
+    """Sequences decoded concurrently; more wait in a queue."""
+    max_waiting: int = 256
+    """Queued sequences beyond which new requests are refused (503)."""
+    prefill_chunk: int = 512
+    """Most prompt tokens fed to one sequence in one step."""
+    retained_caches: int = 2
+    """Finished sequences whose KV caches are kept for prefix reuse."""
 
 
 class Engine:
-    def __init__(self, model: nn.Module, *, eos_ids: Sequence[int], max_seq_len: int, vocab_size: int) -> None:
-        self.model = model
-        self.eos_ids = tuple(eos_ids)
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        eos_ids: Sequence[int],
+        max_seq_len: int,
+        vocab_size: int,
+        args: EngineArgs | None = None,
+    ) -> None:
+        args = args or EngineArgs()
+        self.eos_ids = frozenset(eos_ids)
         self.max_seq_len = max_seq_len
         self.vocab_size = vocab_size
-        self.device = next(model.parameters()).device
-        self._cache: KVCache | None = None
-        self._cached_ids: list[int] = []  # the tokens whose keys/values are in the cache, in order
+        self.runner = ModelRunner(model, max_seq_len=max_seq_len, retained_caches=args.retained_caches)
+        self.device = self.runner.device
+        self.scheduler = Scheduler(max_running=args.max_running, max_waiting=args.max_waiting, prefill_chunk=args.prefill_chunk)
+        self._ids = itertools.count()
 
-    def check_fits(self, n_prompt: int, max_tokens: int) -> None:
-        if n_prompt + max_tokens > self.max_seq_len:
-            raise ContextLengthError(
-                f"This model's maximum context length is {self.max_seq_len} tokens. However, you requested "
-                f"{n_prompt + max_tokens} tokens ({n_prompt} in the prompt, {max_tokens} for the completion). "
-                "Please reduce the length of the prompt or of max_tokens.",
-                param="max_tokens",
-            )
+    # --- requests -------------------------------------------------------------------------------------
 
-    def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[TokenEvent]:
-        """Yield generated tokens until an end token, a stop token id or max_tokens; close it to stop early."""
-        prompt_ids = list(prompt_ids)
+    def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        """Raise the error `add_request` would, without adding anything (safe from any thread)."""
         if not prompt_ids:
             raise InvalidRequestError("the prompt is empty: give at least one token", param="prompt")
         if max(prompt_ids) >= self.vocab_size or min(prompt_ids) < 0:
             raise InvalidRequestError(f"prompt token ids must be in [0, {self.vocab_size})", param="prompt")
-        self.check_fits(len(prompt_ids), params.max_tokens)
-        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_ids))
+        n = len(prompt_ids)
+        if n + params.max_tokens > self.max_seq_len:
+            raise ContextLengthError(
+                f"This model's maximum context length is {self.max_seq_len} tokens. However, you requested "
+                f"{n + params.max_tokens} tokens ({n} in the prompt, {params.max_tokens} for the completion). "
+                "Please reduce the length of the prompt or of max_tokens.",
+                param="max_tokens",
+            )
+
+    def add_request(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        prompt_ids = list(prompt_ids)
+        self.validate(prompt_ids, params)
         sampler = Sampler(params, prompt_ids, self.vocab_size, self.device)
-        with torch.inference_mode():
-            cache, reused = self._prepare_cache(prompt_ids, len(prompt_ids) + params.max_tokens)
-            logits = self._forward(prompt_ids[reused:], cache)
-            for i in range(params.max_tokens):
-                sample = sampler(logits)
-                is_stop = sample.token_id in stop_ids
-                finish: FinishReason | None = "stop" if is_stop else ("length" if i == params.max_tokens - 1 else None)
-                yield TokenEvent(sample.token_id, sample.logprob, sample.top_logprobs, finish, is_stop, reused)
-                if finish is not None:
-                    return
-                logits = self._forward([sample.token_id], cache)
+        self.scheduler.add(Seq(request_id, prompt_ids, params, sampler))
 
-    def _forward(self, ids: list[int], cache: KVCache) -> torch.Tensor:
-        tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
-        logits = self.model(tokens, cache, last_only=True)  # (1, 1, vocab)
-        self._cached_ids.extend(ids)
-        return logits[0, -1].float()
+    def abort(self, request_id: str) -> None:
+        seq = self.scheduler.remove(request_id)
+        if seq is not None:
+            seq.status = Status.FINISHED
+            self.runner.release(seq)
 
-    def _prepare_cache(self, prompt_ids: list[int], total_len: int) -> tuple[KVCache, int]:
-        """A cache holding the longest cached prefix of the prompt (at least one token left to compute)."""
-        reused = 0
-        limit = min(len(self._cached_ids), len(prompt_ids) - 1)
-        while reused < limit and self._cached_ids[reused] == prompt_ids[reused]:
-            reused += 1
-        cache = self._cache
-        if cache is None or cache.max_len < total_len:
-            size = min(self.max_seq_len, -(-total_len // _CACHE_STEP) * _CACHE_STEP)
-            new = self.model.new_cache(1, size)
-            if cache is not None and reused:
-                new.k[:, :, :, :reused] = cache.k[:, :, :, :reused]
-                new.v[:, :, :, :reused] = cache.v[:, :, :, :reused]
-            cache = self._cache = new
-        cache.length = reused
-        del self._cached_ids[reused:]
-        if reused:
-            logger.debug("reusing %d cached prompt tokens of %d", reused, len(prompt_ids))
-        return cache, reused
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # --- one step -------------------------------------------------------------------------------------
+
+    def step(self) -> list[TokenEvent]:
+        for seq in self.scheduler.admit():
+            self.runner.acquire(seq)
+        work = self.scheduler.schedule()
+        logits = self.runner.execute(work)
+        events = []
+        for chunk in work.chunks:
+            seq = chunk.seq
+            if seq.request_id not in logits:
+                continue
+            sample = seq.sampler(logits[seq.request_id])
+            seq.output_ids.append(sample.token_id)
+            p = seq.params
+            is_stop = sample.token_id in p.stop_token_ids or (not p.ignore_eos and sample.token_id in self.eos_ids)
+            finish: FinishReason | None = "stop" if is_stop else ("length" if len(seq.output_ids) >= p.max_tokens else None)
+            events.append(
+                TokenEvent(seq.request_id, sample.token_id, sample.logprob, sample.top_logprobs, finish, is_stop, seq.cached_prompt_tokens)
+            )
+            if finish is not None:
+                self.scheduler.remove(seq.request_id)
+                seq.status = Status.FINISHED
+                self.runner.release(seq)
+        return events
+
+    # --- one request, driven by the caller --------------------------------------------------------------
+
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[TokenEvent]:
+        """Run one request to completion in the caller's thread; closing the iterator aborts it."""
+        request_id = f"gen-{next(self._ids)}"
+        self.add_request(request_id, prompt_ids, params)
+        try:
+            while self.has_unfinished():
+                for event in self.step():
+                    if event.request_id == request_id:
+                        yield event
+                        if event.finish_reason is not None:
+                            return
+        finally:
+            self.abort(request_id)
 
     def reset(self) -> None:
-        """Forget the cached sequence."""
-        self._cached_ids.clear()
-        if self._cache is not None:
-            self._cache.length = 0
+        """Forget the caches kept for prefix reuse."""
+        self.runner.clear()

@@ -28,32 +28,13 @@ from lamina.foundation.tokenizer import Tokenizer
 from lamina.infra.device import optimize_for_inference, resolve_device, resolve_dtype
 from lamina.infra.registry import ModelEntry, Registry
 from lamina.llm.chat_template import ChatTemplate, Message
-from lamina.llm.detokenize import IncrementalDetokenizer, StopStrings
-from lamina.llm.engine import Engine, FinishReason
+from lamina.llm.engine import Engine, EngineArgs, FinishReason
 from lamina.llm.loader import read_checkpoint
 from lamina.llm.sampling import SamplingParams
+from lamina.llm.text import Delta, TextStream, TokenLogprob
 from lamina.settings import get_settings
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    token: str
-    logprob: float
-    top_logprobs: tuple[tuple[str, float], ...] = ()
-
-
-@dataclass
-class Delta:
-    """A piece of streamed output: new text (maybe empty), and the finish reason on the last one."""
-
-    text: str
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish_reason: FinishReason | None = None
-    cached_tokens: int = 0
-    """Prompt tokens whose keys/values were reused from the cache."""
 
 
 @dataclass
@@ -79,6 +60,7 @@ class LLM:
         eos_ids: Sequence[int],
         chat_template: str | None = None,
         entry: ModelEntry | None = None,
+        engine_args: EngineArgs | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -86,7 +68,9 @@ class LLM:
         self.entry = entry
         self.config = model.config
         self.chat_template = ChatTemplate(chat_template, tokenizer) if chat_template else None
-        self.engine = Engine(model, eos_ids=eos_ids, max_seq_len=self.config.max_seq_len, vocab_size=self.config.vocab_size)
+        self.engine = Engine(
+            model, eos_ids=eos_ids, max_seq_len=self.config.max_seq_len, vocab_size=self.config.vocab_size, args=engine_args
+        )
         self._lock = threading.Lock()  # one generation at a time (the engine holds one sequence's cache)
 
     @classmethod
@@ -97,6 +81,7 @@ class LLM:
         device: str | None = None,
         dtype: str | None = None,
         home: str | Path | None = None,
+        engine_args: EngineArgs | None = None,
     ) -> LLM:
         """Load a model by id (see `lamina models`), .gguf path or Hugging Face folder.
 
@@ -113,7 +98,10 @@ class LLM:
         del ckpt.state_dict
         optimize_for_inference(net, dev, home / "cache")
         logger.info("loaded %s (%s) on %s in %s", entry.id, ckpt.config.family, dev, dt)
-        return cls(net, ckpt.tokenizer, name=entry.id, eos_ids=ckpt.eos_ids, chat_template=ckpt.chat_template, entry=entry)
+        return cls(
+            net, ckpt.tokenizer, name=entry.id, eos_ids=ckpt.eos_ids, chat_template=ckpt.chat_template, entry=entry,
+            engine_args=engine_args,
+        )
 
     @property
     def device(self) -> torch.device:
@@ -166,35 +154,18 @@ class LLM:
 
     def stream_ids(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[Delta]:
         """The core: prompt token ids in, text deltas out (UTF-8 safe, stop strings removed)."""
-        self.engine.check_fits(len(prompt_ids), params.max_tokens)
-        detok = IncrementalDetokenizer(self.tokenizer)
-        stops = StopStrings(params.stop)
+        self.engine.validate(prompt_ids, params)
+        text = TextStream(self.tokenizer, params.stop)
         with self._lock:
             events = self.engine.generate(prompt_ids, params)
             try:
                 for event in events:
-                    delta = Delta("", [event.token_id], cached_tokens=event.cached_prompt_tokens)
-                    if event.logprob is not None:
-                        delta.logprobs.append(self._token_logprob(event.token_id, event.logprob, event.top_logprobs))
-                    if not event.is_stop_token:
-                        delta.text = stops.push(detok.push(event.token_id))
-                    if stops.stopped:
-                        delta.finish_reason = "stop"
-                        yield delta
-                        return
-                    if event.finish_reason is not None:
-                        delta.text += stops.push(detok.flush())
-                        delta.text += "" if stops.stopped else stops.flush()
-                        delta.finish_reason = "stop" if stops.stopped else event.finish_reason
-                        yield delta
-                        return
+                    delta = text.push(event)
                     yield delta
+                    if delta.finish_reason is not None:
+                        return
             finally:
                 events.close()
-
-    def _token_logprob(self, token_id: int, logprob: float, top: tuple[tuple[int, float], ...]) -> TokenLogprob:
-        piece = self.tokenizer.decode([token_id])
-        return TokenLogprob(piece, logprob, tuple((self.tokenizer.decode([i]), lp) for i, lp in top))
 
     def _collect(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
         text, ids, logprobs, finish, cached = [], [], [], "length", 0

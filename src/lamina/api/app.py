@@ -1,0 +1,111 @@
+"""The API application factory: services built at start-up, the model loaded in the lifespan.
+
+`create_app(ServeArgs(...))` returns a FastAPI app whose lifespan loads the model in a background thread,
+so `/health` answers 503 while loading and 200 after; on shutdown the engine thread aborts what is running
+and stops. Nothing happens at import time. Layers above (the web chat) add their routes to the returned app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import FastAPI
+
+import lamina
+from lamina.api import errors, routes
+from lamina.api.deps import Services
+from lamina.api.keys import KeyStore
+from lamina.api.middleware import LimitBody, RecordRequests
+from lamina.api.serving import OpenAIService
+from lamina.api.usage import UsageLog
+from lamina.infra.db import Database
+from lamina.infra.telemetry import Metrics
+from lamina.llm import LLM
+from lamina.llm.async_engine import AsyncLLM
+from lamina.llm.engine import EngineArgs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServeArgs:
+    model: str = "smollm2-135m-instruct"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    """One static key (like vLLM's --api-key); managed keys live in the database."""
+    insecure: bool = False
+    """Allow listening on a non-loopback address with no key at all."""
+    device: str = "auto"
+    dtype: str = "auto"
+    home: Path = Path("~/.lamina")
+    max_body_bytes: int = 8 * 1024 * 1024
+    engine: EngineArgs = field(default_factory=EngineArgs)
+
+    @property
+    def database(self) -> Path:
+        return self.home / "lamina.db"
+
+
+def create_app(args: ServeArgs, load: Callable[[ServeArgs], LLM] | None = None) -> FastAPI:
+    """The API app. `load` builds the LLM (default: `LLM.load` with the args); it runs in a thread."""
+    db = Database(args.database)
+    metrics = Metrics(args.model)
+    usage = UsageLog(db)
+    openai = OpenAIService(args.model, usage, metrics, fingerprint=f"fp_lamina_{lamina.__version__}")
+    services = Services(db=db, keys=KeyStore(db, args.api_key), usage=usage, metrics=metrics, openai=openai)
+    loader = load or _load
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loaded = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def load_model() -> None:
+            try:
+                llm = loader(args)
+                served = AsyncLLM(llm, on_step=lambda engine, n: metrics.engine_step(engine.num_running, engine.num_waiting, n))
+                served.engine.start()
+                openai.model_name = args.model if args.model == llm.name else llm.name
+                openai.llm = served
+                logger.info("model %s ready", llm.name)
+            except Exception as e:
+                logger.exception("loading %s failed", args.model)
+                openai.load_error = f"{type(e).__name__}: {e}"
+            finally:
+                loop.call_soon_threadsafe(loaded.set)
+
+        threading.Thread(target=load_model, name="lamina-load", daemon=True).start()
+        app.state.model_loaded = loaded
+        try:
+            yield
+        finally:
+            if openai.llm is not None:
+                openai.llm.engine.shutdown()
+            db.close()
+
+    app = FastAPI(
+        title="Lamina",
+        version=lamina.__version__,
+        summary="OpenAI-compatible API over Lamina's own model code.",
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    app.state.args = args
+    errors.install(app)
+    app.include_router(routes.public)
+    app.include_router(routes.api)
+    app.add_middleware(RecordRequests, metrics=metrics, usage=usage)
+    app.add_middleware(LimitBody, max_bytes=args.max_body_bytes)
+    return app
+
+
+def _load(args: ServeArgs) -> LLM:
+    return LLM.load(args.model, device=args.device, dtype=args.dtype, home=args.home, engine_args=args.engine)
+
