@@ -25,6 +25,7 @@ from lamina.api.middleware import LimitBody, RecordRequests
 from lamina.api.serving import OpenAIService
 from lamina.api.usage import UsageLog
 from lamina.infra.db import Database
+from lamina.infra.registry import Registry
 from lamina.infra.telemetry import Metrics
 from lamina.llm import LLM
 from lamina.llm.async_engine import AsyncLLM
@@ -55,10 +56,11 @@ class ServeArgs:
 
 def create_app(args: ServeArgs, load: Callable[[ServeArgs], LLM] | None = None) -> FastAPI:
     """The API app. `load` builds the LLM (default: `LLM.load` with the args); it runs in a thread."""
+    served = Registry(args.home).resolve(args.model).id  # fails fast on an unknown model, before serving
     db = Database(args.database)
-    metrics = Metrics(args.model)
+    metrics = Metrics(served)
     usage = UsageLog(db)
-    openai = OpenAIService(args.model, usage, metrics, fingerprint=f"fp_lamina_{lamina.__version__}")
+    openai = OpenAIService(served, usage, metrics, fingerprint=f"fp_lamina_{lamina.__version__}")
     services = Services(db=db, keys=KeyStore(db, args.api_key), usage=usage, metrics=metrics, openai=openai)
     loader = load or _load
 
@@ -70,10 +72,9 @@ def create_app(args: ServeArgs, load: Callable[[ServeArgs], LLM] | None = None) 
         def load_model() -> None:
             try:
                 llm = loader(args)
-                served = AsyncLLM(llm, on_step=lambda engine, n: metrics.engine_step(engine.num_running, engine.num_waiting, n))
-                served.engine.start()
-                openai.model_name = args.model if args.model == llm.name else llm.name
-                openai.llm = served
+                async_llm = AsyncLLM(llm, on_step=lambda engine, n: metrics.engine_step(engine.num_running, engine.num_waiting, n))
+                async_llm.engine.start()
+                openai.llm = async_llm
                 logger.info("model %s ready", llm.name)
             except Exception as e:
                 logger.exception("loading %s failed", args.model)

@@ -133,6 +133,8 @@ class AsyncEngine:
                     return
                 self._handle(command)
             if not engine.has_unfinished():
+                if commands and self.on_step is not None:
+                    self.on_step(engine, 0)  # aborts changed what is running: keep the gauges true
                 continue
             try:
                 step_events = engine.step()

@@ -1,0 +1,268 @@
+"""The official `openai` SDK against a real `lamina serve` with the real SmolLM2 weights."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+
+from tests.server import Server, start_server
+
+openai = pytest.importorskip("openai")
+pytestmark = pytest.mark.e2e
+
+MODEL = "smollm2-135m-instruct"
+ASK = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Server:
+    s = start_server(tmp_path_factory.mktemp("serve"))
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server: Server):  # type: ignore[no-untyped-def]
+    return openai.OpenAI(base_url=server.api, api_key="unused", max_retries=0, timeout=120)
+
+
+def test_models_list_and_retrieve(client) -> None:
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    card = client.models.retrieve(MODEL)
+    assert card.id == MODEL and card.object == "model" and card.owned_by == "lamina"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
+
+
+def test_chat_plain(client) -> None:
+    r = client.chat.completions.create(model=MODEL, messages=ASK, temperature=0)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r.model == MODEL
+    choice = r.choices[0]
+    assert "Paris" in choice.message.content and choice.message.role == "assistant" and choice.finish_reason == "stop"
+    assert r.usage.prompt_tokens > 20 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_chat_streamed_with_usage(client) -> None:
+    stream = client.chat.completions.create(model=MODEL, messages=ASK, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "Paris" in text
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["stop"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+    assert all(c.usage is None for c in chunks[:-1])
+    plain = client.chat.completions.create(model=MODEL, messages=ASK, temperature=0)
+    assert text == plain.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+
+
+def test_completions_plain_and_streamed(client) -> None:
+    r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0)
+    assert r.object == "text_completion" and r.choices[0].text.startswith(" Paris")
+    assert r.usage.completion_tokens == 4 and r.choices[0].finish_reason == "length"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0, stream=True) if c.choices)
+    assert streamed == r.choices[0].text
+    two = client.completions.create(model=MODEL, prompt=["One, two,", "Paris is in"], max_tokens=3, temperature=0)
+    assert [c.index for c in two.choices] == [0, 1]
+
+
+def test_n_choices(client) -> None:
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Tell me a story."}], n=2,
+                                       max_tokens=16, temperature=1.0, seed=3)
+    assert [c.index for c in r.choices] == [0, 1]
+    assert r.choices[0].message.content != r.choices[1].message.content
+    assert r.usage.completion_tokens == 32
+    stream = client.chat.completions.create(model=MODEL, messages=ASK, n=2, max_tokens=8, temperature=0, stream=True)
+    texts = {0: "", 1: ""}
+    for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+    assert texts[0] == texts[1] and texts[0]
+
+
+def test_stop_strings(client) -> None:
+    r = client.chat.completions.create(model=MODEL, messages=ASK, temperature=0, stop=["Paris", "zzz"])
+    assert r.choices[0].finish_reason == "stop" and "Paris" not in r.choices[0].message.content
+    assert r.choices[0].message.content.startswith("The capital of France is")
+
+
+def test_seed_reproducibility(client) -> None:
+    story = [{"role": "user", "content": "Write a poem about the sea."}]
+
+    def run(seed: int) -> str:
+        return client.chat.completions.create(model=MODEL, messages=story, temperature=1.0, seed=seed, max_tokens=24).choices[0].message.content
+
+    assert run(11) == run(11)
+    assert run(11) != run(12)
+
+
+def test_max_tokens_gives_length(client) -> None:
+    r = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=3)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3
+    r = client.chat.completions.create(model=MODEL, messages=ASK, max_completion_tokens=2)
+    assert r.usage.completion_tokens == 2
+
+
+def test_logprobs(client) -> None:
+    r = client.chat.completions.create(model=MODEL, messages=ASK, temperature=0, max_tokens=4, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 4 and len(content[0].top_logprobs) == 3
+    assert content[0].token == content[0].top_logprobs[0].token and bytes(content[0].bytes).decode() == content[0].token
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"temperature": 3}, "temperature"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"max_tokens": 9000}, "max_tokens"),
+        ({"messages": []}, "messages"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+    ],
+)
+def test_bad_requests_are_400_naming_the_field(client, kwargs, param) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(**{"model": MODEL, "messages": ASK, **kwargs})
+    assert info.value.status_code == 400 and info.value.body["param"] == param
+    if param == "max_tokens":
+        assert info.value.body["code"] == "context_length_exceeded" and "8192" in info.value.body["message"]
+
+
+def test_unknown_model_is_404(client) -> None:
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="gpt-4o", messages=ASK)
+    assert info.value.body["code"] == "model_not_found"
+
+
+def test_raw_errors_are_openai_shaped(server: Server) -> None:
+    cases = [
+        (httpx.post(f"{server.api}/chat/completions", content=b"{not json", headers={"content-type": "application/json"}), 400),
+        (httpx.post(f"{server.api}/chat/completions", json={"model": MODEL}), 400),
+        (httpx.get(f"{server.url}/v1/nothing-here"), 404),
+        (httpx.delete(f"{server.api}/chat/completions"), 405),
+        (httpx.post(f"{server.api}/chat/completions", content=b"x" * (9 * 1024 * 1024), headers={"content-type": "application/json"}), 413),
+    ]
+    for response, status in cases:
+        assert response.status_code == status
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["message"]
+        assert "Traceback" not in response.text
+    assert cases[1][0].json()["error"]["param"] == "messages"
+
+
+def test_raw_sse_framing(server: Server) -> None:
+    body = {"model": MODEL, "messages": ASK, "temperature": 0, "max_tokens": 6, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{server.api}/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        raw = b"".join(r.iter_bytes()).decode()
+    assert raw.endswith("data: [DONE]\n\n")
+    events = raw.split("\n\n")[:-1]
+    assert all(e.startswith("data: ") and "\n" not in e for e in events)
+    payloads = [json.loads(e[6:]) for e in events[:-1]]
+    rebuilt = "".join(f"data: {json.dumps(p, ensure_ascii=False, separators=(',', ':'))}\n\n" for p in payloads) + "data: [DONE]\n\n"
+    assert rebuilt == raw  # byte for byte: nothing but data lines, blank-line separated
+    assert len({p["id"] for p in payloads}) == 1 and len({p["created"] for p in payloads}) == 1
+    first, *middle, finish, usage = payloads
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": "", "refusal": None}
+    assert all(p["object"] == "chat.completion.chunk" and p["usage"] is None for p in payloads[:-1])
+    assert all(set(p["choices"][0]["delta"]) == {"content"} and p["choices"][0]["finish_reason"] is None for p in middle)
+    assert finish["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 6
+
+
+def test_tokenize_detokenize(server: Server) -> None:
+    tokens = httpx.post(f"{server.url}/tokenize", json={"model": MODEL, "prompt": "Hello world"}).json()
+    assert tokens == {"count": 2, "max_model_len": 8192, "tokens": [19556, 905]}
+    chat = httpx.post(f"{server.url}/tokenize", json={"messages": ASK}).json()
+    assert chat["count"] > 20 and chat["tokens"][0] == 1
+    assert httpx.post(f"{server.url}/detokenize", json={"tokens": [19556, 905]}).json() == {"prompt": "Hello world"}
+    assert httpx.post(f"{server.url}/detokenize", json={"tokens": [10**9]}).status_code == 400
+
+
+def test_metrics_are_exposed(server: Server, client) -> None:
+    client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=2)
+    text = httpx.get(f"{server.url}/metrics").text
+    for name in ("lamina:num_requests_running", "lamina:num_requests_waiting", "lamina:prompt_tokens_total",
+                 "lamina:generation_tokens_total", "lamina:time_to_first_token_seconds_bucket",
+                 "lamina:inter_token_latency_seconds_bucket", "lamina:e2e_request_latency_seconds_bucket",
+                 "lamina:request_success_total", "lamina:http_requests_total"):
+        assert name in text, name
+
+
+def test_openapi_and_docs(server: Server) -> None:
+    spec = httpx.get(f"{server.url}/openapi.json").json()
+    assert "/v1/chat/completions" in spec["paths"] and "/v1/completions" in spec["paths"]
+    assert httpx.get(f"{server.url}/docs").status_code == 200
+
+
+def _running(server: Server) -> float:
+    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+        if line.startswith("lamina:num_requests_running{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("no running gauge")
+
+
+def test_client_disconnect_stops_generation(server: Server) -> None:
+    # Greedy counting goes on far longer than the few events read here.
+    body = {"model": MODEL, "prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "max_tokens": 4000, "stream": True, "temperature": 0}
+    with httpx.stream("POST", f"{server.api}/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()  # kept open: closing this iterator closes the connection
+        for _ in range(12):
+            next(lines)
+        assert _running(server) == 1
+    # leaving the block closed the connection mid-stream
+    deadline = time.monotonic() + 10
+    while _running(server) != 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _running(server) == 0
+
+
+def test_sixteen_concurrent_streams_and_a_responsive_health(server: Server) -> None:
+    async def main() -> tuple[list[str], list[float]]:
+        aclient = openai.AsyncOpenAI(base_url=server.api, api_key="unused", max_retries=0, timeout=300)
+        done = False
+        health: list[float] = []
+
+        async def one(i: int) -> str:
+            stream = await aclient.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": f"Say something about the number {i}."}],
+                max_tokens=24, temperature=0, stream=True, stream_options={"include_usage": True})
+            text, usage, finish = "", None, None
+            async for chunk in stream:
+                if chunk.choices:
+                    text += chunk.choices[0].delta.content or ""
+                    finish = chunk.choices[0].finish_reason or finish
+                usage = chunk.usage or usage
+            assert finish in ("stop", "length") and usage is not None and usage.completion_tokens > 0
+            return text
+
+        async def poll_health() -> None:
+            async with httpx.AsyncClient() as h:
+                while not done:
+                    t = time.perf_counter()
+                    assert (await h.get(f"{server.url}/health")).status_code == 200
+                    health.append(time.perf_counter() - t)
+                    await asyncio.sleep(0.05)
+
+        poller = asyncio.create_task(poll_health())
+        texts = await asyncio.gather(*(one(i) for i in range(16)))
+        done = True
+        await poller
+        return texts, health
+
+    texts, health = asyncio.run(main())
+    assert len(texts) == 16 and all(texts)
+    assert len(health) > 5 and max(health) < 0.1, f"slowest /health {max(health) * 1000:.0f} ms"
+    # the same request alone gives the same greedy text: interleaving did not mix sequences up
+    alone = openai.OpenAI(base_url=server.api, api_key="x", max_retries=0).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Say something about the number 7."}], max_tokens=24, temperature=0)
+    assert alone.choices[0].message.content == texts[7]
