@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: serve test lint bench clean
+.PHONY: serve test lint bench clean chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,13 +26,18 @@ $(VENV)/.test: $(VENV)/.runtime pyproject.toml
 	touch $@
 
 serve: $(VENV)/.runtime
-	$(BIN)/lamina chat
+	$(BIN)/lamina serve
 
 lint: $(VENV)/.test
 	$(BIN)/ruff check src tests bench
 	$(BIN)/lint-imports
 
-test: lint
+# The web chat's browser tests drive Debian's chromium through Playwright (never `playwright install`).
+chromium:
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+		|| echo "warning: chromium is missing and could not be installed; the browser tests will be skipped"
+
+test: lint chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.test

@@ -7,7 +7,6 @@ and stops. Nothing happens at import time. Layers above (the web chat) add their
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -66,27 +65,27 @@ def create_app(args: ServeArgs, load: Callable[[ServeArgs], LLM] | None = None) 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loaded = asyncio.Event()
-        loop = asyncio.get_running_loop()
+        closing = threading.Event()
 
         def load_model() -> None:
             try:
                 llm = loader(args)
-                async_llm = AsyncLLM(llm, on_step=lambda engine, n: metrics.engine_step(engine.num_running, engine.num_waiting, n))
-                async_llm.engine.start()
-                openai.llm = async_llm
-                logger.info("model %s ready", llm.name)
             except Exception as e:
                 logger.exception("loading %s failed", args.model)
                 openai.load_error = f"{type(e).__name__}: {e}"
-            finally:
-                loop.call_soon_threadsafe(loaded.set)
+                return
+            if closing.is_set():  # the server stopped while the weights were loading
+                return
+            async_llm = AsyncLLM(llm, on_step=lambda engine, n: metrics.engine_step(engine.num_running, engine.num_waiting, n))
+            async_llm.engine.start()
+            openai.llm = async_llm
+            logger.info("model %s ready", llm.name)
 
         threading.Thread(target=load_model, name="lamina-load", daemon=True).start()
-        app.state.model_loaded = loaded
         try:
             yield
         finally:
+            closing.set()
             if openai.llm is not None:
                 openai.llm.engine.shutdown()
             db.close()

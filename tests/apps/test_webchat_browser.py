@@ -1,0 +1,156 @@
+"""The web chat in a real browser (Debian's chromium, driven by Playwright), against a real server."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import httpx
+import pytest
+
+from tests.server import Server, start_server
+
+playwright = pytest.importorskip("playwright.sync_api")
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(not shutil.which("chromium"), reason="needs Debian's chromium")]
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--no-first-run"]
+XSS = ('Here you go: <script>window.__xss = "script"</script> <img src=x onerror="window.__xss=\'img\'"> '
+       '[click me](javascript:window.__xss="link") <a href="javascript:alert(1)">raw link</a> '
+       '**bold** and [a real link](https://example.com)\n```html\n<script>window.__xss="code"</script>\n```')
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Server:
+    s = start_server(tmp_path_factory.mktemp("webchat"))
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():  # type: ignore[no-untyped-def]
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_FLAGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, server: Server):  # type: ignore[no-untyped-def]
+    # The page's Content-Security-Policy would block injected scripts on its own; bypassing it here makes the
+    # XSS test prove that the renderer itself never creates live markup (and lets Playwright evaluate).
+    context = browser.new_context(bypass_csp=True)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server.url + "/")
+    page.wait_for_selector("body[data-ready=true]", timeout=30_000)
+    yield page
+    context.close()
+    assert errors == []
+
+
+def _send(page, text: str) -> None:  # type: ignore[no-untyped-def]
+    page.fill("#input", text)
+    page.click("#send")
+
+
+def test_send_stream_stop_and_reload(page, server: Server) -> None:
+    assert page.locator("#model option").all_inner_texts() == ["smollm2-135m-instruct"]
+    page.fill("#temperature", "0")
+    page.dispatch_event("#temperature", "change")
+    _send(page, "What is the capital of France?")
+    page.wait_for_selector("#stop:not([hidden])")
+    page.wait_for_selector("#send:not([hidden])", timeout=60_000)
+    reply = page.locator(".message.assistant").last
+    assert "Paris" in reply.locator(".body").inner_text()
+    assert "tok/s" in reply.locator(".stats").inner_text()
+
+    # Streaming, seen from the page: the reply grows, then Stop ends it early.
+    _send(page, "Write a very long story about a dragon who learns to bake bread, with many chapters.")
+    page.wait_for_function("document.querySelector('.message.assistant:last-of-type .body').innerText.length > 40",
+                           timeout=60_000)
+    page.click("#stop")
+    page.wait_for_selector("#send:not([hidden])")
+    stopped = page.locator(".message.assistant").last
+    assert "(stopped)" in stopped.locator(".stats").inner_text()
+    partial = stopped.locator(".body").inner_text()
+
+    # The conversation is on the server: reload the page and find it, with both exchanges.
+    page.wait_for_function("document.querySelectorAll('#conversations li').length === 1")
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    assert page.locator("#conversations li").count() == 1
+    assert "What is the capital of France?" in page.locator("#conversations li").inner_text()
+    assert page.locator(".message.user").count() == 2 and page.locator(".message.assistant").count() == 2
+    assert page.locator(".message.assistant").last.locator(".body").inner_text() == partial
+    assert page.input_value("#temperature") == "0"
+
+
+def test_model_output_renders_inert(page, server: Server) -> None:
+    """Model output is untrusted: script tags, event handlers and javascript: links must do nothing."""
+    conv = httpx.post(f"{server.url}/api/conversations", json={"title": "xss"}).json()
+    httpx.put(f"{server.url}/api/conversations/{conv['id']}/messages",
+              json={"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": XSS}]})
+    page.evaluate(f"localStorage.setItem('lamina.conversation', {json.dumps(conv['id'])})")
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    _assert_inert(page)
+
+    # The same payload arriving as a stream, through the page's streaming path.
+    def fake_stream(route) -> None:  # type: ignore[no-untyped-def]
+        chunks = [{"choices": [{"index": 0, "delta": {"content": XSS[i : i + 7]}, "finish_reason": None}]} for i in range(0, len(XSS), 7)]
+        body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+        route.fulfill(status=200, headers={"content-type": "text/event-stream"}, body=body)
+
+    page.route("**/v1/chat/completions", fake_stream)
+    _send(page, "show me html")
+    page.wait_for_selector("#send:not([hidden])")
+    page.wait_for_function("document.querySelectorAll('.message.assistant').length === 2")
+    _assert_inert(page)
+
+
+def _assert_inert(page) -> None:  # type: ignore[no-untyped-def]
+    page.wait_for_timeout(300)
+    assert page.evaluate("window.__xss") is None
+    body = page.locator(".message.assistant").last.locator(".body")
+    assert body.locator("script, img, iframe, [onerror]").count() == 0
+    assert body.locator("a[href^='javascript']").count() == 0
+    links = body.locator("a")
+    assert links.count() == 1 and links.get_attribute("href") == "https://example.com"
+    text = body.inner_text()
+    assert "<script>" in text and "onerror" in text and "javascript:" in text  # shown as text, not run
+    assert body.locator("strong").inner_text() == "bold"
+
+
+def test_conversations_rename_and_delete(page, server: Server) -> None:
+    for title in ("first", "second"):
+        httpx.post(f"{server.url}/api/conversations", json={"title": title})
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    item = page.locator("#conversations li", has_text="first")
+    page.once("dialog", lambda d: d.accept("renamed one"))
+    item.locator("button[title=Rename]").click()
+    page.wait_for_selector("#conversations li:has-text('renamed one')")
+    page.once("dialog", lambda d: d.accept())
+    page.locator("#conversations li", has_text="second").locator("button[title=Delete]").click()
+    page.wait_for_function("![...document.querySelectorAll('#conversations li')].some(li => li.innerText.includes('second'))")
+    titles = [c["title"] for c in httpx.get(f"{server.url}/api/conversations").json()["data"]]
+    assert "renamed one" in titles and "second" not in titles
+
+
+def test_page_asks_for_the_key_when_one_is_configured(browser, tmp_path) -> None:
+    s = start_server(tmp_path, "--api-key", "browser-key")
+    try:
+        context = browser.new_context(bypass_csp=True)
+        page = context.new_page()
+        page.goto(s.url + "/")
+        page.wait_for_selector("#key-dialog[open]")
+        page.fill("#key-input", "browser-key")
+        page.click("#key-form button")
+        page.wait_for_selector("body[data-ready=true]")
+        assert page.evaluate("localStorage.getItem('lamina.apiKey')") == "browser-key"
+        assert page.locator("#model option").count() == 1
+        context.close()
+    finally:
+        s.stop()
