@@ -100,3 +100,34 @@ def test_sdk_maps_statuses_to_its_exception_classes(tmp_path, tiny_folder) -> No
         with pytest.raises(openai.APIStatusError) as too_big:
             client.chat.completions.create(model=tiny_folder.name, messages=[{"role": "user", "content": "x" * (9 * 1024 * 1024)}])
         assert too_big.value.status_code == 413
+
+
+def test_an_error_after_the_stream_began_is_a_final_error_event(tmp_path, tiny_folder) -> None:
+    """Once a 200 is on the wire the status cannot change: the error arrives as data: {"error": ...}."""
+    import json
+
+    app = create_app(_args(tmp_path, tiny_folder))
+    with TestClient(app) as client:
+        _wait_ready(client)
+        runner = app.state.services.openai.llm.llm.engine.runner
+        real, calls = runner.execute, []
+
+        def failing(work):  # type: ignore[no-untyped-def]
+            calls.append(1)
+            if len(calls) > 3:
+                raise RuntimeError("device lost")
+            return real(work)
+
+        runner.execute = failing
+        body = {"model": tiny_folder.name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50, "stream": True,
+                "temperature": 1.0}
+        with client.stream("POST", "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        error = json.loads(events[-2])["error"]
+        assert error["type"] == "server_error" and "device lost" not in error["message"]
+        assert any(json.loads(e)["choices"][0]["delta"].get("content") is not None for e in events[:-2])
+        runner.execute = real
+        ok = client.post("/v1/chat/completions", json={**body, "stream": False})  # the engine keeps serving
+        assert ok.status_code == 200
