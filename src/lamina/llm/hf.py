@@ -6,7 +6,6 @@ Families: Llama-style (`llama`, `mistral`, `qwen2`) and `gpt2`. Parameter names 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,20 +15,9 @@ from lamina.arch.gpt2 import GPT2Config
 from lamina.arch.llama import LlamaConfig, RopeScaling
 from lamina.errors import ModelFormatError
 from lamina.foundation.tokenizer import Tokenizer
+from lamina.infra.checkpoint import iter_safetensors, read_json
 
 LLAMA_TYPES = {"llama", "mistral", "qwen2"}
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except OSError as e:
-        raise ModelFormatError(f"{path}: cannot read ({e.strerror})") from None
-    except json.JSONDecodeError as e:
-        raise ModelFormatError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(data, dict):
-        raise ModelFormatError(f"{path}: expected a JSON object")
-    return data
 
 
 def model_config(folder: Path) -> LlamaConfig | GPT2Config:
@@ -106,33 +94,15 @@ def state_dict(
     folder: Path, config: LlamaConfig | GPT2Config, dtype: torch.dtype = torch.float32
 ) -> dict[str, torch.Tensor]:
     """Every tensor of the folder's safetensors files, renamed to Lamina's names and cast to `dtype`."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(read_json(index).get("weight_map", {}).values()))
-        if not files:
-            raise ModelFormatError(f"{index}: no weight_map")
-    else:
-        files = sorted(p.name for p in folder.glob("*.safetensors"))
-    if not files:
-        raise ModelFormatError(f"{folder}: no *.safetensors weights (Lamina does not load pickled .bin files)")
     out: dict[str, torch.Tensor] = {}
     gpt2 = isinstance(config, GPT2Config)
-    for name in files:
-        path = folder / name
-        try:
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError) as e:
-            raise ModelFormatError(f"{path}: cannot read safetensors ({e})") from None
-        for key, tensor in tensors.items():
-            new = _rename_gpt2(key) if gpt2 else _rename_llama(key)
-            if new is None:
-                continue
-            if gpt2 and new.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) and tensor.dim() == 2:
-                tensor = tensor.t().contiguous()  # Conv1D (in, out) -> Linear (out, in)
-            out[new] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    for key, tensor in iter_safetensors(folder):
+        new = _rename_gpt2(key) if gpt2 else _rename_llama(key)
+        if new is None:
+            continue
+        if gpt2 and new.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) and tensor.dim() == 2:
+            tensor = tensor.t().contiguous()  # Conv1D (in, out) -> Linear (out, in)
+        out[new] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     return out
 
 

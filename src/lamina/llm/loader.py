@@ -9,6 +9,7 @@ import torch
 from lamina.arch import ModelConfig
 from lamina.errors import InvalidRequestError, ModelFormatError
 from lamina.foundation.tokenizer import Tokenizer
+from lamina.infra.checkpoint import read_json
 from lamina.infra.registry import ModelEntry
 from lamina.llm import gguf, hf
 
@@ -55,7 +56,7 @@ def summarize(entry: ModelEntry) -> ModelSummary:
     if entry.format == "gguf":
         g = gguf.open_gguf(entry.path)
         return ModelSummary(g.architecture, g.num_params(), g.arch_key("context_length"))
-    config = hf.read_json(entry.path / "config.json")
+    config = read_json(entry.path / "config.json")
     return ModelSummary(str(config.get("model_type", "?")), _safetensors_params(entry), _context(config))
 
 
