@@ -91,5 +91,17 @@ class Database:
 
 
 def _statements(script: str) -> list[str]:
-    """Split a migration into statements (executescript would commit the open transaction)."""
-    return [s.strip() for s in script.split(";") if s.strip()]
+    """Split a migration into statements (executescript would commit the open transaction).
+
+    Pieces are joined until SQLite says the statement is complete, so triggers (which hold `;`) survive.
+    """
+    statements, buffer = [], ""
+    for piece in script.split(";"):
+        buffer += piece + ";"
+        if sqlite3.complete_statement(buffer):
+            if buffer.strip(" \n\t;"):
+                statements.append(buffer.strip())
+            buffer = ""
+    if buffer.strip(" \n\t;"):
+        statements.append(buffer.strip())
+    return statements
