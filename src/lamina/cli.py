@@ -170,9 +170,10 @@ def chat(model: str | None, device: str | None, dtype: str | None, **kw: Any) ->
 @click.option("--api-key", default=None, help="require this key (Authorization: Bearer KEY) [LAMINA_API_KEY]")
 @click.option("--insecure", is_flag=True, help="allow a non-loopback address with no API key at all")
 @click.option("--max-running", type=int, default=16, show_default=True, help="requests decoded at once; more wait")
+@click.option("--max-upload-mb", type=float, default=64, show_default=True, help="largest file POST /v1/files accepts")
 @_model_options
 @_fail_cleanly
-def serve(host: str | None, port: int | None, api_key: str | None, insecure: bool, max_running: int,
+def serve(host: str | None, port: int | None, api_key: str | None, insecure: bool, max_running: int, max_upload_mb: float,
           model: str | None, device: str | None, dtype: str | None) -> None:
     """Serve the OpenAI-compatible API and the web chat (http://HOST:PORT/)."""
     import ipaddress
@@ -194,6 +195,7 @@ def serve(host: str | None, port: int | None, api_key: str | None, insecure: boo
         model=model or settings.model, host=host or settings.host, port=port or settings.port,
         api_key=api_key or settings.api_key, insecure=insecure, device=device or settings.device,
         dtype=dtype or settings.dtype, home=settings.home, engine=EngineArgs(max_running=max_running),
+        max_upload_bytes=int(max_upload_mb * 1024 * 1024),
     )
     try:
         loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
@@ -269,6 +271,114 @@ def usage() -> None:
     for r in rows:
         click.echo(f"{r['key']:20} {r['model']:24} {r['requests']:8} {r['errors']:6} {r['prompt_tokens']:9} "
                    f"{r['completion_tokens']:10} {r['mean_latency_ms'] or 0:8.0f}")
+
+
+def _rag_parts(embedding_model: str = "all-minilm-l6-v2"):  # type: ignore[no-untyped-def]
+    from lamina.foundation.embeddings import Embedder
+    from lamina.infra.db import Database
+    from lamina.infra.vectorstore import VectorStores
+
+    home = get_settings().home
+    stores = VectorStores(Database(home / "lamina.db"), home / "vector_stores")
+    return stores, Embedder.load(embedding_model, device="cpu", dtype="float32", home=home)
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--store", required=True, help="vector store name (created on first use)")
+@click.option("--chunk-tokens", type=int, default=200, show_default=True, help="chunk size, in embedding-model tokens")
+@click.option("--overlap", type=int, default=40, show_default=True, help="tokens shared by consecutive chunks")
+@click.option("--attr", multiple=True, help="attribute KEY=VALUE stored with every chunk (repeatable)")
+@_fail_cleanly
+def ingest(paths: tuple[str, ...], store: str, chunk_tokens: int, overlap: int, attr: tuple[str, ...]) -> None:
+    """Add files and folders (.txt .md .html .pdf .jsonl .csv) to a vector store; `pydoc` is Python's docs.
+
+    Unchanged files are skipped, changed ones replaced; a file that cannot be read is reported and the rest go on.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from lamina.errors import InvalidRequestError
+    from lamina.foundation.corpora import export_pydoc
+    from lamina.foundation.ingest import Ingestor, expand_paths
+
+    attributes: dict[str, str] = {}
+    for item in attr:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidRequestError(f"--attr needs KEY=VALUE (got {item!r})", param="attr")
+        attributes[key] = value
+    sources = [str(export_pydoc(get_settings().home / "corpora" / "pydoc")[0].parent) if p == "pydoc" else p for p in paths]
+    files = expand_paths(sources)
+    vector_stores, embedder = _rag_parts()
+    info = vector_stores.find(store) or vector_stores.create(
+        store, embedding_model=embedder.name, dim=embedder.dim, chunk_tokens=chunk_tokens, chunk_overlap=overlap)
+    ingestor = Ingestor(vector_stores, info, embedder)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, transient=True) as progress:
+        task = progress.add_task(f"ingesting into {store}", total=len(files))
+
+        def on_file(path, record) -> None:  # type: ignore[no-untyped-def]
+            progress.advance(task)
+            if record is not None and record.status == "failed":
+                progress.console.print(f"error: {record.error}", style="red", highlight=False)
+
+        report = ingestor.ingest_paths(files, attributes=attributes, on_file=on_file)
+    click.echo(f"{store}: {len(report.added)} file(s) added ({report.chunks} chunks, {report.chunks_per_second:.0f} chunks/s), "
+               f"{len(report.unchanged)} unchanged, {len(report.failed)} failed")
+    if report.failed:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("question")
+@click.option("--store", "stores", multiple=True, required=True, help="vector store name (repeatable)")
+@click.option("--k", type=int, default=4, show_default=True, help="passages given to the model")
+@_model_options
+@click.option("--max-tokens", type=int, default=256, show_default=True)
+@click.option("--temperature", "-t", type=float, default=0.0, show_default=True)
+@_fail_cleanly
+def ask(question: str, stores: tuple[str, ...], k: int, model: str | None, device: str | None, dtype: str | None,
+        max_tokens: int, temperature: float) -> None:
+    """Answer QUESTION from documents in vector stores, with numbered sources (file, page)."""
+    from lamina.apps.rag import ask as rag_ask
+    from lamina.llm import SamplingParams
+    from lamina.llm.rag import Retriever
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
+    vector_stores, embedder = _rag_parts()
+    llm = _load_llm(model, device, dtype)
+    answer = rag_ask(llm, Retriever(vector_stores, embedder), list(stores), question, k=k, params=params)
+    for piece in answer.pieces:
+        click.echo(piece, nl=False)
+    click.echo("\n")
+    click.echo("Sources:")
+    for c in answer.citations:
+        where = f", page {c.page}" if c.page is not None else ""
+        click.echo(f"  [{c.index}] {c.filename}{where} (score {c.score:.3f}): {c.snippet}")
+
+
+@cli.group("eval")
+def eval_group() -> None:
+    """Evaluate parts of the stack on labelled data."""
+
+
+@eval_group.command("retrieval")
+@click.option("--store", required=True, help="vector store to search")
+@click.option("--qa", default="pydoc", show_default=True, help="JSONL of {question, file[, page]}; `pydoc` is the shipped set")
+@click.option("--k", type=int, default=5, show_default=True)
+@_fail_cleanly
+def eval_retrieval(store: str, qa: str, k: int) -> None:
+    """hit@k and MRR of vector, BM25 and hybrid search, side by side."""
+    from lamina.apps.rag import evaluate_retrieval, load_qa
+    from lamina.llm.rag import Retriever
+
+    items = load_qa(qa)
+    vector_stores, embedder = _rag_parts()
+    vector_stores.get(store)
+    click.echo(f"{len(items)} questions, store {store!r}, k={k}")
+    click.echo(f"{'method':8} {'hit@' + str(k):>7} {'MRR':>6}")
+    for score in evaluate_retrieval(Retriever(vector_stores, embedder), store, items, k):
+        click.echo(f"{score.mode:8} {score.hit_at_k:7.3f} {score.mrr:6.3f}")
 
 
 @cli.command()

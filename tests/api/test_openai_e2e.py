@@ -32,7 +32,7 @@ def client(server: Server):  # type: ignore[no-untyped-def]
 
 def test_models_list_and_retrieve(client) -> None:
     models = client.models.list()
-    assert [m.id for m in models.data] == [MODEL]
+    assert [m.id for m in models.data] == [MODEL, "all-minilm-l6-v2"]
     card = client.models.retrieve(MODEL)
     assert card.id == MODEL and card.object == "model" and card.owned_by == "lamina"
     with pytest.raises(openai.NotFoundError):

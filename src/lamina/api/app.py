@@ -17,12 +17,14 @@ from pathlib import Path
 from fastapi import FastAPI
 
 import lamina
-from lamina.api import errors, routes
+from lamina.api import errors, rag_routes, routes
 from lamina.api.deps import Services
 from lamina.api.keys import KeyStore
 from lamina.api.middleware import LimitBody, RecordRequests
+from lamina.api.rag_service import RagService
 from lamina.api.serving import OpenAIService
 from lamina.api.usage import UsageLog
+from lamina.foundation.embeddings import Embedder
 from lamina.infra.db import Database
 from lamina.infra.registry import Registry
 from lamina.infra.telemetry import Metrics
@@ -46,6 +48,10 @@ class ServeArgs:
     dtype: str = "auto"
     home: Path = Path("~/.lamina")
     max_body_bytes: int = 8 * 1024 * 1024
+    max_upload_bytes: int = 64 * 1024 * 1024
+    """Largest file accepted by POST /v1/files."""
+    embedding_model: str | None = "all-minilm-l6-v2"
+    """Model behind /v1/embeddings and the vector stores; None serves neither."""
     engine: EngineArgs = field(default_factory=EngineArgs)
 
     @property
@@ -53,21 +59,34 @@ class ServeArgs:
         return self.home / "lamina.db"
 
 
-def create_app(args: ServeArgs, load: Callable[[ServeArgs], LLM] | None = None) -> FastAPI:
-    """The API app. `load` builds the LLM (default: `LLM.load` with the args); it runs in a thread."""
+def create_app(
+    args: ServeArgs,
+    load: Callable[[ServeArgs], LLM] | None = None,
+    load_embedder: Callable[[ServeArgs], Embedder] | None = None,
+) -> FastAPI:
+    """The API app. `load`/`load_embedder` build the models (defaults: from the args); they run in a thread."""
     served = Registry(args.home).resolve(args.model).id  # fails fast on an unknown model, before serving
     db = Database(args.database)
     metrics = Metrics(served)
     usage = UsageLog(db)
     openai = OpenAIService(served, usage, metrics, fingerprint=f"fp_lamina_{lamina.__version__}")
-    services = Services(db=db, keys=KeyStore(db, args.api_key), usage=usage, metrics=metrics, openai=openai)
+    rag = RagService(db, args.home, args.embedding_model or "")
+    openai.rag = rag
+    services = Services(db=db, keys=KeyStore(db, args.api_key), usage=usage, metrics=metrics, openai=openai, rag=rag)
     loader = load or _load
+    embedder_loader = load_embedder or _load_embedder
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         closing = threading.Event()
 
         def load_model() -> None:
+            if args.embedding_model:
+                try:
+                    rag.embedder = embedder_loader(args)
+                except Exception as e:
+                    logger.exception("loading %s failed", args.embedding_model)
+                    rag.load_error = f"{type(e).__name__}: {e}"
             try:
                 llm = loader(args)
             except Exception as e:
@@ -101,11 +120,16 @@ def create_app(args: ServeArgs, load: Callable[[ServeArgs], LLM] | None = None) 
     errors.install(app)
     app.include_router(routes.public)
     app.include_router(routes.api)
+    app.include_router(rag_routes.router)
     app.add_middleware(RecordRequests, metrics=metrics, usage=usage)
-    app.add_middleware(LimitBody, max_bytes=args.max_body_bytes)
+    app.add_middleware(LimitBody, max_bytes=args.max_body_bytes, upload_bytes=args.max_upload_bytes, upload_path="/v1/files")
     return app
 
 
 def _load(args: ServeArgs) -> LLM:
     return LLM.load(args.model, device=args.device, dtype=args.dtype, home=args.home, engine_args=args.engine)
+
+
+def _load_embedder(args: ServeArgs) -> Embedder:
+    return Embedder.load(args.embedding_model or "", device=args.device, dtype="float32", home=args.home)
 

@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 
 from lamina.api.errors import APIError
 from lamina.api.keys import APIKey, KeyStore
+from lamina.api.rag_service import RagService
 from lamina.api.serving import OpenAIService
 from lamina.api.usage import UsageLog
 from lamina.infra.db import Database
@@ -24,6 +25,7 @@ class Services:
     usage: UsageLog
     metrics: Metrics
     openai: OpenAIService
+    rag: RagService
 
 
 def get_services(request: Request) -> Services:

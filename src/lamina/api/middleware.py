@@ -26,16 +26,20 @@ class BodyTooLarge(Exception):
 
 
 class LimitBody:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    """413 for bodies over the limit: `upload_bytes` on `upload_path` (file uploads), `max_bytes` elsewhere."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, upload_bytes: int | None = None, upload_path: str | None = None) -> None:
         self.app, self.max_bytes = app, max_bytes
+        self.upload_bytes, self.upload_path = upload_bytes or max_bytes, upload_path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.upload_bytes if self.upload_path and scope["path"] == self.upload_path else self.max_bytes
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await _too_large(send, int(declared), self.max_bytes)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await _too_large(send, int(declared), limit)
             return
         received = 0
         started = False
@@ -45,7 +49,7 @@ class LimitBody:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
+                if received > limit:
                     raise BodyTooLarge
             return message
 
@@ -58,7 +62,7 @@ class LimitBody:
             await self.app(scope, limited_receive, tracking_send)
         except BodyTooLarge:
             if not started:
-                await _too_large(send, received, self.max_bytes)
+                await _too_large(send, received, limit)
 
 
 async def _too_large(send: Send, size: int, limit: int) -> None:

@@ -113,6 +113,9 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
+    # Lamina's grounded chat (through `extra_body`): retrieve from these vector stores and cite.
+    vector_store_ids: list[str] | None = Field(default=None, max_length=8)
+    max_num_results: int = Field(default=4, ge=1, le=20)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
@@ -235,6 +238,8 @@ class ModelCard(BaseModel):
     root: str | None = None
     parent: str | None = None
     max_model_len: int | None = None
+    task: Literal["generate", "embed"] | None = None
+    """Lamina's addition: what the model is for (the web chat offers only `generate` models)."""
 
 
 class ModelList(BaseModel):

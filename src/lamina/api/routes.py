@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from lamina.api.deps import KeyDep, OpenAIDep, ServicesDep, authenticate
+from lamina.api.errors import APIError
 from lamina.api.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -47,8 +48,11 @@ async def list_models(openai: OpenAIDep, key: KeyDep) -> dict[str, Any]:
 
 @api.get("/v1/models/{model_id:path}", tags=["openai"], response_model=ModelCard)
 async def retrieve_model(model_id: str, openai: OpenAIDep, key: KeyDep) -> dict[str, Any]:
-    openai.check_model(model_id, key)
-    return openai.model_cards()[0]
+    openai.check_model(model_id, key, embeddings=True)
+    card = next((c for c in openai.model_cards() if c["id"] == model_id), None)
+    if card is None:  # the embedding model is still loading
+        raise APIError(503, f"The model '{model_id}' is still loading.", code="model_loading")
+    return card
 
 
 @api.post("/v1/chat/completions", tags=["openai"], responses={200: {"model": ChatCompletion}})

@@ -16,9 +16,10 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from lamina.api.errors import APIError
@@ -30,6 +31,9 @@ from lamina.infra.telemetry import Metrics
 from lamina.llm.async_engine import AsyncLLM
 from lamina.llm.sampling import SamplingParams
 from lamina.llm.text import Delta, TokenLogprob
+
+if TYPE_CHECKING:
+    from lamina.api.rag_service import RagService
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +70,8 @@ class OpenAIService:
         self.llm: AsyncLLM | None = None
         self.created = int(time.time())
         self.load_error: str | None = None
+        self.rag: RagService | None = None
+        """Retrieval for grounded chat (`vector_store_ids`); set by the app factory."""
 
     # --- state ----------------------------------------------------------------------------------------
 
@@ -76,8 +82,9 @@ class OpenAIService:
             raise APIError(503, "The model is still loading; retry in a few seconds.", code="model_loading", headers={"retry-after": "2"})
         return self.llm
 
-    def check_model(self, model: str | None, key: APIKey | None) -> None:
-        if model is not None and model != self.model_name:
+    def check_model(self, model: str | None, key: APIKey | None, *, embeddings: bool = False) -> None:
+        served = {self.model_name} | ({self.rag.embedding_model} if embeddings and self.rag is not None else set())
+        if model is not None and model not in served:
             raise APIError(404, f"The model '{model}' does not exist; this server serves '{self.model_name}' (see /v1/models).",
                            code="model_not_found", param="model")
         if key is not None and not key.allows(model or self.model_name):
@@ -85,23 +92,35 @@ class OpenAIService:
                            code="model_not_allowed", param="model")
 
     def model_cards(self) -> list[dict[str, Any]]:
+        """The chat model, and the embedding model when one is served (`task` tells them apart)."""
         max_len = self.llm.llm.config.max_seq_len if self.llm else None
-        return [{"id": self.model_name, "object": "model", "created": self.created, "owned_by": "lamina",
-                 "root": self.model_name, "parent": None, "max_model_len": max_len}]
+        cards = [{"id": self.model_name, "object": "model", "created": self.created, "owned_by": "lamina",
+                  "root": self.model_name, "parent": None, "max_model_len": max_len, "task": "generate"}]
+        if self.rag is not None and self.rag.embedder is not None:
+            e = self.rag.embedder
+            cards.append({"id": e.name, "object": "model", "created": self.created, "owned_by": "lamina", "root": e.name,
+                          "parent": None, "max_model_len": e.max_tokens, "task": "embed"})
+        return cards
 
     # --- chat -----------------------------------------------------------------------------------------
 
     async def chat(self, req: ChatCompletionRequest, request: Request, key: APIKey | None) -> JSONResponse | StreamingResponse:
         self.check_model(req.model, key)
         llm = self.ready()
-        prompt_ids = llm.llm.encode_chat(req.chat_messages())
+        messages, cited = req.chat_messages(), []
+        if req.vector_store_ids:
+            if self.rag is None:
+                raise InvalidRequestError("this server has no vector stores", param="vector_store_ids")
+            grounding = await run_in_threadpool(self.rag.ground, messages, req.vector_store_ids, req.max_num_results)
+            messages, cited = grounding.messages, [c.to_dict() for c in grounding.citations]
+        prompt_ids = llm.llm.encode_chat(messages)
         max_tokens = req.max_completion_tokens or req.max_tokens
         top = (req.top_logprobs or 0) if req.logprobs else None
         choices = self._choices(req, [prompt_ids], max_tokens, top)
         admission = self._admit(request, key, req, choices)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         if req.stream:
-            stream = self._chat_events(request, request_id, req, choices)
+            stream = self._chat_events(request, request_id, req, choices, cited)
             return StreamingResponse(stream, media_type="text/event-stream", headers={**SSE_HEADERS, **admission})
         await self._run(request, choices)
         body = {
@@ -115,9 +134,12 @@ class OpenAIService:
             ],
             "usage": self._usage(choices),
         }
+        if req.vector_store_ids:
+            body["citations"] = cited
         return JSONResponse(body, headers=admission)
 
-    async def _chat_events(self, request: Request, request_id: str, req: ChatCompletionRequest, choices: list[_Choice]) -> AsyncIterator[str]:
+    async def _chat_events(self, request: Request, request_id: str, req: ChatCompletionRequest, choices: list[_Choice],
+                           cited: list[dict[str, Any]]) -> AsyncIterator[str]:
         base: dict[str, Any] = {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()),
                                 "model": self.model_name, "system_fingerprint": self.fingerprint}
         if req.include_usage:
@@ -127,7 +149,8 @@ class OpenAIService:
         def chunk(index: int, delta: dict[str, Any], finish: str | None = None, lps: list[TokenLogprob] | None = None) -> str:
             choice = {"index": index, "delta": delta, "logprobs": {"content": [_chat_logprob(lp) for lp in lps]} if lps else None,
                       "finish_reason": finish}
-            return _sse({**base, "choices": [choice]})
+            extra = {"citations": cited} if finish is not None and req.vector_store_ids else {}
+            return _sse({**base, "choices": [choice], **extra})
 
         try:
             for c in choices:
@@ -138,7 +161,8 @@ class OpenAIService:
                 if delta.finish_reason is not None:
                     yield chunk(c.index, {}, delta.finish_reason)
             if req.include_usage:
-                yield _sse({**base, "choices": [], "usage": self._usage(choices)})
+                extra = {"citations": cited} if req.vector_store_ids else {}
+                yield _sse({**base, "choices": [], "usage": self._usage(choices), **extra})
         except LaminaError as e:
             yield _sse(e.to_dict())
         except Exception:

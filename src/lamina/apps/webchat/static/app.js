@@ -295,7 +295,7 @@ function setBusy(busy) {
 // --- start ------------------------------------------------------------------------------------------------
 
 async function loadModels() {
-  const models = (await json("/v1/models")).data;
+  const models = (await json("/v1/models")).data.filter((m) => m.task !== "embed");
   const select = $("model");
   select.replaceChildren(...models.map((m) => {
     const option = document.createElement("option");

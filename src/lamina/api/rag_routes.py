@@ -1,0 +1,114 @@
+"""Routes for files, vector stores, search and embeddings (OpenAI's paths); thin, over `RagService`.
+
+Handlers that ingest or embed are plain `def`s: FastAPI runs them in its thread pool, so the event loop
+keeps serving streams while documents are embedded.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi.responses import Response
+
+from lamina.api.deps import KeyDep, authenticate
+from lamina.api.errors import APIError
+from lamina.api.rag_protocol import (
+    EmbeddingRequest,
+    SearchRequest,
+    VectorStoreCreate,
+    VectorStoreFileCreate,
+    VectorStoreUpdate,
+)
+from lamina.api.rag_service import RagService
+from lamina.api.routes import ERRORS
+
+
+def _rag(request: Request) -> RagService:
+    return request.app.state.services.rag
+
+
+RagDep = Annotated[RagService, Depends(_rag)]
+router = APIRouter(dependencies=[Depends(authenticate)], responses=ERRORS)
+
+
+@router.post("/v1/files", tags=["files"])
+def upload_file(rag: RagDep, file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()] = "assistants") -> dict[str, Any]:
+    return rag.upload(file.filename or "", file.file.read(), purpose)
+
+
+@router.get("/v1/files", tags=["files"])
+def list_files(rag: RagDep, purpose: str | None = None) -> dict[str, Any]:
+    return rag.list_files(purpose)
+
+
+@router.get("/v1/files/{file_id}", tags=["files"])
+def retrieve_file(file_id: str, rag: RagDep) -> dict[str, Any]:
+    return rag.get_file(file_id)
+
+
+@router.get("/v1/files/{file_id}/content", tags=["files"], response_class=Response)
+def file_content(file_id: str, rag: RagDep) -> Response:
+    return Response(rag.files.content(file_id), media_type="application/octet-stream")
+
+
+@router.delete("/v1/files/{file_id}", tags=["files"])
+def delete_file(file_id: str, rag: RagDep) -> dict[str, Any]:
+    return rag.delete_file(file_id)
+
+
+@router.post("/v1/vector_stores", tags=["vector stores"])
+def create_vector_store(body: VectorStoreCreate, rag: RagDep) -> dict[str, Any]:
+    return rag.create_store(body)
+
+
+@router.get("/v1/vector_stores", tags=["vector stores"])
+def list_vector_stores(rag: RagDep) -> dict[str, Any]:
+    return rag.list_stores()
+
+
+@router.get("/v1/vector_stores/{store_id}", tags=["vector stores"])
+def retrieve_vector_store(store_id: str, rag: RagDep) -> dict[str, Any]:
+    return rag.store_object(rag.stores.get(store_id))
+
+
+@router.post("/v1/vector_stores/{store_id}", tags=["vector stores"])
+def update_vector_store(store_id: str, body: VectorStoreUpdate, rag: RagDep) -> dict[str, Any]:
+    return rag.store_object(rag.stores.update(rag.stores.get(store_id).id, name=body.name, metadata=body.metadata))
+
+
+@router.delete("/v1/vector_stores/{store_id}", tags=["vector stores"])
+def delete_vector_store(store_id: str, rag: RagDep) -> dict[str, Any]:
+    return rag.delete_store(store_id)
+
+
+@router.post("/v1/vector_stores/{store_id}/files", tags=["vector stores"])
+def create_vector_store_file(store_id: str, body: VectorStoreFileCreate, rag: RagDep) -> dict[str, Any]:
+    return rag.add_file(store_id, body)
+
+
+@router.get("/v1/vector_stores/{store_id}/files", tags=["vector stores"])
+def list_vector_store_files(store_id: str, rag: RagDep) -> dict[str, Any]:
+    return rag.list_store_files(store_id)
+
+
+@router.get("/v1/vector_stores/{store_id}/files/{file_id}", tags=["vector stores"])
+def retrieve_vector_store_file(store_id: str, file_id: str, rag: RagDep) -> dict[str, Any]:
+    return rag.get_store_file(store_id, file_id)
+
+
+@router.delete("/v1/vector_stores/{store_id}/files/{file_id}", tags=["vector stores"])
+def delete_vector_store_file(store_id: str, file_id: str, rag: RagDep) -> dict[str, Any]:
+    return rag.remove_store_file(store_id, file_id)
+
+
+@router.post("/v1/vector_stores/{store_id}/search", tags=["vector stores"])
+def search_vector_store(store_id: str, body: SearchRequest, rag: RagDep) -> dict[str, Any]:
+    return rag.search(store_id, body)
+
+
+@router.post("/v1/embeddings", tags=["openai"])
+def create_embeddings(body: EmbeddingRequest, rag: RagDep, key: KeyDep) -> dict[str, Any]:
+    if key is not None and not key.allows(body.model):
+        raise APIError(403, f"This API key may not use the model '{body.model}'.", code="model_not_allowed", param="model")
+    return rag.embeddings(body)
