@@ -1,7 +1,8 @@
 """Lamina: a six-layer generative-AI stack on plain PyTorch.
 
-    from lamina import LLM
+    from lamina import LLM, Embedder
     llm = LLM.load("smollm2-135m-instruct")
+    embedder = Embedder.load("all-minilm-l6-v2")
 
 The public names are imported lazily, so `import lamina` stays cheap (no torch until it is needed).
 """
@@ -11,9 +12,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "__version__"]
+__all__ = ["LLM", "Embedder", "SamplingParams", "__version__"]
 
 if TYPE_CHECKING:
+    from lamina.foundation.embeddings import Embedder
     from lamina.llm import LLM, SamplingParams
 
 
@@ -22,4 +24,8 @@ def __getattr__(name: str) -> Any:
         import lamina.llm
 
         return getattr(lamina.llm, name)
+    if name == "Embedder":
+        import lamina.foundation.embeddings
+
+        return lamina.foundation.embeddings.Embedder
     raise AttributeError(f"module 'lamina' has no attribute {name!r}")

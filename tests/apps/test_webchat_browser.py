@@ -167,3 +167,26 @@ def test_page_asks_for_the_key_when_one_is_configured(browser, tmp_path) -> None
         context.close()
     finally:
         s.stop()
+
+
+def test_upload_documents_pick_a_store_and_see_citations(page, server: Server, tmp_path) -> None:
+    doc = tmp_path / "mascot.txt"
+    doc.write_text("The Lamina project's mascot is a basalt tortoise named Quill. Quill enjoys reading manuals.")
+    page.fill("#temperature", "0")
+    page.dispatch_event("#temperature", "change")
+    page.once("dialog", lambda d: d.accept("browser-docs"))
+    page.set_input_files("#upload", str(doc))
+    page.wait_for_function("document.querySelector('#status').innerText.includes('mascot.txt:')", timeout=60_000)
+    assert "chunks" in page.inner_text("#status")
+    assert "browser-docs (1 files)" in page.locator("#store option:checked").inner_text()
+    _send(page, "What is the mascot of the Lamina project?")
+    page.wait_for_selector("#stop:not([hidden])")
+    page.wait_for_selector("#send:not([hidden])", timeout=60_000)
+    citations = page.locator(".message.assistant").last.locator(".citations li")
+    assert citations.count() >= 1
+    first = citations.first.inner_text()
+    assert first.startswith("mascot.txt") and "basalt tortoise" in first and "score" in first
+    # citations are kept with the conversation
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    assert page.locator(".message.assistant").last.locator(".citations li").count() == citations.count()

@@ -129,7 +129,7 @@ def test_score_threshold_and_k(filled) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_replacing_and_removing_a_file_updates_every_index(filled) -> None:  # type: ignore[no-untyped-def]
-    stores, store, vectors = filled
+    stores, store, _ = filled
     rng = np.random.default_rng(9)
     new = _unit(rng, 2)
     stores.put_file(store.id, FileRecord("file-0", "doc0.txt", "completed", sha256="h0b"), _chunks(["zebra one", "zebra two"], new))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from lamina.arch.bert import Bert, BertConfig
 from lamina.arch.build import FAMILIES, ModelConfig, build_model, config_from_dict
 from lamina.arch.gpt2 import GPT2, GPT2Config
 from lamina.arch.kv_cache import KVCache
@@ -10,6 +11,8 @@ from lamina.arch.llama import Llama, LlamaConfig
 __all__ = [
     "FAMILIES",
     "GPT2",
+    "Bert",
+    "BertConfig",
     "GPT2Config",
     "KVCache",
     "Llama",

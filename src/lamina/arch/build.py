@@ -12,14 +12,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from lamina.arch.bert import UNUSED_CHECKPOINT_KEYS as BERT_UNUSED_KEYS
+from lamina.arch.bert import Bert, BertConfig
 from lamina.arch.gpt2 import GPT2, GPT2Config
 from lamina.arch.llama import Llama, LlamaConfig, rope_inv_freq
 from lamina.errors import ConfigError, ModelFormatError
 
-ModelConfig = LlamaConfig | GPT2Config
+ModelConfig = LlamaConfig | GPT2Config | BertConfig
 FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {
     "llama": (LlamaConfig, Llama),
     "gpt2": (GPT2Config, GPT2),
+    "bert": (BertConfig, Bert),
 }
 
 
@@ -45,11 +48,12 @@ def build_model(
             return model_cls(config).to(dtype)
     with torch.device("meta"):
         model = model_cls(config)
-    tied = config.tie_embeddings if isinstance(config, LlamaConfig) else True
+    # Tied models get lm_head from the input embedding; an encoder has no lm_head at all.
+    tied = config.tie_embeddings if isinstance(config, LlamaConfig) else isinstance(config, GPT2Config)
     tensors = {
         name: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
         for name, t in state_dict.items()
-        if not (tied and name == "lm_head.weight")
+        if not (tied and name == "lm_head.weight") and not _unused(config, name)
     }
     try:
         missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
@@ -67,6 +71,11 @@ def build_model(
     if isinstance(model, Llama):  # non-persistent buffers are not in checkpoints: compute them on the device
         model.inv_freq = rope_inv_freq(config).to(device)
     return model
+
+
+def _unused(config: ModelConfig, name: str) -> bool:
+    """Checkpoint tensors the family knowingly leaves out (BERT's NSP pooler and saved position ids)."""
+    return isinstance(config, BertConfig) and name.startswith(BERT_UNUSED_KEYS)
 
 
 def _some(names: list[str]) -> str:

@@ -81,6 +81,7 @@ async function openConversation(id) {
   $("system").value = state.current.settings.system || "";
   $("temperature").value = state.current.settings.temperature ?? 0.7;
   if (state.current.settings.model) $("model").value = state.current.settings.model;
+  $("store").value = state.current.settings.store || "";
   localStorage.setItem("lamina.conversation", id);
   renderSidebar();
   renderMessages();
@@ -116,7 +117,7 @@ async function deleteConversation(c) {
 }
 
 function currentSettings() {
-  return { system: $("system").value, temperature: Number($("temperature").value), model: $("model").value };
+  return { system: $("system").value, temperature: Number($("temperature").value), model: $("model").value, store: $("store").value };
 }
 
 async function saveSettings() {
@@ -166,12 +167,34 @@ function messageElement(m, index, last) {
     stats.textContent = `${m.meta.completion_tokens} tokens${rate}${m.meta.stopped ? " (stopped)" : ""}`;
     footer.append(stats);
   }
+  if (m.role === "assistant" && m.meta && m.meta.citations && m.meta.citations.length) el.append(citationList(m.meta.citations));
   if (!state.controller) { // no editing while a reply streams
     if (m.role === "assistant" && last) footer.append(button("Regenerate", "regenerate", () => regenerate()));
     if (m.role === "user") footer.append(button("Edit", "edit", () => editMessage(index)));
   }
   el.append(footer);
   return el;
+}
+
+function citationList(citations) {
+  // Sources under the answer; every field is set as text, never parsed as HTML.
+  const list = document.createElement("ol");
+  list.className = "citations";
+  for (const c of citations) {
+    const item = document.createElement("li");
+    item.value = c.index;
+    const where = document.createElement("strong");
+    where.textContent = c.page ? `${c.filename}, page ${c.page}` : c.filename;
+    const score = document.createElement("span");
+    score.className = "score";
+    score.textContent = ` (score ${Number(c.score).toFixed(3)})`;
+    const snippet = document.createElement("div");
+    snippet.className = "snippet";
+    snippet.textContent = c.snippet;
+    item.append(where, score, snippet);
+    list.append(item);
+  }
+  return list;
 }
 
 function button(label, cls, onclick) {
@@ -224,11 +247,13 @@ async function send(text) {
       body: JSON.stringify({
         model: settings.model, messages: history, temperature: settings.temperature, stream: true,
         stream_options: { include_usage: true },
+        ...(settings.store ? { vector_store_ids: [settings.store] } : {}),
       }),
     });
     for await (const event of sseEvents(response)) {
       if (event.error) throw new Error(event.error.message);
       if (event.usage) reply.meta.completion_tokens = event.usage.completion_tokens;
+      if (event.citations) reply.meta.citations = event.citations;
       const delta = event.choices && event.choices[0] && event.choices[0].delta;
       if (delta && delta.content) {
         firstToken = firstToken ?? performance.now();
@@ -294,6 +319,50 @@ function setBusy(busy) {
 
 // --- start ------------------------------------------------------------------------------------------------
 
+async function loadStores(selected) {
+  const stores = (await json("/v1/vector_stores")).data;
+  const select = $("store");
+  const none = document.createElement("option");
+  none.value = "";
+  none.textContent = "(none)";
+  select.replaceChildren(none, ...stores.map((s) => {
+    const option = document.createElement("option");
+    option.value = s.id;
+    option.textContent = `${s.name} (${s.file_counts.completed} files)`;
+    return option;
+  }));
+  select.value = selected ?? (state.current ? state.current.settings.store || "" : "");
+}
+
+async function uploadFiles(files) {
+  let storeId = $("store").value;
+  if (!storeId) {
+    const name = prompt("Name of the new document store", "documents");
+    if (!name) return;
+    storeId = (await json("/v1/vector_stores", { method: "POST", body: JSON.stringify({ name }) })).id;
+  }
+  const report = [];
+  for (const file of files) {
+    $("status").textContent = `uploading ${file.name}…`;
+    const form = new FormData();
+    form.append("purpose", "assistants");
+    form.append("file", file, file.name);
+    const headers = state.key ? { authorization: `Bearer ${state.key}` } : {};
+    try {
+      const uploaded = await fetch("/v1/files", { method: "POST", body: form, headers });
+      if (!uploaded.ok) throw new Error((await uploaded.json()).error.message);
+      const { id } = await uploaded.json();
+      const added = await json(`/v1/vector_stores/${storeId}/files`, { method: "POST", body: JSON.stringify({ file_id: id }) });
+      report.push(added.status === "completed" ? `${file.name}: ${added.chunk_count} chunks` : `${file.name}: ${added.last_error.message}`);
+    } catch (error) {
+      report.push(`${file.name}: ${error.message}`);
+    }
+  }
+  await loadStores(storeId);
+  await saveSettings();
+  $("status").textContent = report.join("; ");
+}
+
 async function loadModels() {
   const models = (await json("/v1/models")).data.filter((m) => m.task !== "embed");
   const select = $("model");
@@ -321,13 +390,20 @@ function wire() {
   };
   $("stop").onclick = () => state.controller && state.controller.abort();
   $("new-chat").onclick = () => newConversation();
-  for (const id of ["system", "temperature", "model"]) $(id).onchange = () => saveSettings();
+  for (const id of ["system", "temperature", "model", "store"]) $(id).onchange = () => saveSettings();
+  $("upload-button").onclick = () => $("upload").click();
+  $("upload").onchange = async () => {
+    const files = [...$("upload").files];
+    $("upload").value = "";
+    if (files.length) await uploadFiles(files);
+  };
 }
 
 async function start() {
   wire();
   try {
     await loadModels();
+    await loadStores("");
     await loadConversations();
     const remembered = localStorage.getItem("lamina.conversation");
     if (remembered && state.conversations.some((c) => c.id === remembered)) await openConversation(remembered);
