@@ -7,6 +7,8 @@ anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import math
+import os
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -381,6 +383,162 @@ def eval_retrieval(store: str, qa: str, k: int) -> None:
         click.echo(f"{score.mode:8} {score.hit_at_k:7.3f} {score.mrr:6.3f}")
 
 
+# --- data: training datasets in the data lake (LAMINA_HOME/datalake) -------------------------------------
+
+
+@cli.group("data")
+def data_group() -> None:
+    """Training datasets: raw text cleaned into versioned Parquet in LAMINA_HOME/datalake, and SQL over them."""
+
+
+def _lake():  # type: ignore[no-untyped-def]
+    from lamina.infra.datalake import DataLake
+
+    return DataLake(get_settings().home / "datalake")
+
+
+def _cleaning_default(name: str) -> Any:
+    from lamina.foundation.data import CleaningOptions
+
+    return getattr(CleaningOptions(), name)
+
+
+def _print_rows(columns: list[str], rows: list[tuple[Any, ...]], right: tuple[str, ...] = ()) -> None:
+    """A borderless table; cells are plain text (never rich markup), one line each."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(box=None, header_style="bold")
+    for column in columns:
+        table.add_column(column, justify="right" if column in right else "left", no_wrap=True, overflow="ellipsis")
+    for row in rows:
+        table.add_row(*(Text(_cell(value)) for value in row))
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
+
+
+def _cell(value: Any, width: int = 80) -> str:
+    text = "NULL" if value is None else f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+    text = text.replace("\n", "\\n")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _step_rows(steps: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    rows = []
+    for s in steps:
+        notes = [f"{k}={v}" for k, v in {**s.get("params", {}), **s.get("details", {})}.items()]
+        if s.get("examples"):
+            notes.append(f"e.g. {s['examples'][0]}")
+        rows.append((s["step"], s["removed"], s["kept"], s["chars_after"], "  ".join(notes)))
+    return rows
+
+
+@data_group.command("ingest")
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--dataset", "name", required=True, help="dataset name; each ingest adds a version (v1, v2, ...)")
+@click.option("--text-field", default=None, help="JSONL key / CSV column with the text [default: text, content or body]")
+@click.option("--min-chars", type=int, default=_cleaning_default("min_chars"), show_default=True, help="drop shorter documents")
+@click.option("--max-chars", type=int, default=_cleaning_default("max_chars"), show_default=True, help="drop longer documents")
+@click.option("--min-words", type=int, default=_cleaning_default("min_words"), show_default=True, help="drop documents with fewer words")
+@click.option("--max-words", type=int, default=_cleaning_default("max_words"), show_default=True, help="drop documents with more words")
+@click.option("--max-symbol-ratio", type=float, default=_cleaning_default("max_symbol_ratio"), show_default=True,
+              help="drop documents with a larger share of non-alphanumeric, non-space characters (1 = off)")
+@click.option("--max-repeated-lines", type=float, default=_cleaning_default("max_repeated_line_ratio"), show_default=True,
+              help="drop documents with a larger share of lines repeating an earlier one (1 = off)")
+@click.option("--no-dedup", is_flag=True, help="keep exact duplicates")
+@click.option("--no-near-dedup", is_flag=True, help="keep near-duplicates (MinHash, Jaccard >= 0.8)")
+@click.option("--scrub-pii", is_flag=True, help="replace emails, phone numbers and keys with <EMAIL>, <PHONE>, <SECRET>")
+@_fail_cleanly
+def data_ingest(sources: tuple[str, ...], name: str, text_field: str | None, min_chars: int, max_chars: int, min_words: int,
+                max_words: int, max_symbol_ratio: float, max_repeated_lines: float, no_dedup: bool, no_near_dedup: bool,
+                scrub_pii: bool) -> None:
+    """Clean SOURCES (.txt .md .jsonl .csv files, folders of them, or `pydoc`) into a new version of a dataset."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from lamina.foundation.data import CleaningOptions, build_dataset
+
+    options = CleaningOptions(
+        text_field=text_field, min_chars=min_chars, max_chars=max_chars, min_words=min_words, max_words=max_words,
+        max_symbol_ratio=max_symbol_ratio, max_repeated_line_ratio=max_repeated_lines, dedup=not no_dedup,
+        near_dedup=not no_near_dedup, scrub_pii=scrub_pii,
+    )
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    console = Console(stderr=True)
+    # Off when stderr is not a terminal: there it would only add a blank line before any error.
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
+        tasks: dict[str, Any] = {}
+
+        def on_progress(step: str, done: int, total: int) -> None:
+            if step not in tasks:
+                tasks[step] = progress.add_task(step, total=total)
+            progress.update(tasks[step], completed=done, total=total)
+
+        version, report = build_dataset(_lake(), name, list(sources), options, progress=on_progress)
+    _print_rows(["step", "removed", "kept", "chars", "notes"], _step_rows(report.to_manifest()), right=("removed", "kept", "chars"))
+    click.echo(f"{version.label}: {version.documents:,} documents, {version.characters:,} characters "
+               f"(from {report.input_documents:,}), in {version.path}")
+
+
+@data_group.command("list")
+@click.option("--all", "all_versions", is_flag=True, help="every version, not only the latest of each dataset")
+@_fail_cleanly
+def data_list(all_versions: bool) -> None:
+    """Datasets in the data lake: version, documents, characters, when, from what."""
+    rows = [(d.name, f"v{d.version}" + (" (latest)" if all_versions and d.is_latest else ""), d.documents, d.characters,
+             d.created_at, ", ".join(map(str, d.manifest.get("sources", []))))
+            for d in _lake().list(all_versions=all_versions)]
+    if not rows:
+        click.echo("no datasets yet; create one with `lamina data ingest SRC... --dataset NAME`")
+        return
+    _print_rows(["dataset", "version", "documents", "characters", "created", "sources"], rows, right=("documents", "characters"))
+
+
+@data_group.command("show")
+@click.argument("name")
+@click.option("--version", "version", type=int, default=None, help="version number [default: the latest]")
+@click.option("--docs", type=int, default=3, show_default=True, help="how many documents to preview")
+@click.option("--verify", is_flag=True, help="recompute the Parquet files' sha256 against the manifest")
+@_fail_cleanly
+def data_show(name: str, version: int | None, docs: int, verify: bool) -> None:
+    """A dataset version's manifest (sources, counts, files, cleaning steps) and its first documents."""
+    import itertools
+
+    from lamina.foundation.data import iter_texts
+
+    lake = _lake()
+    dataset = lake.verify(name, version) if verify else lake.get(name, version)
+    m = dataset.manifest
+    counts = m.get("counts", {})
+    click.echo(f"{dataset.label}{' (latest)' if dataset.is_latest else ''}  created {dataset.created_at}  {dataset.path}")
+    click.echo(f"sources: {', '.join(map(str, m.get('sources', []))) or '-'}")
+    click.echo(f"documents {counts.get('documents', 0):,}  characters {counts.get('characters', 0):,}  "
+               f"bytes {counts.get('bytes', 0):,}  parquet {_human(counts.get('parquet_bytes'), 'B')}")
+    click.echo("schema: " + ", ".join(f"{c['name']} {c['type']}" for c in m.get("schema", [])))
+    for filename, digest in sorted(m.get("hashes", {}).items()):
+        click.echo(f"file {filename}  sha256 {digest}{'  verified' if verify else ''}")
+    if m.get("steps"):
+        _print_rows(["step", "removed", "kept", "chars", "notes"], _step_rows(m["steps"]), right=("removed", "kept", "chars"))
+    for doc_id, text in itertools.islice(iter_texts(lake, name, dataset.version), max(0, docs)):
+        click.echo(f"--- {doc_id}\n{_cell(text, 300)}")
+
+
+@data_group.command("sql")
+@click.argument("query")
+@click.option("--limit", type=int, default=50, show_default=True, help="most rows printed")
+@_fail_cleanly
+def data_sql(query: str, limit: int) -> None:
+    """Run a read-only SQL query (DuckDB) over the latest version of each dataset, e.g.
+    lamina data sql 'SELECT source, count(*) FROM "pydoc-clean" GROUP BY 1'."""
+    columns, rows = _lake().sql(query, limit=max(0, limit) + 1)
+    _print_rows(columns, rows[:limit], right=tuple(c for i, c in enumerate(columns) if rows and isinstance(rows[0][i], int | float)))
+    more = f"; more not shown (--limit {limit})" if len(rows) > limit else ""
+    click.echo(f"({min(len(rows), limit)} row{'s' if min(len(rows), limit) != 1 else ''}{more})", err=True)
+
+
+# --- end of data -----------------------------------------------------------------------------------------
+
+
 @cli.command()
 @_fail_cleanly
 def models() -> None:
@@ -441,6 +599,146 @@ def info() -> None:
     click.echo("models:")
     for entry in Registry(settings.home).list():
         click.echo(f"  {entry.id:24} {entry.format:5} {_human(entry.size_bytes, 'B'):>8}  {entry.path}")
+
+
+@cli.group()
+def tokenizer() -> None:
+    """Train tokenizers."""
+
+
+@tokenizer.command("train")
+@click.option("--dataset", required=True, help="data-lake dataset to learn from (`lamina data list`)")
+@click.option("--vocab-size", type=int, required=True, help="tokens in the vocabulary (at least 257)")
+@click.option("--out", type=click.Path(), default=None, help="folder for tokenizer.json [LAMINA_HOME/tokenizers/NAME-bpeN]")
+@_fail_cleanly
+def tokenizer_train(dataset: str, vocab_size: int, out: str | None) -> None:
+    """Byte-level BPE, saved as tokenizer.json (loadable by transformers and Lamina)."""
+    from pathlib import Path
+
+    from lamina.foundation.data import iter_texts
+    from lamina.foundation.tokenizer_train import save_tokenizer, train_bpe
+    from lamina.infra.datalake import DataLake
+
+    home = get_settings().home
+    lake = DataLake(home / "datalake")
+    version = lake.get(dataset)
+    tok = train_bpe((text for _, text in iter_texts(lake, dataset, version.version)), vocab_size)
+    folder = Path(out) if out else home / "tokenizers" / f"{dataset}-v{version.version}-bpe{vocab_size}"
+    save_tokenizer(tok, folder)
+    sample = "def greet(name):\n    return f'Hello, {name}!'"
+    n = len(tok.encode(sample, add_special_tokens=False))
+    click.echo(f"{folder}: {tok.vocab_size} tokens; {len(sample) / n:.2f} characters per token on a code sample")
+
+
+@cli.command()
+@click.option("--config", "config_path", default="pydoc", show_default=True, help="run YAML, or a preset name")
+@click.option("--resume", is_flag=True, help="continue from the run's last checkpoint")
+@click.option("--strategy", type=click.Choice(["ddp", "fsdp"]), default="ddp", show_default=True,
+              help="under torchrun: DDP, or FSDP full sharding")
+@click.option("--max-steps", type=int, default=None, help="override train.max_steps")
+@click.option("--name", default=None, help="override the run/model name")
+@_fail_cleanly
+def pretrain(config_path: str, resume: bool, strategy: str, max_steps: int | None, name: str | None) -> None:
+    """Train a model from scratch (no options: a small GPT-2 on Python's docs, ~10 min on 2 cores).
+
+    Distributed: torchrun --nproc_per_node N -m lamina pretrain --config FILE [--strategy fsdp]
+    """
+    import dataclasses
+    import logging
+
+    from lamina.foundation.pretrain import pretrain as run_pretrain
+    from lamina.foundation.train_config import RunConfig
+    from lamina.infra.device import set_threads
+    from lamina.infra.distributed import Distributed
+
+    settings = get_settings()
+    if "WORLD_SIZE" not in os.environ:
+        set_threads(settings.threads)
+    config = RunConfig.from_yaml(config_path)
+    if max_steps is not None:
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, max_steps=max_steps))
+    if name is not None:
+        config = dataclasses.replace(config, name=name)
+    dist = Distributed.from_env(strategy)  # type: ignore[arg-type]
+    logging.basicConfig(level=logging.INFO if dist.is_main else logging.WARNING, format="%(message)s")
+    try:
+        with _TrainProgress(config.train.max_steps, enabled=dist.is_main) as progress:
+            result = run_pretrain(config, settings.home, dist=dist, resume=resume, on_step=progress.update)
+    finally:
+        dist.close()
+    if dist.is_main:
+        click.echo(f"{config.name}: {result.steps} steps, train loss {result.train_loss:.3f}, val loss {result.val_loss:.3f} "
+                   f"(perplexity {math.exp(min(result.val_loss, 50)):.1f}); run in {result.run_dir}")
+        if result.model_dir is not None:
+            click.echo(f"registered as {config.name!r}: lamina generate --model {config.name} --raw \"The\"")
+
+
+class _TrainProgress:
+    """A rich progress bar with loss, tokens/s and MFU; a plain line per evaluation."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.enabled = total, enabled
+        self.progress = None
+
+    def __enter__(self):  # type: ignore[no-untyped-def]
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+            self.progress.__enter__()
+            self.task = self.progress.add_task("training", total=self.total)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.__exit__(None, None, None)
+
+    def update(self, stats) -> None:  # type: ignore[no-untyped-def]
+        if self.progress is None:
+            return
+        text = f"loss {stats.loss:.3f} | {stats.tokens_per_s:,.0f} tok/s | MFU {stats.mfu:.0%}"
+        self.progress.update(self.task, completed=stats.step, description=text)
+        if stats.val_loss is not None:
+            self.progress.console.print(f"step {stats.step}: train {stats.loss:.3f}, val {stats.val_loss:.3f} "
+                                        f"(ppl {math.exp(min(stats.val_loss, 50)):.1f}), {stats.tokens_per_s:,.0f} tok/s, "
+                                        f"MFU {stats.mfu:.0%}", highlight=False)
+
+
+@cli.command()
+@click.option("--model", "-m", "model_name", default=None, help="model to score (id or path); not needed with --cv")
+@click.option("--dataset", required=True, help="data-lake dataset")
+@click.option("--cv", type=int, default=None, help="k-fold cross-validation: k trainings with --config")
+@click.option("--config", "config_path", default="pydoc", show_default=True, help="run YAML for --cv trainings")
+@_fail_cleanly
+def evaluate(model_name: str | None, dataset: str, cv: int | None, config_path: str) -> None:
+    """Hold-out loss and perplexity of a model, or k-fold cross-validation (mean ± std of val loss)."""
+    import dataclasses
+
+    from lamina.errors import InvalidRequestError
+    from lamina.foundation.evaluate import cross_validate, evaluation_documents, holdout_loss
+    from lamina.foundation.train_config import RunConfig
+    from lamina.infra.checkpoint import read_json
+    from lamina.infra.datalake import DataLake
+
+    home = get_settings().home
+    if cv is not None:
+        config = RunConfig.from_yaml(config_path)
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, dataset=dataset))
+        result = cross_validate(config, home, cv)
+        folds = ", ".join(f"{x:.3f}" for x in result.losses)
+        click.echo(f"{cv}-fold cross-validation of {config.name} on {dataset} (seed {config.data.seed}): "
+                   f"val loss {result.mean:.3f} ± {result.std:.3f} (folds: {folds})")
+        return
+    if model_name is None:
+        raise InvalidRequestError("give --model NAME to score a model, or --cv K to cross-validate", param="model")
+    llm = _load_llm(model_name, "cpu", "float32")
+    trained_on = None
+    if llm.entry is not None and (llm.entry.path / "training.json").exists():
+        trained_on = read_json(llm.entry.path / "training.json").get("shards")
+    docs = evaluation_documents(DataLake(home / "datalake"), dataset, trained_on)
+    result = holdout_loss(llm.model, llm.tokenizer, docs, llm.config.max_seq_len)
+    click.echo(f"{llm.name} on {dataset}: loss {result.loss:.4f}, perplexity {result.perplexity:.2f} "
+               f"({result.tokens:,} tokens, {result.documents} documents)")
 
 
 def _human(n: int | None, unit: str = "") -> str:

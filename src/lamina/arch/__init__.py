@@ -7,6 +7,7 @@ from lamina.arch.build import FAMILIES, ModelConfig, build_model, config_from_di
 from lamina.arch.gpt2 import GPT2, GPT2Config
 from lamina.arch.kv_cache import KVCache
 from lamina.arch.llama import Llama, LlamaConfig
+from lamina.arch.moe import MoE, MoEConfig
 
 __all__ = [
     "FAMILIES",
@@ -17,6 +18,8 @@ __all__ = [
     "KVCache",
     "Llama",
     "LlamaConfig",
+    "MoE",
+    "MoEConfig",
     "ModelConfig",
     "build_model",
     "config_from_dict",

@@ -2,7 +2,8 @@
 
 One file, top to bottom: GPT2Config -> Attention -> MLP -> Block -> GPT2. What sets it apart from the
 Llama family: learned absolute position embeddings, LayerNorm with biases, GELU (tanh approximation), a
-fused qkv projection, biases on every linear layer, and a tied input/output embedding.
+fused qkv projection, biases on every linear layer, and a tied input/output embedding. Setting `moe` swaps
+the MLPs for mixture-of-experts FFNs of GELU experts (`lamina.arch.moe`).
 
 Parameter names follow Hugging Face's `GPT2LMHeadModel` without the `transformer.` prefix (`h.0.attn.c_attn`),
 as nanoGPT does; weights are plain `nn.Linear` (out, in), so HF's Conv1D (in, out) weights are transposed
@@ -22,6 +23,7 @@ from torch import nn
 
 from lamina.arch.config import config_from_dict, config_to_dict, dump_yaml, load_yaml
 from lamina.arch.kv_cache import KVCache
+from lamina.arch.moe import MoE, MoEConfig, num_active_params, total_aux_loss
 from lamina.errors import ConfigError
 
 
@@ -33,6 +35,7 @@ class GPT2Config:
     n_layer: int = 12
     n_head: int = 12
     n_inner: int | None = None  # MLP width; None: 4 * n_embd
+    moe: MoEConfig | None = None  # None: dense MLPs; set: mixture-of-experts FFNs (see lamina.arch.moe)
     layer_norm_eps: float = 1e-5
     bias: bool = True  # biases in linear layers and LayerNorms (nanoGPT can turn them off)
     dropout: float = 0.0
@@ -49,6 +52,10 @@ class GPT2Config:
                 raise ConfigError(f"{name} must be >= 1 (got {getattr(self, name)})")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1) (got {self.dropout})")
+        if isinstance(self.moe, dict):
+            self.moe = config_from_dict(MoEConfig, self.moe)
+        if self.moe is not None and self.moe.every > self.n_layer:
+            raise ConfigError(f"moe.every ({self.moe.every}) exceeds n_layer ({self.n_layer}): no block would use MoE")
 
     @property
     def max_seq_len(self) -> int:
@@ -111,7 +118,13 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.attn = Attention(config, layer_idx)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
-        self.mlp = MLP(config)
+        moe = config.moe
+        self.mlp: nn.Module
+        if moe is not None and moe.in_layer(layer_idx):
+            assert config.n_inner is not None
+            self.mlp = MoE(config.n_embd, moe, config.n_inner, activation="gelu", bias=config.bias)
+        else:
+            self.mlp = MLP(config)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
@@ -174,4 +187,13 @@ class GPT2(nn.Module):
         return KVCache(c.n_layer, batch_size, c.n_head, max_len, c.n_embd // c.n_head, dtype=ref.dtype, device=ref.device)
 
     def num_params(self) -> int:
+        """Unique parameters (the tied embedding counts once)."""
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+    def num_active_params(self) -> int:
+        """Parameters used per token: `num_params` less the experts an MoE model does not route a token to."""
+        return num_active_params(self)
+
+    def aux_loss(self) -> torch.Tensor:
+        """The MoE layers' weighted auxiliary losses of the last forward (0 for a dense model), as `Llama.aux_loss`."""
+        return total_aux_loss(self, self.lm_head.weight.device)

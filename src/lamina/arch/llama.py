@@ -4,7 +4,8 @@ One file, top to bottom: LlamaConfig -> RMSNorm -> rotary embeddings -> Attentio
 What distinguishes the members is data in the config, not code paths:
 - grouped-query attention through `n_kv_heads` (= n_heads: MHA, 1: MQA, in between: GQA);
 - RoPE base `rope_theta` and optional scaling (`linear`, or Llama 3's frequency-band `llama3`);
-- `qkv_bias` (Qwen2), `sliding_window` (Mistral), tied or separate input/output embeddings.
+- `qkv_bias` (Qwen2), `sliding_window` (Mistral), tied or separate input/output embeddings;
+- `moe`: a mixture-of-experts FFN of SwiGLU experts (`lamina.arch.moe`) in place of the dense MLP (Mixtral).
 
 Parameter names follow the Hugging Face layout without the `model.` prefix (`layers.0.self_attn.q_proj`),
 so safetensors and PEFT adapters map one to one. Attention goes through `scaled_dot_product_attention`;
@@ -24,6 +25,7 @@ from torch import nn
 
 from lamina.arch.config import config_from_dict, config_to_dict, dump_yaml, load_yaml
 from lamina.arch.kv_cache import KVCache
+from lamina.arch.moe import MoE, MoEConfig, num_active_params, total_aux_loss
 from lamina.errors import ConfigError
 
 
@@ -55,6 +57,7 @@ class LlamaConfig:
     n_kv_heads: int | None = None  # None: same as n_heads (MHA); 1: MQA; a divisor of n_heads: GQA
     head_dim: int | None = None  # None: dim // n_heads
     hidden_dim: int = 11008  # SwiGLU inner width (intermediate_size)
+    moe: MoEConfig | None = None  # None: dense MLPs; set: mixture-of-experts FFNs (see lamina.arch.moe)
     # positions
     max_seq_len: int = 4096  # context window
     rope_theta: float = 10000.0
@@ -83,6 +86,10 @@ class LlamaConfig:
                 raise ConfigError(f"{name} must be >= 1 (got {getattr(self, name)})")
         if isinstance(self.rope_scaling, dict):
             self.rope_scaling = config_from_dict(RopeScaling, self.rope_scaling)
+        if isinstance(self.moe, dict):
+            self.moe = config_from_dict(MoEConfig, self.moe)
+        if self.moe is not None and self.moe.every > self.n_layers:
+            raise ConfigError(f"moe.every ({self.moe.every}) exceeds n_layers ({self.n_layers}): no block would use MoE")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LlamaConfig:
@@ -231,7 +238,12 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
-        self.mlp = MLP(config)
+        moe = config.moe
+        self.mlp: nn.Module
+        if moe is not None and moe.in_layer(layer_idx):
+            self.mlp = MoE(config.dim, moe, config.hidden_dim, activation="swiglu", bias=False)
+        else:
+            self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, mask, cache):  # type: ignore[no-untyped-def]
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
@@ -306,3 +318,14 @@ class Llama(nn.Module):
     def num_params(self) -> int:
         """Unique parameters (a tied embedding counts once)."""
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+    def num_active_params(self) -> int:
+        """Parameters used per token: `num_params` less the experts an MoE model does not route a token to."""
+        return num_active_params(self)
+
+    def aux_loss(self) -> torch.Tensor:
+        """The MoE layers' weighted auxiliary losses of the last forward (0 for a dense model, or in eval).
+
+        A training step adds it to the task loss: `loss = cross_entropy + model.aux_loss()`.
+        """
+        return total_aux_loss(self, self.lm_head.weight.device)

@@ -107,6 +107,16 @@ def probe_dtypes(device: torch.device, cache_dir: Path | None = None) -> DtypePr
     return DtypeProbe(**_cached_probe(cache_dir, f"dtype | {_device_key(device)}", measure))
 
 
+def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, cache_dir: Path | None = None) -> float:
+    """The best GFLOP/s of a large square matmul in `dtype`: the denominator of MFU (cached per device)."""
+
+    def measure() -> dict:
+        return {"gflops": max(_gemm_gflops(device, dtype, n=1024, budget_s=0.5), 1e-9)}
+
+    key = f"peak {str(dtype).removeprefix('torch.')} | {_device_key(device)}"
+    return float(_cached_probe(cache_dir, key, measure)["gflops"])
+
+
 def _gemm_gflops(device: torch.device, dtype: torch.dtype, n: int = 256, budget_s: float = 0.05) -> float:
     """GFLOP/s of an n*n*n matmul, best of a few runs within a small time budget (0.0 if unsupported)."""
     try:

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from lamina.arch import config_from_dict as lamina_config_from_dict
 from lamina.arch.gpt2 import GPT2Config
 from lamina.arch.llama import LlamaConfig, RopeScaling
 from lamina.errors import ModelFormatError
@@ -23,6 +24,10 @@ LLAMA_TYPES = {"llama", "mistral", "qwen2"}
 def model_config(folder: Path) -> LlamaConfig | GPT2Config:
     hf = read_json(folder / "config.json")
     model_type = hf.get("model_type")
+    if model_type == "lamina":  # a model Lamina trained: its own family config, its own parameter names
+        if not isinstance(hf.get("lamina"), dict):
+            raise ModelFormatError(f"{folder}/config.json: model_type 'lamina' needs a 'lamina' family config")
+        return lamina_config_from_dict(hf["lamina"])
     try:
         if model_type in LLAMA_TYPES:
             return _llama_config(hf, folder)
@@ -95,8 +100,12 @@ def state_dict(
 ) -> dict[str, torch.Tensor]:
     """Every tensor of the folder's safetensors files, renamed to Lamina's names and cast to `dtype`."""
     out: dict[str, torch.Tensor] = {}
-    gpt2 = isinstance(config, GPT2Config)
+    native = read_json(folder / "config.json").get("model_type") == "lamina"
+    gpt2 = isinstance(config, GPT2Config) and not native
     for key, tensor in iter_safetensors(folder):
+        if native:
+            out[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+            continue
         new = _rename_gpt2(key) if gpt2 else _rename_llama(key)
         if new is None:
             continue
