@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -56,7 +57,7 @@ def test_lr_schedule() -> None:
     assert lr_at(55, 100, 1.0, 0.1, 10) == pytest.approx(0.55)  # cosine midpoint
     assert lr_at(100, 100, 1.0, 0.1, 10) == pytest.approx(0.1)
     values = [lr_at(s, 100, 1.0, 0.1, 10) for s in range(10, 101)]
-    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(values))
 
 
 @pytest.fixture(scope="module")

@@ -39,6 +39,7 @@ class GPT2Config:
     layer_norm_eps: float = 1e-5
     bias: bool = True  # biases in linear layers and LayerNorms (nanoGPT can turn them off)
     dropout: float = 0.0
+    activation: Literal["gelu_tanh", "gelu"] = "gelu_tanh"  # GPT-2 uses the tanh approximation; nanoGPT the exact GELU
     init_std: float = 0.02
     family: Literal["gpt2"] = field(default="gpt2")
 
@@ -52,6 +53,8 @@ class GPT2Config:
                 raise ConfigError(f"{name} must be >= 1 (got {getattr(self, name)})")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1) (got {self.dropout})")
+        if self.activation not in ("gelu_tanh", "gelu"):
+            raise ConfigError(f"activation must be 'gelu_tanh' or 'gelu' (got {self.activation!r})")
         if isinstance(self.moe, dict):
             self.moe = config_from_dict(MoEConfig, self.moe)
         if self.moe is not None and self.moe.every > self.n_layer:
@@ -107,9 +110,10 @@ class MLP(nn.Module):
         assert config.n_inner is not None
         self.c_fc = nn.Linear(config.n_embd, config.n_inner, bias=config.bias)
         self.c_proj = nn.Linear(config.n_inner, config.n_embd, bias=config.bias)
+        self.approximate = "tanh" if config.activation == "gelu_tanh" else "none"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+        return self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate))
 
 
 class Block(nn.Module):
@@ -125,7 +129,7 @@ class Block(nn.Module):
             self.mlp = MoE(config.n_embd, moe, config.n_inner, activation="gelu", bias=config.bias)
         else:
             self.mlp = MLP(config)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = _dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
         x = x + self.drop(self.attn(self.ln_1(x), mask, cache))
@@ -138,7 +142,7 @@ class GPT2(nn.Module):
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.n_positions, config.n_embd)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = _dropout(config.dropout)
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -197,3 +201,8 @@ class GPT2(nn.Module):
     def aux_loss(self) -> torch.Tensor:
         """The MoE layers' weighted auxiliary losses of the last forward (0 for a dense model), as `Llama.aux_loss`."""
         return total_aux_loss(self, self.lm_head.weight.device)
+
+
+def _dropout(p: float) -> nn.Module:
+    """Dropout, or nothing at all when p is 0 (a no-op module still costs a call per block per step)."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()

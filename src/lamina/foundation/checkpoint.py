@@ -74,6 +74,20 @@ def latest_checkpoint(root: Path) -> Checkpoint | None:
     return Checkpoint(folder, int(state["step"]), state)
 
 
+def with_tied(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Add back the names of tied parameters that the checkpoint stored once (lm_head = embedding)."""
+    names_of: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    out = dict(weights)
+    for names in names_of.values():
+        present = [n for n in names if n in out]
+        for name in names:
+            if name not in out and present:
+                out[name] = out[present[0]]
+    return out
+
+
 def _prune(root: Path, keep: set[str], keep_last: int = 2) -> None:
     """Remove leftover temporary folders and all but the last `keep_last` checkpoints."""
     for tmp in root.glob(".step-*.tmp-*"):

@@ -46,6 +46,14 @@ class TokenizerArgs:
     path: str | None = None
     """A folder with tokenizer.json to use instead of training one."""
 
+    def __post_init__(self) -> None:
+        from lamina.foundation.tokenizer_train import BYTE_ALPHABET, SPECIAL_TOKENS
+
+        floor = BYTE_ALPHABET + len(SPECIAL_TOKENS)
+        if self.path is None and self.vocab_size < floor:
+            raise ConfigError(f"tokenizer.vocab_size {self.vocab_size} is smaller than the byte alphabet plus special "
+                              f"tokens ({floor}); use {floor} or more (a few thousand suits a small corpus)")
+
 
 @dataclass
 class TrainArgs:
@@ -94,6 +102,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ConfigError(f"name must be a plain identifier for the model (got {self.name!r})")
+        self.model_config(self.tokenizer.vocab_size)  # a bad model section fails now, not after data preparation
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> RunConfig:
