@@ -186,3 +186,23 @@ def test_empty_dataset_is_refused(tmp_path) -> None:
     home = tmp_path / "home"
     built = _lamina(home, "data", "ingest", str(docs), "--dataset", "empty")
     assert built.returncode == 2 and "empty" in built.stderr and len(built.stderr.strip().splitlines()) == 1
+
+
+def test_llama_moe_config_trains_and_serves(tmp_path) -> None:
+    config = json.loads(json.dumps(TINY))
+    config["name"] = "tiny-moe"
+    config["model"] = {"family": "llama", "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 128,
+                       "tie_embeddings": True, "moe": {"n_experts": 4, "top_k": 2, "expert_hidden_dim": 64}}
+    config["train"].update(max_steps=12, eval_interval=12, save_interval=12)
+    path = tmp_path / "moe.yaml"
+    path.write_text(yaml.safe_dump(config))
+    home = tmp_path / "home"
+    result = _lamina(home, "pretrain", "--config", str(path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = _metrics(home, "tiny-moe")
+    assert metrics[12]["loss"] < metrics[1]["loss"]
+    from lamina import LLM
+
+    llm = LLM.load("tiny-moe", device="cpu", dtype="float32", home=home)
+    assert llm.config.moe is not None and llm.config.moe.n_experts == 4
+    assert llm.generate("The", max_tokens=5, temperature=0, ignore_eos=True).completion_tokens == 5
