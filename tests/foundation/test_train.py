@@ -206,3 +206,18 @@ def test_llama_moe_config_trains_and_serves(tmp_path) -> None:
     llm = LLM.load("tiny-moe", device="cpu", dtype="float32", home=home)
     assert llm.config.moe is not None and llm.config.moe.n_experts == 4
     assert llm.generate("The", max_tokens=5, temperature=0, ignore_eos=True).completion_tokens == 5
+
+
+def test_cross_validation_trains_k_models_on_document_folds(tmp_path) -> None:
+    path = _config(tmp_path, max_steps=10, eval_interval=10, save_interval=10)
+    home = tmp_path / "home"
+    result = _lamina(home, "evaluate", "--dataset", "pydoc", "--cv", "3", "--config", str(path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    line = result.stdout.strip().splitlines()[-1]
+    assert line.startswith("3-fold cross-validation of tiny on pydoc (seed 7): val loss ") and "±" in line
+    folds = [float(x) for x in line.split("folds: ")[1].rstrip(")").split(", ")]
+    assert len(folds) == 3 and len(set(folds)) == 3 and all(4.0 < f < 7.0 for f in folds)
+    metas = [json.loads((p / "meta.json").read_text()) for p in sorted((home / "shards").glob("*cv*of3"))]
+    assert len(metas) == 3
+    documents = metas[0]["train_documents"] + metas[0]["val_documents"]
+    assert sum(m["val_documents"] for m in metas) == documents  # every document is held out exactly once
