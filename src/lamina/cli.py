@@ -741,6 +741,46 @@ def evaluate(model_name: str | None, dataset: str, cv: int | None, config_path: 
                f"({result.tokens:,} tokens, {result.documents} documents)")
 
 
+# --- lora: LoRA adapters in PEFT's layout (adapter_config.json + adapter_model.safetensors) --------------
+
+
+@cli.group("lora")
+def lora_group() -> None:
+    """LoRA adapters, in PEFT's folder layout (PEFT and Lamina load each other's)."""
+
+
+@lora_group.command("merge")
+@click.option("--model", "-m", "model_name", default=None, help="base model: id, .gguf file or HF folder [LAMINA_MODEL]")
+@click.option("--adapter", required=True, type=click.Path(), help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+@click.option("--out", required=True, type=click.Path(), help="folder to write the merged model to")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
+              help="dtype of the merged weights (the merge itself is done in float32)")
+@click.option("--force", is_flag=True, help="merge although the adapter names another base id (shapes are still checked)")
+@click.option("--overwrite", is_flag=True, help="replace a model folder already at --out")
+@_fail_cleanly
+def lora_merge(model_name: str | None, adapter: str, out: str, dtype: str, force: bool, overwrite: bool) -> None:
+    """Merge a LoRA adapter into its base model, as a folder that `lamina generate --model OUT` loads.
+
+    An HF-folder base gives an HF folder (transformers loads it too); a GGUF base gives a Lamina folder
+    with the tokenizer, chat template and EOS ids of the GGUF.
+    """
+    from pathlib import Path
+
+    from lamina.infra.device import DTYPES, set_threads
+    from lamina.infra.registry import Registry
+    from lamina.llm.adapters import merge_adapter
+
+    settings = get_settings()
+    set_threads(settings.threads)
+    entry = Registry(settings.home).resolve(model_name or settings.model)
+    result = merge_adapter(entry, Path(adapter), Path(out), dtype=DTYPES[dtype], allow_other_base=force, overwrite=overwrite)
+    click.echo(f"merged {adapter} into {entry.id} ({len(result.layers)} layers changed): {result.layout} folder {result.folder}")
+    click.echo(f'try: lamina generate --model {result.folder} "Hello"', err=True)
+
+
+# --- end of lora -----------------------------------------------------------------------------------------
+
+
 def _human(n: int | None, unit: str = "") -> str:
     if n is None:
         return "?"

@@ -30,7 +30,7 @@ from lamina.infra.registry import Registry
 from lamina.infra.telemetry import Metrics
 from lamina.llm import LLM
 from lamina.llm.async_engine import AsyncLLM
-from lamina.llm.engine import EngineArgs
+from lamina.llm.engine import Engine, EngineArgs
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,11 @@ def create_app(
                 return
             if closing.is_set():  # the server stopped while the weights were loading
                 return
-            async_llm = AsyncLLM(llm, on_step=lambda engine, n: metrics.engine_step(engine.num_running, engine.num_waiting, n))
+            def on_step(engine: Engine, n: int) -> None:
+                runner = engine.runner
+                metrics.engine_step(engine.num_running, engine.num_waiting, n, runner.usage, runner.prefix_queries, runner.prefix_hits)
+
+            async_llm = AsyncLLM(llm, on_step=on_step)
             async_llm.engine.start()
             openai.llm = async_llm
             logger.info("model %s ready", llm.name)

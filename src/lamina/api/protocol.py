@@ -83,6 +83,8 @@ class _Sampling(_Request):
     top_k: int | None = Field(default=None, ge=-1)
     min_p: float | None = Field(default=None, ge=0, le=1)
     repetition_penalty: float | None = Field(default=None, gt=0)
+    cache_salt: str | None = Field(default=None, max_length=256)
+    """vLLM's: prefix-cache reuse only between requests with the same salt (on top of the API key's own)."""
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> _Sampling:

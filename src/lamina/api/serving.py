@@ -54,6 +54,7 @@ class _Choice:
     index: int
     prompt_ids: list[int]
     params: SamplingParams
+    salt: str = ""
     text: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
@@ -263,7 +264,7 @@ class OpenAIService:
                     logprobs=logprobs,
                 )
                 llm.llm.engine.validate(prompt_ids, params)
-                choices.append(_Choice(p * req.n + i, prompt_ids, params))
+                choices.append(_Choice(p * req.n + i, prompt_ids, params, req.cache_salt or ""))
         llm.engine.check_capacity()
         return choices
 
@@ -298,7 +299,10 @@ class OpenAIService:
         usage: RequestUsage | None = getattr(request.state, "usage", None)
         start = time.perf_counter()
         last: dict[int, float] = {}
-        streams = [(c, llm.stream(c.prompt_ids, c.params)) for c in choices]
+        # Tenants never share cached prefixes: the key is part of every salt.
+        key = getattr(request.state, "key", None)
+        tenant = f"key{key.id}" if key is not None else "open"
+        streams = [(c, llm.stream(c.prompt_ids, c.params, cache_salt=f"{tenant}|{c.salt}")) for c in choices]
         for c in {id(c.prompt_ids): c for c in choices}.values():
             m.prompt_tokens.labels(name).inc(len(c.prompt_ids))
             m.request_prompt_tokens.labels(name).observe(len(c.prompt_ids))
@@ -309,7 +313,6 @@ class OpenAIService:
             else:
                 m.time_to_first_token.labels(name).observe(now - start)
                 c.cached_tokens = delta.cached_tokens
-                m.prefix_cache_hits.labels(name).inc(delta.cached_tokens)
             last[c.index] = now
             n = len(delta.token_ids)
             c.completion_tokens += n

@@ -168,6 +168,12 @@ class GPT2(nn.Module):
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab) for tokens (B, T), or (B, 1, vocab) if `last_only`; see `Llama.forward`."""
         T = tokens.shape[1]
+        if getattr(cache, "ragged", False):  # a decode batch: one token per row, each row at its own position
+            x = self.drop(self.wte(tokens) + self.wpe(cache.positions[:, None]))  # type: ignore[union-attr]
+            for block in self.h:
+                x = block(x, cache.mask, cache)  # type: ignore[union-attr]
+            cache.advance(1)  # type: ignore[union-attr]
+            return self.lm_head(self.ln_f(x if not last_only else x[:, -1:, :]))
         start = cache.length if cache is not None else 0
         if start + T > self.config.n_positions:
             raise ValueError(f"sequence of {start + T} tokens exceeds n_positions {self.config.n_positions}")

@@ -151,6 +151,13 @@ def rope_cos_sin(inv_freq: torch.Tensor, start: int, length: int, dtype: torch.d
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def rope_at(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """cos and sin (B, 1, T, head_dim) for per-row positions (B, T): rows of a batch at different lengths."""
+    freqs = positions.to(torch.float32)[..., None] * inv_freq  # (B, T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (x[i], x[i + hd/2]) of x (B, H, T, hd) by each position's angles."""
     half = x.shape[-1] // 2
@@ -198,8 +205,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     """
     B, nh, T, hd = q.shape
     nkv = k.shape[1]
-    if T == 1 and mask is None:
-        y = F.scaled_dot_product_attention(q.view(B, nkv, nh // nkv, hd), k, v)
+    if T == 1 and (mask is None or mask.dim() == 4):  # a (B, 1, 1, S) row mask broadcasts over the folded heads
+        y = F.scaled_dot_product_attention(q.view(B, nkv, nh // nkv, hd), k, v, attn_mask=mask)
         return y.view(B, nh, 1, hd)
     gqa = nkv != nh
     if mask is None:
@@ -286,12 +293,20 @@ class Llama(nn.Module):
         With a cache, `tokens` continue the cached sequence: they sit at positions cache.length onwards.
         """
         T = tokens.shape[1]
-        start = cache.length if cache is not None else 0
-        if start + T > self.config.max_seq_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.config.max_seq_len}")
         x = self.embed_tokens(tokens)  # (B, T, dim)
-        cos, sin = rope_cos_sin(self.inv_freq, start, T, x.dtype)
-        mask = self._mask(T, start + T, x.device)
+        if getattr(cache, "ragged", False):  # a decode batch: one token per row, each row at its own position
+            cos, sin = rope_at(self.inv_freq, cache.positions[:, None], x.dtype)  # type: ignore[union-attr]
+            mask = cache.mask  # type: ignore[union-attr]
+            window = self.config.sliding_window
+            if window is not None:
+                keys = torch.arange(mask.shape[-1], device=x.device)
+                mask = mask & (keys > cache.positions[:, None] - window)[:, None, None, :]  # type: ignore[union-attr]
+        else:
+            start = cache.length if cache is not None else 0
+            if start + T > self.config.max_seq_len:
+                raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.config.max_seq_len}")
+            cos, sin = rope_cos_sin(self.inv_freq, start, T, x.dtype)
+            mask = self._mask(T, start + T, x.device)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache)
         if cache is not None:

@@ -35,6 +35,8 @@ class Metrics:
         self.prompt_tokens = Counter("lamina:prompt_tokens", "Prompt tokens processed.", labels, registry=r)
         self.generation_tokens = Counter("lamina:generation_tokens", "Tokens generated.", labels, registry=r)
         self.prefix_cache_hits = Counter("lamina:prefix_cache_hits", "Prompt tokens reused from the KV cache.", labels, registry=r)
+        self.prefix_cache_queries = Counter("lamina:prefix_cache_queries", "Prompt tokens looked up in the KV cache.", labels, registry=r)
+        self.kv_cache_usage = Gauge("lamina:kv_cache_usage_perc", "Share of the KV-cache budget allocated (0-1).", labels, registry=r)
         self.request_success = Counter(
             "lamina:request_success", "Finished requests by finish reason.", [*labels, "finished_reason"], registry=r
         )
@@ -63,11 +65,21 @@ class Metrics:
             "lamina:http_request_duration_seconds", "HTTP request duration.", ["handler", "method"], buckets=_LATENCY_BUCKETS, registry=r
         )
 
-    def engine_step(self, running: int, waiting: int, tokens: int) -> None:
-        self.num_requests_running.labels(self.model_name).set(running)
-        self.num_requests_waiting.labels(self.model_name).set(waiting)
+    def engine_step(self, running: int, waiting: int, tokens: int, kv_usage: float = 0.0,
+                    prefix_queries: int = 0, prefix_hits: int = 0) -> None:
+        """After an engine step; the prefix counts are the engine's running totals (turned into increments)."""
+        name = self.model_name
+        self.num_requests_running.labels(name).set(running)
+        self.num_requests_waiting.labels(name).set(waiting)
+        self.kv_cache_usage.labels(name).set(kv_usage)
         if tokens:
-            self.iteration_tokens.labels(self.model_name).observe(tokens)
+            self.iteration_tokens.labels(name).observe(tokens)
+        seen_queries, seen_hits = getattr(self, "_prefix_seen", (0, 0))
+        if prefix_queries > seen_queries:
+            self.prefix_cache_queries.labels(name).inc(prefix_queries - seen_queries)
+        if prefix_hits > seen_hits:
+            self.prefix_cache_hits.labels(name).inc(prefix_hits - seen_hits)
+        self._prefix_seen = (prefix_queries, prefix_hits)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -36,6 +36,7 @@ class _Add:
     prompt_ids: list[int]
     params: SamplingParams
     sink: Callable[[TokenEvent | BaseException], None]
+    cache_salt: str = ""
 
 
 @dataclass
@@ -84,7 +85,8 @@ class AsyncEngine:
     def num_waiting(self) -> int:
         return self.engine.num_waiting + self._inbox.qsize()
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> AsyncIterator[TokenEvent]:
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                       cache_salt: str = "") -> AsyncIterator[TokenEvent]:
         """Token events of one request; leaving early aborts it and frees its place."""
         self.engine.validate(prompt_ids, params)
         request_id = request_id or f"req-{next(self._ids)}"
@@ -94,7 +96,7 @@ class AsyncEngine:
         def sink(item: TokenEvent | BaseException) -> None:
             loop.call_soon_threadsafe(events.put_nowait, item)
 
-        self._inbox.put(_Add(request_id, prompt_ids, params, sink))
+        self._inbox.put(_Add(request_id, prompt_ids, params, sink, cache_salt))
         finished = False
         try:
             while True:
@@ -158,7 +160,7 @@ class AsyncEngine:
     def _handle(self, command: object) -> None:
         if isinstance(command, _Add):
             try:
-                self.engine.add_request(command.request_id, command.prompt_ids, command.params)
+                self.engine.add_request(command.request_id, command.prompt_ids, command.params, command.cache_salt)
             except Exception as e:  # validation or overload: the request fails, the engine goes on
                 command.sink(e)
                 return
@@ -175,10 +177,11 @@ class AsyncLLM:
         self.llm = llm
         self.engine = AsyncEngine(llm.engine, on_step)
 
-    async def stream(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> AsyncIterator[Delta]:
+    async def stream(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                     cache_salt: str = "") -> AsyncIterator[Delta]:
         """Text deltas for one request (UTF-8 safe, stop strings cut); the last carries the finish reason."""
         text = TextStream(self.llm.tokenizer, params.stop)
-        events = self.generate_events(prompt_ids, params, request_id)
+        events = self.engine.generate(prompt_ids, params, request_id, cache_salt)
         try:
             async for event in events:
                 delta = text.push(event)
@@ -188,5 +191,3 @@ class AsyncLLM:
         finally:
             await events.aclose()
 
-    def generate_events(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> AsyncIterator[TokenEvent]:
-        return self.engine.generate(prompt_ids, params, request_id)

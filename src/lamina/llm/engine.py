@@ -57,8 +57,10 @@ class EngineArgs:
     """Queued sequences beyond which new requests are refused (503)."""
     prefill_chunk: int = 512
     """Most prompt tokens fed to one sequence in one step."""
-    retained_caches: int = 2
+    retained_caches: int = 4
     """Finished sequences whose KV caches are kept for prefix reuse."""
+    kv_cache_gb: float = 2.0
+    """Memory for the running sequences' keys and values; requests wait (or are refused) beyond it."""
 
 
 class Engine:
@@ -75,7 +77,8 @@ class Engine:
         self.eos_ids = frozenset(eos_ids)
         self.max_seq_len = max_seq_len
         self.vocab_size = vocab_size
-        self.runner = ModelRunner(model, max_seq_len=max_seq_len, retained_caches=args.retained_caches)
+        self.runner = ModelRunner(model, max_seq_len=max_seq_len, retained_caches=args.retained_caches,
+                                  kv_budget_bytes=int(args.kv_cache_gb * 1024**3))
         self.device = self.runner.device
         self.scheduler = Scheduler(max_running=args.max_running, max_waiting=args.max_waiting, prefill_chunk=args.prefill_chunk)
         self._ids = itertools.count()
@@ -97,11 +100,13 @@ class Engine:
                 param="max_tokens",
             )
 
-    def add_request(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams, cache_salt: str = "") -> None:
         prompt_ids = list(prompt_ids)
         self.validate(prompt_ids, params)
         sampler = Sampler(params, prompt_ids, self.vocab_size, self.device)
-        self.scheduler.add(Seq(request_id, prompt_ids, params, sampler))
+        seq = Seq(request_id, prompt_ids, params, sampler, salt=cache_salt)
+        self.runner.check_fits_alone(seq)
+        self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> None:
         seq = self.scheduler.remove(request_id)
@@ -123,8 +128,7 @@ class Engine:
     # --- one step -------------------------------------------------------------------------------------
 
     def step(self) -> list[TokenEvent]:
-        for seq in self.scheduler.admit():
-            self.runner.acquire(seq)
+        self.scheduler.admit(self.runner.fits, lambda seq: self.runner.acquire(seq, seq.salt))
         work = self.scheduler.schedule()
         logits = self.runner.execute(work)
         events = []

@@ -1,95 +1,241 @@
-"""The model runner: runs the scheduled chunks through the model and owns the sequences' KV caches.
+"""The model runner: runs the scheduled work through the model, keeping every sequence's keys and values.
 
-Each sequence has its own preallocated cache, grown in steps of `CACHE_STEP` positions as it gets longer
-(so a request that may generate thousands of tokens does not reserve them up front). When a sequence
-finishes, its cache is kept in a small LRU pool with the tokens it holds; a new sequence whose prompt starts
-with those tokens takes the cache over and skips recomputing them (multi-turn chats, shared system prompts).
-This runner executes one sequence at a time; the engine issue batches them.
+All running sequences share one `SlotCache` (one row each), under a memory budget. Rows are kept in two
+contiguous runs: sequences that are decoding first (rows 0..D-1), then those still feeding their prompt.
+A step is then:
+- one batched forward for all decoding sequences (`SlotCache.decode(D)`): each weight matrix is read once
+  for the whole batch, which is what makes continuous batching pay on a memory-bound CPU;
+- one forward per prompt chunk (`SlotCache.row(b)`), as long as the scheduler allowed.
+A sequence that finishes leaves its row to the last one (one copy), so the runs stay contiguous.
+
+Prefix reuse: a new sequence starts by copying the keys and values of the longest prefix of its prompt
+that some running sequence, or a recently finished one, already computed (a shared system prompt, a
+multi-turn chat). Copying is a memcpy; recomputing is a prefill. Sequences only share with the same
+`cache_salt` (one tenant's prompts are never probed by another's).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
 from lamina.arch import KVCache
+from lamina.arch.kv_cache import SlotCache
+from lamina.errors import InvalidRequestError
 from lamina.llm.scheduler import SchedulerOutput, Sequence
 
-CACHE_STEP = 512
+CACHE_STEP = 256
+PREFIX_WAIT_TOKENS = 32
+"""A new sequence waits a step for a running one computing at least this many tokens of its prefix."""
+
+
+@dataclass
+class _Retained:
+    """A finished sequence's computed tokens and their keys/values, kept for prefix reuse."""
+
+    ids: np.ndarray
+    cache: KVCache
+    salt: str
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, *, max_seq_len: int, retained_caches: int = 2) -> None:
+    def __init__(self, model: nn.Module, *, max_seq_len: int, kv_budget_bytes: int, retained_caches: int = 2) -> None:
         self.model = model
         self.max_seq_len = max_seq_len
-        self.device = next(model.parameters()).device
+        ref = next(model.parameters())
+        self.device, self.dtype = ref.device, ref.dtype
+        c = model.config
+        n_layers = getattr(c, "n_layers", None) or c.n_layer
+        n_kv = getattr(c, "n_kv_heads", None) or c.n_head
+        head_dim = getattr(c, "head_dim", None) or c.n_embd // c.n_head
+        self.slots = SlotCache(n_layers, n_kv, head_dim, dtype=self.dtype, device=self.device)
+        self.kv_budget_bytes = kv_budget_bytes
+        self.rows: list[Sequence] = []  # row b holds self.rows[b]
+        self.decoding = 0  # rows 0..decoding-1 are decoding; the rest are still feeding their prompt
         self.retained_caches = retained_caches
-        self._pool: OrderedDict[int, tuple[KVCache, list[int]]] = OrderedDict()
+        self._retained: OrderedDict[int, _Retained] = OrderedDict()
+        self.prefix_queries = 0
+        self.prefix_hits = 0
+
+    # --- memory --------------------------------------------------------------------------------------
+
+    @property
+    def budget_positions(self) -> int:
+        return self.kv_budget_bytes // self.slots.bytes_per_position
+
+    def reservation(self, seq: Sequence) -> int:
+        return min(self.max_seq_len, len(seq.prompt_ids) + seq.params.max_tokens)
+
+    def fits(self, seq: Sequence) -> bool:
+        """Should `seq` join the running ones now?
+
+        Not if the cache could outgrow the budget at its worst (rows share one capacity, the longest
+        sequence's, so the worst case is rows x longest reservation). Not either while a running sequence is
+        still computing a prompt prefix that `seq` shares: one step later it can copy it instead (a burst of
+        requests with one system prompt computes that prompt once).
+        """
+        rows = len(self.rows) + 1
+        longest = max([self.reservation(s) for s in self.rows] + [self.reservation(seq)])
+        if rows * _round(longest) > self.budget_positions:
+            return False
+        prompt = np.asarray(seq.prompt_ids, dtype=np.int64)
+        for other in self.rows:
+            if other.salt == seq.salt and other.in_prefill:
+                shared = _common(prompt, np.asarray(other.prompt_ids, dtype=np.int64), len(prompt) - 1)
+                if shared >= PREFIX_WAIT_TOKENS and self.slots.lengths[other.row] < shared:
+                    return False
+        return True
+
+    def check_fits_alone(self, seq: Sequence) -> None:
+        if _round(self.reservation(seq)) > self.budget_positions:
+            raise InvalidRequestError(
+                f"this request needs a KV cache of {self.reservation(seq)} positions, more than the whole budget "
+                f"({self.budget_positions} positions, --kv-cache-gb); lower max_tokens or shorten the prompt",
+                param="max_tokens",
+            )
+
+    @property
+    def usage(self) -> float:
+        """Share of the KV budget held by the cache tensors (what the server reports)."""
+        return self.slots.nbytes / self.kv_budget_bytes if self.kv_budget_bytes else 0.0
+
+    # --- sequences in and out ------------------------------------------------------------------------------
+
+    def acquire(self, seq: Sequence, salt: str = "") -> None:
+        """Give `seq` a row after the others, starting from the longest cached prefix of its prompt."""
+        row = len(self.rows)
+        self.rows.append(seq)
+        seq.row = row
+        seq.salt = salt
+        self.slots.reserve(len(self.rows), _round(len(seq.prompt_ids) + 1))
+        self.slots.lengths[row] = 0
+        self.prefix_queries += len(seq.prompt_ids)
+        n, source = self._best_prefix(seq)
+        if n:
+            if isinstance(source, int):
+                self.slots.copy_prefix(source, row, n)
+            else:
+                assert source is not None
+                self.slots.k[:, row, :, :n] = source.cache.k[:, 0, :, :n]
+                self.slots.v[:, row, :, :n] = source.cache.v[:, 0, :, :n]
+                self.slots.lengths[row] = n
+            seq.num_computed = seq.cached_prompt_tokens = n
+            self.prefix_hits += n
+
+    def _best_prefix(self, seq: Sequence) -> tuple[int, int | _Retained | None]:
+        prompt = np.asarray(seq.prompt_ids, dtype=np.int64)
+        limit = len(prompt) - 1  # one prompt token must be computed to get logits
+        best, source = 0, None
+        for other in self.rows[:-1]:
+            if other.salt == seq.salt:
+                n = _common(prompt, np.asarray(other.token_ids[: self.slots.lengths[other.row]], dtype=np.int64), limit)
+                if n > best:
+                    best, source = n, other.row
+        best_key = None
+        for key, kept in self._retained.items():
+            if kept.salt == seq.salt:
+                n = _common(prompt, kept.ids, limit)
+                if n > best:
+                    best, source, best_key = n, kept, key
+        if best_key is not None and source is self._retained.get(best_key):
+            self._retained.move_to_end(best_key)  # least recently used goes first
+        return best, source
+
+    def release(self, seq: Sequence) -> None:
+        """Free `seq`'s row (keeping its keys/values for prefix reuse) and close the gap."""
+        row = getattr(seq, "row", None)
+        if row is None or row >= len(self.rows) or self.rows[row] is not seq:
+            return
+        self._retain(seq)
+        last_decoding = self.decoding - 1
+        if row < self.decoding:
+            self._move(last_decoding, row)
+            self._move(len(self.rows) - 1, last_decoding)
+            self.decoding -= 1
+        else:
+            self._move(len(self.rows) - 1, row)
+        self.rows.pop()
+        seq.row = None
+        if not self.rows:
+            self.slots.shrink(0, 0)
+
+    def _retain(self, seq: Sequence) -> None:
+        n = self.slots.lengths[seq.row]
+        if self.retained_caches <= 0 or n == 0:
+            return
+        cache = self.model.new_cache(1, n)
+        cache.k[:, 0, :, :n] = self.slots.k[:, seq.row, :, :n]
+        cache.v[:, 0, :, :n] = self.slots.v[:, seq.row, :, :n]
+        cache.length = n
+        self._retained[id(cache)] = _Retained(np.asarray(seq.token_ids[:n], dtype=np.int64), cache, getattr(seq, "salt", ""))
+        while len(self._retained) > self.retained_caches:
+            self._retained.popitem(last=False)
+
+    def _move(self, src: int, dst: int) -> None:
+        if src == dst or src < 0:
+            return
+        self.slots.move(src, dst)
+        seq = self.rows[src]
+        self.rows[dst] = seq
+        seq.row = dst
+
+    def _swap(self, a: int, b: int) -> None:
+        if a == b:
+            return
+        n = self.slots.lengths[a]
+        k, v = self.slots.k[:, a, :, :n].clone(), self.slots.v[:, a, :, :n].clone()
+        self.slots.move(b, a)
+        self.slots.k[:, b, :, :n], self.slots.v[:, b, :, :n] = k, v
+        self.slots.lengths[b] = n
+        self.rows[a], self.rows[b] = self.rows[b], self.rows[a]
+        self.rows[a].row, self.rows[b].row = a, b
+
+    def clear(self) -> None:
+        self._retained.clear()
+
+    # --- one step --------------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def execute(self, work: SchedulerOutput) -> dict[str, torch.Tensor]:
-        """Feed every chunk; return float32 logits (vocab,) for the chunks that end in a sample."""
+        """Feed every chunk; return float32 logits (vocab,) for the sequences that sample this step."""
         logits: dict[str, torch.Tensor] = {}
-        for chunk in work.chunks:
-            seq = chunk.seq
-            cache = self._ensure_capacity(seq, seq.num_computed + len(chunk.token_ids))
-            tokens = torch.tensor([chunk.token_ids], dtype=torch.long, device=self.device)
-            out = self.model(tokens, cache, last_only=True)
-            seq.num_computed += len(chunk.token_ids)
-            if chunk.sample:
+        decode = [c for c in work.chunks if c.seq.row < self.decoding]
+        prefill = [c for c in work.chunks if c.seq.row >= self.decoding]
+        if decode:
+            d = self.decoding
+            assert len(decode) == d, "every decoding sequence takes part in each step"
+            self.slots.reserve(len(self.rows), _round(max(self.slots.lengths[:d]) + 1))
+            tokens = torch.zeros(d, 1, dtype=torch.long, device=self.device)
+            for c in decode:
+                tokens[c.seq.row, 0] = c.token_ids[0]
+            out = self.model(tokens, self.slots.decode(d))[:, -1].float()  # (D, vocab)
+            for c in decode:
+                c.seq.num_computed += 1
+                logits[c.seq.request_id] = out[c.seq.row]
+        for c in prefill:
+            seq = c.seq
+            self.slots.reserve(len(self.rows), _round(seq.num_computed + len(c.token_ids)))
+            tokens = torch.tensor([c.token_ids], dtype=torch.long, device=self.device)
+            out = self.model(tokens, self.slots.row(seq.row), last_only=True)
+            seq.num_computed += len(c.token_ids)
+            if c.sample:
                 logits[seq.request_id] = out[0, -1].float()
+                self._swap(seq.row, self.decoding)  # it decodes from now on
+                self.decoding += 1
         return logits
 
-    def release(self, seq: Sequence) -> None:
-        """Keep a finished sequence's cache for reuse by a later prompt with the same start."""
-        cache, seq.cache = seq.cache, None
-        if cache is None or self.retained_caches <= 0:
-            return
-        computed = seq.token_ids[: cache.length]
-        self._pool[id(cache)] = (cache, computed)
-        while len(self._pool) > self.retained_caches:
-            self._pool.popitem(last=False)
 
-    def clear(self) -> None:
-        self._pool.clear()
-
-    def acquire(self, seq: Sequence) -> None:
-        """Give `seq` the pooled cache sharing its longest prompt prefix, or a new one."""
-        best_key, best = None, 0
-        limit = len(seq.prompt_ids) - 1  # at least one prompt token must be computed to get logits
-        for key, (_, ids) in self._pool.items():
-            n = _common_prefix(ids, seq.prompt_ids, limit)
-            if n > best:
-                best_key, best = key, n
-        if best_key is not None:
-            cache, _ = self._pool.pop(best_key)
-            cache.rewind(best)
-            seq.cache, seq.num_computed, seq.cached_prompt_tokens = cache, best, best
-        else:
-            seq.cache = self.model.new_cache(1, self._size_for(len(seq.prompt_ids) + 1))
-
-    def _ensure_capacity(self, seq: Sequence, needed: int) -> KVCache:
-        cache = seq.cache
-        assert cache is not None, "the engine acquires a cache when it admits a sequence"
-        if cache.max_len >= needed:
-            return cache
-        bigger = self.model.new_cache(1, self._size_for(needed))
-        n = cache.length
-        bigger.k[:, :, :, :n] = cache.k[:, :, :, :n]
-        bigger.v[:, :, :, :n] = cache.v[:, :, :, :n]
-        bigger.length = n
-        seq.cache = bigger
-        return bigger
-
-    def _size_for(self, n: int) -> int:
-        return min(self.max_seq_len, -(-n // CACHE_STEP) * CACHE_STEP)
+def _round(n: int) -> int:
+    return -(-n // CACHE_STEP) * CACHE_STEP
 
 
-def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
-    n = 0
-    end = min(len(a), len(b), limit)
-    while n < end and a[n] == b[n]:
-        n += 1
-    return n
+def _common(a: np.ndarray, b: np.ndarray, limit: int) -> int:
+    n = min(len(a), len(b), limit)
+    if n <= 0:
+        return 0
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if len(diff) else n

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -46,6 +47,10 @@ class Sequence:
     """Tokens whose keys/values are in the cache."""
     cached_prompt_tokens: int = 0
     """Prompt tokens whose keys/values were reused from an earlier sequence."""
+    salt: str = ""
+    """Prefix reuse happens only between sequences with the same salt (a tenant)."""
+    row: int | None = None
+    """The sequence's row in the runner's slot cache while it runs."""
     arrival: float = field(default_factory=time.monotonic)
 
     @property
@@ -103,14 +108,22 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def admit(self) -> list[Sequence]:
-        """Move waiting sequences into the running set, first come first served, up to the cap."""
+    def admit(self, fits: Callable[[Sequence], bool] | None = None,
+              on_admit: Callable[[Sequence], None] | None = None) -> list[Sequence]:
+        """Move waiting sequences into the running set, first come first served, up to the cap.
+
+        `fits` says whether the KV-cache budget can take the next one; if not, it (and everyone behind it,
+        so nobody overtakes) waits for running sequences to finish. `on_admit` runs for each before the
+        next is considered, so `fits` sees it.
+        """
         admitted = []
-        while self.waiting and len(self.running) < self.max_running:
+        while self.waiting and len(self.running) < self.max_running and (fits is None or fits(self.waiting[0])):
             seq = self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
             admitted.append(seq)
+            if on_admit is not None:
+                on_admit(seq)
         return admitted
 
     def schedule(self) -> SchedulerOutput:

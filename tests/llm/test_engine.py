@@ -1,0 +1,121 @@
+"""Continuous batching: batched greedy output equals batch-1 output; KV memory, cancellation, prefix reuse."""
+
+from __future__ import annotations
+
+import pytest
+
+from lamina.errors import InvalidRequestError
+from lamina.llm import SamplingParams
+from lamina.llm.engine import Engine, EngineArgs
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a land far away,",
+    "The three primary colors are",
+    "import numpy as np\nx =",
+    "Water boils at",
+]
+
+
+def _engine(llm, **args) -> Engine:  # type: ignore[no-untyped-def]
+    c = llm.config
+    return Engine(llm.model, eos_ids=[], max_seq_len=c.max_seq_len, vocab_size=c.vocab_size, args=EngineArgs(**args))
+
+
+def _run(engine: Engine, requests: dict[str, list[int]], params: SamplingParams, salt: dict[str, str] | None = None) -> dict:
+    for rid, ids in requests.items():
+        engine.add_request(rid, ids, params, cache_salt=(salt or {}).get(rid, ""))
+    out: dict[str, list[int]] = {rid: [] for rid in requests}
+    cached: dict[str, int] = {}
+    while engine.has_unfinished():
+        for event in engine.step():
+            out[event.request_id].append(event.token_id)
+            cached[event.request_id] = event.cached_prompt_tokens
+    return {"tokens": out, "cached": cached}
+
+
+def test_batched_greedy_equals_batch_one(smollm) -> None:
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    requests = {f"r{i}": smollm.tokenizer.encode(p) for i, p in enumerate(PROMPTS)}
+    together = _run(_engine(smollm, retained_caches=0), requests, params)["tokens"]
+    for rid, ids in requests.items():
+        alone = _run(_engine(smollm, retained_caches=0), {rid: ids}, params)["tokens"][rid]
+        assert together[rid] == alone, rid
+
+
+def test_requests_join_and_leave_between_steps(smollm) -> None:
+    engine = _engine(smollm, retained_caches=0)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    ids = {f"r{i}": smollm.tokenizer.encode(p) for i, p in enumerate(PROMPTS[:3])}
+    expected = {rid: _run(_engine(smollm, retained_caches=0), {rid: v}, params)["tokens"][rid] for rid, v in ids.items()}
+    out: dict[str, list[int]] = {rid: [] for rid in ids}
+    engine.add_request("r0", ids["r0"], params)
+    steps = 0
+    while engine.has_unfinished():
+        if steps == 3:
+            engine.add_request("r1", ids["r1"], params)  # arrives while r0 decodes
+        if steps == 7:
+            engine.add_request("r2", ids["r2"], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+        for event in engine.step():
+            out[event.request_id].append(event.token_id)
+        steps += 1
+    assert out == expected
+    assert engine.runner.rows == [] and engine.runner.slots.slots == 0  # everything freed
+
+
+def test_cancelled_requests_free_their_kv(smollm) -> None:
+    engine = _engine(smollm, retained_caches=0)
+    params = SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
+    for i, p in enumerate(PROMPTS[:4]):
+        engine.add_request(f"r{i}", smollm.tokenizer.encode(p), params)
+    for _ in range(3):
+        engine.step()
+    assert len(engine.runner.rows) == 4 and engine.runner.decoding == 4
+    engine.abort("r1")
+    engine.abort("r3")
+    assert [s.request_id for s in engine.runner.rows] == ["r0", "r2"] and engine.runner.decoding == 2
+    assert all(s.row == b for b, s in enumerate(engine.runner.rows))
+    remaining = {"r0": [], "r2": []}
+    while engine.has_unfinished():
+        for event in engine.step():
+            remaining[event.request_id].append(event.token_id)
+    assert all(len(v) == 47 for v in remaining.values())
+    assert engine.runner.rows == [] and engine.runner.slots.nbytes == 0
+
+
+def test_kv_budget_queues_then_refuses(smollm) -> None:
+    per_position = _engine(smollm).runner.slots.bytes_per_position
+    engine = _engine(smollm, retained_caches=0, kv_cache_gb=600 * per_position / 1024**3)  # room for 2 rows of 256
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    for i in range(3):
+        engine.add_request(f"r{i}", smollm.tokenizer.encode(PROMPTS[i]), params)
+    engine.step()
+    assert len(engine.runner.rows) == 2 and engine.num_waiting == 1  # the third waits for memory
+    done = set()
+    while engine.has_unfinished():
+        for event in engine.step():
+            if event.finish_reason:
+                done.add(event.request_id)
+    assert done == {"r0", "r1", "r2"}
+    with pytest.raises(InvalidRequestError, match="more than the whole budget"):
+        engine.add_request("big", smollm.tokenizer.encode("hi"), SamplingParams(max_tokens=2000))
+
+
+def test_shared_prefix_is_copied_not_recomputed(smollm) -> None:
+    system = "You are a careful assistant. " * 40
+    a = smollm.tokenizer.encode(system + "Question one?")
+    b = smollm.tokenizer.encode(system + "Question two, different?")
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    engine = _engine(smollm)
+    first = _run(engine, {"a": a}, params)
+    second = _run(engine, {"b": b}, params)
+    shared = sum(1 for x, y in zip(a, b, strict=False) if x == y)
+    assert first["cached"]["a"] == 0 and second["cached"]["b"] >= shared - 2
+    assert second["tokens"]["b"] == _run(_engine(smollm, retained_caches=0), {"b": b}, params)["tokens"]["b"]
+    # running requests share too, and tenants (salts) never do
+    engine = _engine(smollm, retained_caches=0)
+    both = _run(engine, {"a": a, "b": b}, params, salt={"a": "tenant-1", "b": "tenant-1"})
+    assert both["cached"]["b"] >= shared - 2
+    apart = _run(_engine(smollm, retained_caches=0), {"a": a, "b": b}, params, salt={"a": "tenant-1", "b": "tenant-2"})
+    assert apart["cached"]["b"] == 0
