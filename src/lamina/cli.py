@@ -11,32 +11,13 @@ import math
 import os
 import sys
 from collections.abc import Callable
-from functools import wraps
 from typing import Any
 
 import click
 
+from lamina.cli_common import CONTEXT_SETTINGS, _fail_cleanly
 from lamina.errors import LaminaError
 from lamina.settings import get_settings
-
-CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
-
-
-def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except LaminaError as e:
-            flag = f" (--{e.param.replace('_', '-')})" if e.param in _FLAGS else ""
-            click.echo(f"error: {e.message}{flag}", err=True)
-            sys.exit(2)
-
-    return wrapper
-
-
-# Library errors name the parameter; on the command line, name the flag that sets it.
-_FLAGS = {"max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "model", "device", "dtype"}
 
 
 @click.group(context_settings=CONTEXT_SETTINGS)
@@ -790,6 +771,17 @@ def _human(n: int | None, unit: str = "") -> str:
             return f"{value:.0f}{prefix}{unit}" if prefix == "" else f"{value:.1f}{prefix}{unit}"
         value /= 1000
     return str(n)
+
+def _register() -> None:
+    from lamina.cli_finetune import finetune
+    from lamina.cli_gan import experiment, gan
+
+    cli.add_command(finetune)
+    cli.add_command(gan)
+    cli.add_command(experiment)
+
+
+_register()
 
 
 def main() -> None:

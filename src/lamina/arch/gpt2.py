@@ -193,7 +193,7 @@ class GPT2(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         c = self.config
-        ref = self.lm_head.weight
+        ref = self.wte.weight  # (lm_head may be a quantised layer without a float weight)
         return KVCache(c.n_layer, batch_size, c.n_head, max_len, c.n_embd // c.n_head, dtype=ref.dtype, device=ref.device)
 
     def num_params(self) -> int:
@@ -206,7 +206,7 @@ class GPT2(nn.Module):
 
     def aux_loss(self) -> torch.Tensor:
         """The MoE layers' weighted auxiliary losses of the last forward (0 for a dense model), as `Llama.aux_loss`."""
-        return total_aux_loss(self, self.lm_head.weight.device)
+        return total_aux_loss(self, self.wte.weight.device)
 
 
 def _dropout(p: float) -> nn.Module:

@@ -327,7 +327,7 @@ class Llama(nn.Module):
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         c = self.config
         assert c.n_kv_heads is not None and c.head_dim is not None
-        ref = self.lm_head.weight
+        ref = self.embed_tokens.weight  # (lm_head may be a quantised layer without a float weight)
         return KVCache(c.n_layers, batch_size, c.n_kv_heads, max_len, c.head_dim, dtype=ref.dtype, device=ref.device)
 
     def num_params(self) -> int:
@@ -343,4 +343,4 @@ class Llama(nn.Module):
 
         A training step adds it to the task loss: `loss = cross_entropy + model.aux_loss()`.
         """
-        return total_aux_loss(self, self.lm_head.weight.device)
+        return total_aux_loss(self, self.embed_tokens.weight.device)

@@ -141,6 +141,8 @@ class LoRALinear(nn.Module):
         self.adapters = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.merged_adapter: str | None = None
+        self.row_adapters: list[str | None] | None = None
+        """Set by `route_adapters`: the adapter of each batch row (serving several adapters in one batch)."""
 
     # The base layer's attributes, so code written for nn.Linear (lm_head.weight, new_cache) still works.
     @property
@@ -173,6 +175,14 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
+        rows = self.row_adapters
+        if rows is not None and self.merged_adapter is None:
+            # S-LoRA-style mixed batch: the base runs once for every row, each adapter only on its own rows.
+            for name in {r for r in rows if r is not None and r in self.adapters}:
+                index = torch.tensor([i for i, r in enumerate(rows) if r == name], device=x.device)
+                adapter = self.adapters[name]
+                y = y.index_add(0, index, adapter(x.index_select(0, index).to(adapter.lora_A.dtype)).to(y.dtype))
+            return y
         name = self.active_adapter
         if name is None or self.merged_adapter is not None or name not in self.adapters:
             return y
@@ -396,6 +406,19 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     _refuse_if_merged(model, "disable adapters")
     with using_adapter(model, None):
         yield model
+
+
+@contextmanager
+def route_adapters(model: nn.Module, rows: list[str | None]) -> Iterator[nn.Module]:
+    """Inside: batch row i uses adapter rows[i] (None: the base model), whatever the active adapter is."""
+    layers = list(lora_layers(model).values())
+    for layer in layers:
+        layer.row_adapters = rows
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.row_adapters = None
 
 
 def merge_lora(model: nn.Module) -> list[str]:

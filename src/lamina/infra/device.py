@@ -104,7 +104,7 @@ def probe_dtypes(device: torch.device, cache_dir: Path | None = None) -> DtypePr
         logger.info("dtype probe on %s: %s -> %s", device_name(device), gflops, choice)
         return {"device": device_name(device), "gflops": gflops, "choice": choice}
 
-    return DtypeProbe(**_cached_probe(cache_dir, f"dtype | {_device_key(device)}", measure))
+    return DtypeProbe(**cached_probe(cache_dir, f"dtype | {device_key(device)}", measure))
 
 
 def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, cache_dir: Path | None = None) -> float:
@@ -113,8 +113,8 @@ def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, cache_dir: Path
     def measure() -> dict:
         return {"gflops": max(_gemm_gflops(device, dtype, n=1024, budget_s=0.5), 1e-9)}
 
-    key = f"peak {str(dtype).removeprefix('torch.')} | {_device_key(device)}"
-    return float(_cached_probe(cache_dir, key, measure)["gflops"])
+    key = f"peak {str(dtype).removeprefix('torch.')} | {device_key(device)}"
+    return float(cached_probe(cache_dir, key, measure)["gflops"])
 
 
 def _gemm_gflops(device: torch.device, dtype: torch.dtype, n: int = 256, budget_s: float = 0.05) -> float:
@@ -141,12 +141,12 @@ def _best_time(device: torch.device, fn, budget_s: float) -> float:  # type: ign
     return best
 
 
-def _device_key(device: torch.device) -> str:
+def device_key(device: torch.device) -> str:
     cpu = f"{_cpu_flags_key()} | {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     return f"{device_name(device)} | {cpu} | torch {torch.__version__}"
 
 
-def _cached_probe(cache_dir: Path | None, key: str, measure) -> dict:  # type: ignore[no-untyped-def]
+def cached_probe(cache_dir: Path | None, key: str, measure) -> dict:  # type: ignore[no-untyped-def]
     """A measurement kept in LAMINA_HOME/cache/probes.json, so each machine pays for it once."""
     cache_file = cache_dir / "probes.json" if cache_dir else None
     cached: dict[str, dict] = {}
@@ -296,5 +296,5 @@ def probe_linear_layout(device: torch.device, dtype: torch.dtype, cache_dir: Pat
         col = _best_time(device, lambda: torch.nn.functional.linear(x, w_t), 0.05)
         return {"layout": "input_major" if col < 0.9 * row else "row_major", "row_major_s": row, "input_major_s": col}
 
-    key = f"layout {str(dtype).removeprefix('torch.')} | {_device_key(device)}"
-    return str(_cached_probe(cache_dir, key, measure)["layout"])
+    key = f"layout {str(dtype).removeprefix('torch.')} | {device_key(device)}"
+    return str(cached_probe(cache_dir, key, measure)["layout"])

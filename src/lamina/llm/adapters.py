@@ -46,11 +46,13 @@ from lamina.arch.lora import (
     linear_layers,
     load_lora_state_dict,
     lora_config,
+    lora_layers,
     lora_state_dict,
     merge_lora,
     unload_lora,
 )
 from lamina.errors import InvalidRequestError, ModelFormatError
+from lamina.foundation.tokenizer import Tokenizer
 from lamina.foundation.tokenizer_train import save_tokenizer
 from lamina.infra.checkpoint import read_json
 from lamina.infra.fs import atomic_write_text
@@ -372,6 +374,23 @@ def _copy_side_files(base: Path, folder: Path, dtype: torch.dtype) -> None:
         if key in config:
             config[key] = name
     atomic_write_text(folder / "config.json", json.dumps(config, indent=2))
+
+
+def save_model_folder(folder: Path, model: nn.Module, tokenizer: Tokenizer, chat_template: str | None,
+                      eos_ids: list[int], *, overwrite: bool = True) -> Path:
+    """A fine-tuned (or merged) model as a Lamina folder that `LLM.load` serves: written atomically."""
+    model = unload_lora(model) if lora_layers(model) else model
+    config = model.config
+    tied = config.family == "gpt2" or bool(getattr(config, "tie_embeddings", False))
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    ckpt = Checkpoint(None, config, {}, tokenizer, chat_template, list(eos_ids))  # type: ignore[arg-type]
+
+    def replaceable(path: Path) -> bool:
+        return overwrite and (path / "config.json").exists()
+
+    with _atomic_folder(Path(folder), replaceable) as tmp:
+        _write_lamina_folder(tmp, ckpt, weights)
+    return Path(folder)
 
 
 def _write_lamina_folder(folder: Path, ckpt: Checkpoint, weights: dict[str, torch.Tensor]) -> None:

@@ -82,6 +82,7 @@ class LLM:
         dtype: str | None = None,
         home: str | Path | None = None,
         engine_args: EngineArgs | None = None,
+        quantize: str | None = None,
     ) -> LLM:
         """Load a model by id (see `lamina models`), .gguf path or Hugging Face folder.
 
@@ -97,6 +98,12 @@ class LLM:
         net = build_model(ckpt.config, ckpt.state_dict, device=dev, dtype=dt).eval()
         del ckpt.state_dict
         optimize_for_inference(net, dev, home / "cache")
+        if quantize:
+            from lamina.llm.quant import quantize_model
+
+            if quantize not in ("int8", "int4"):
+                raise InvalidRequestError(f"unknown quantisation {quantize!r}; use int8 or int4", param="quantize")
+            quantize_model(net, quantize, home / "cache")  # type: ignore[arg-type]
         logger.info("loaded %s (%s) on %s in %s", entry.id, ckpt.config.family, dev, dt)
         return cls(
             net, ckpt.tokenizer, name=entry.id, eos_ids=ckpt.eos_ids, chat_template=ckpt.chat_template, entry=entry,

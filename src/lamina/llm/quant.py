@@ -1,0 +1,170 @@
+"""Weight-only quantisation for serving: int8 (per output channel) and int4 (groups of 32, asymmetric).
+
+Decoding is bound by how many weight bytes each token reads, so storing weights in 8 or 4 bits is the
+way past the float memory wall, provided the matrix-vector kernel is fast on this machine. Which kernel is
+fast varies by CPU (on an AVX2-only CPU PyTorch's int8/int4 kernels with fp32 activations were measured
+5-25x slower than fp32 `linear`; with AVX-512 BF16, bf16 activations make them 3-4x faster), so nothing
+is assumed: `choose_kernel` times every candidate on a model-shaped workload and the fastest wins,
+including plain float `linear` (in which case quantising is refused with the numbers, rather than made
+slower). The choice is cached per machine in LAMINA_HOME.
+
+Candidates (PyTorch's own CPU kernels; torchao's CPU paths wrap the same ops):
+- int8: `torch._weight_int8pack_mm` with bf16 or fp32 activations;
+- int4: `torch._weight_int4pack_mm_for_cpu` (tinygemm layout) with bf16 or fp32 activations.
+The embedding stays in float (a lookup reads one row); a tied `lm_head` gets its own quantised copy, in
+int8 even under int4: the output head is the layer most sensitive to quantisation (llama.cpp keeps it at 6 or
+8 bits too). Measured on SmolLM2 (bench/quant.py): an int4 head cost +5.4 % perplexity, an int8 one +0.2 %.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from lamina.errors import InvalidRequestError
+from lamina.infra.device import cached_probe, device_key
+
+logger = logging.getLogger(__name__)
+
+Mode = Literal["int8", "int4"]
+GROUP = 32
+
+
+@dataclass(frozen=True)
+class Kernel:
+    mode: Mode
+    activation: torch.dtype
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weight (out, in), fp32 scale (out,)): symmetric, one scale per output channel."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-10)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q.contiguous(), scale
+
+
+def quantize_int4(weight: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed int4 weight for `_weight_int4pack_mm_for_cpu`, scales_and_zeros (in/group, out, 2)).
+
+    Asymmetric per group of `group` inputs: w ≈ q * scale + min with q in 0..15, stored in the kernel's
+    convention (q - 8) * scale + zero, so zero = min + 8 * scale.
+    """
+    w = weight.detach().float()
+    out_features, in_features = w.shape
+    if in_features % group:
+        raise InvalidRequestError(f"int4 needs input sizes divisible by {group} (got {in_features})")
+    wg = w.reshape(out_features, in_features // group, group)
+    low, high = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+    scale = ((high - low) / 15.0).clamp(min=1e-10)
+    q = torch.round((wg - low) / scale).clamp(0, 15).to(torch.int32).reshape(out_features, in_features)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+    scales_zeros = torch.stack([scale[..., 0].t(), (low + 8 * scale)[..., 0].t()], dim=-1).contiguous()
+    return packed, scales_zeros
+
+
+class QuantLinear(nn.Module):
+    """A Linear layer whose weight is stored in int8 or int4; the output keeps the input's dtype."""
+
+    def __init__(self, linear: nn.Linear, kernel: Kernel) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.mode, self.activation = kernel.mode, kernel.activation
+        act = kernel.activation
+        if kernel.mode == "int8":
+            q, scale = quantize_int8(linear.weight)
+            self.register_buffer("qweight", q)
+            self.register_buffer("scales", scale.to(act))
+        else:
+            packed, scales_zeros = quantize_int4(linear.weight)
+            self.register_buffer("qweight", packed)
+            self.register_buffer("scales", scales_zeros.to(act))
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, dtype = x.shape, x.dtype
+        flat = x.reshape(-1, self.in_features).to(self.activation)
+        if self.mode == "int8":
+            y = torch._weight_int8pack_mm(flat, self.qweight, self.scales)
+        else:
+            y = torch._weight_int4pack_mm_for_cpu(flat, self.qweight, GROUP, self.scales)
+        y = y.to(dtype).reshape(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(dtype)
+
+
+def choose_kernel(mode: Mode, float_dtype: torch.dtype, device: torch.device, cache_dir: Path | None = None) -> tuple[Kernel | None, dict]:
+    """The fastest kernel for `mode` on this machine, or None when the float `linear` is faster."""
+    if device.type != "cpu":
+        raise InvalidRequestError("weight-only quantisation runs on CPU kernels; on a GPU serve in bfloat16", param="quantize")
+
+    def measure() -> dict:
+        shapes = [(1536, 576), (576, 1536), (576, 576)] * 8  # several MB each: streamed, like a decoder's weights
+        times = {"float": _time_float(shapes, float_dtype)}
+        for act in (torch.bfloat16, torch.float32):
+            name = f"{mode}-{str(act).removeprefix('torch.')}"
+            times[name] = _time_quant(shapes, Kernel(mode, act))
+        return {"seconds": times}
+
+    key = f"quant {mode} vs {str(float_dtype).removeprefix('torch.')} | {device_key(device)}"
+    seconds = cached_probe(cache_dir, key, measure)["seconds"]
+    best = min(seconds, key=seconds.get)
+    if best == "float":
+        return None, seconds
+    act = torch.bfloat16 if best.endswith("bfloat16") else torch.float32
+    return Kernel(mode, act), seconds
+
+
+def _time_float(shapes: list[tuple[int, int]], dtype: torch.dtype) -> float:
+    layers = [nn.Linear(i, o, bias=False).to(dtype) for o, i in shapes]
+    return _best(lambda: [layer(torch.randn(1, layer.in_features, dtype=dtype)) for layer in layers])
+
+
+def _time_quant(shapes: list[tuple[int, int]], kernel: Kernel) -> float:
+    try:
+        layers = [QuantLinear(nn.Linear(i, o, bias=False), kernel) for o, i in shapes]
+        return _best(lambda: [layer(torch.randn(1, layer.in_features)) for layer in layers])
+    except (RuntimeError, NotImplementedError) as e:  # a kernel this build of torch does not have
+        logger.info("quantised kernel %s unavailable: %s", kernel, e)
+        return float("inf")
+
+
+def _best(fn, repeats: int = 5) -> float:  # type: ignore[no-untyped-def]
+    with torch.inference_mode():
+        fn()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def quantize_model(model: nn.Module, mode: Mode, cache_dir: Path | None = None) -> dict:
+    """Replace every Linear (and the output head) with a QuantLinear using the measured-fastest kernel."""
+    ref = next(model.parameters())
+    kernel, seconds = choose_kernel(mode, ref.dtype, ref.device, cache_dir)
+    shown = ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in seconds.items())
+    if kernel is None:
+        raise InvalidRequestError(
+            f"--quantize {mode} would be slower than {str(ref.dtype).removeprefix('torch.')} on this machine "
+            f"(model-shaped matmuls: {shown}); serve without --quantize", param="quantize")
+    head_kernel: Kernel | None = kernel
+    if mode == "int4":
+        head_kernel, _ = choose_kernel("int8", ref.dtype, ref.device, cache_dir)
+    replaced = 0
+    for _, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if not isinstance(child, nn.Linear) or child.in_features % GROUP:
+                continue
+            chosen = head_kernel if child_name == "lm_head" else kernel
+            if chosen is not None:
+                setattr(module, child_name, QuantLinear(child, chosen))
+                replaced += 1
+    logger.info("quantised %d linear layers to %s with %s activations (%s)", replaced, mode, kernel.activation, shown)
+    return {"mode": mode, "activation": str(kernel.activation).removeprefix("torch."), "layers": replaced, "seconds": seconds}

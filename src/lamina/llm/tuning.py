@@ -1,0 +1,248 @@
+"""The fine-tuning loop that SFT, DPO and classification heads share.
+
+It is the pretraining loop's discipline (`lamina.foundation.train`) for a model that already exists:
+- only the parameters that require grad are optimised and checkpointed (a LoRA run's checkpoint is a few MB,
+  not the whole model), with AdamW, linear warmup then cosine decay, gradient accumulation and clipping;
+- batches are a pure function of (step, micro-step), so `resume=True` continues an interrupted run on the
+  very same batches, with the optimizer state and RNG restored;
+- autocast only in a dtype measured fast on the device; the master weights stay in fp32;
+- `metrics.jsonl` (every logged step, every evaluation) and `loss.png` in the run folder.
+
+What differs between the methods is passed in: `batch(step, micro)` makes a batch, `loss(batch)` returns the
+loss and named metrics, `evaluate()` scores the eval split.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lamina.errors import ConfigError
+from lamina.foundation.checkpoint import latest_checkpoint, save_checkpoint
+from lamina.foundation.train import lr_at
+from lamina.infra.fs import atomic_write_bytes
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TuneArgs:
+    steps: int = 100
+    lr: float = 2e-4
+    batch_size: int = 4
+    grad_accum: int = 1
+    warmup: int = 5
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    log_every: int = 1
+    eval_every: int = 50
+    save_every: int = 50
+    seed: int = 0
+    dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "save_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}", param=name)
+        if self.lr <= 0:
+            raise ConfigError(f"learning rate must be positive, got {self.lr}", param="lr")
+
+
+@dataclass
+class StepRecord:
+    step: int
+    steps: int
+    loss: float
+    lr: float
+    metrics: dict[str, float]
+    eval: dict[str, float] | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class TuneResult:
+    steps: int
+    train_loss: float
+    eval: dict[str, float]
+    run_dir: Path
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class TuneLoop:
+    def __init__(
+        self,
+        model: nn.Module,
+        args: TuneArgs,
+        run_dir: Path,
+        *,
+        batch: Callable[[int, int], Any],
+        loss: Callable[[Any], tuple[torch.Tensor, dict[str, float]]],
+        evaluate: Callable[[], dict[str, float]] | None = None,
+        title: str = "fine-tuning",
+        on_step: Callable[[StepRecord], None] | None = None,
+        cache_dir: Path | None = None,
+    ) -> None:
+        self.model, self.args, self.run_dir = model, args, run_dir
+        self.batch, self.loss, self.evaluate_fn = batch, loss, evaluate
+        self.title, self.on_step, self.cache_dir = title, on_step, cache_dir
+        self.checkpoints = run_dir / "checkpoints"
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if not self.trainable:
+            raise ConfigError("the model has no trainable parameters (all frozen)")
+
+    def autocast(self) -> Any:
+        from lamina.infra.device import resolve_dtype
+
+        device = next(self.model.parameters()).device
+        dtype = resolve_dtype(self.args.dtype, device, self.cache_dir)
+        if dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(device.type, dtype=dtype)
+
+    def run(self, resume: bool = False) -> TuneResult:
+        a = self.args
+        if next(self.model.parameters()).device.type == "cpu":
+            torch.set_flush_denormal(True)  # see lamina.foundation.train: Adam moments drift subnormal
+        decay = [p for p in self.trainable.values() if p.dim() >= 2]
+        no_decay = [p for p in self.trainable.values() if p.dim() < 2]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=a.lr, betas=(0.9, 0.999))
+        start = 0
+        if resume and (ckpt := latest_checkpoint(self.checkpoints)) is not None:
+            self._restore(ckpt.weights(), optimizer, ckpt.optimizer(), ckpt.state)
+            start = ckpt.step
+            logger.info("resuming %s from step %d", self.run_dir, start)
+        elif not resume and self.checkpoints.exists() and any(self.checkpoints.iterdir()):
+            raise ConfigError(f"{self.run_dir} already holds a run: pass --resume to continue it or choose another --out",
+                              param="out")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        _truncate(self.metrics_path, start)
+        history = _read(self.metrics_path)
+        eval_metrics: dict[str, float] = {}
+        loss_value = float("nan")
+        self.model.train()
+        for step in range(start, a.steps):
+            t0 = time.perf_counter()
+            lr = lr_at(step, a.steps, a.lr, a.lr * a.min_lr_ratio, a.warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            total, sums = 0.0, {}  # type: ignore[var-annotated]
+            for micro in range(a.grad_accum):
+                batch = self.batch(step, micro)
+                with self.autocast():
+                    loss, metrics = self.loss(batch)
+                (loss / a.grad_accum).backward()
+                total += loss.item()
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v / a.grad_accum
+            if a.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), a.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_value = total / a.grad_accum
+            done = step + 1
+            evaluated = None
+            if self.evaluate_fn is not None and (done % a.eval_every == 0 or done == a.steps):
+                self.model.eval()
+                with torch.no_grad(), self.autocast():
+                    evaluated = eval_metrics = self.evaluate_fn()
+                self.model.train()
+            record = StepRecord(done, a.steps, loss_value, lr, sums, evaluated, time.perf_counter() - t0)
+            if done % a.log_every == 0 or evaluated is not None or done == a.steps:
+                history.append(self._log(record))
+            if self.on_step is not None:
+                self.on_step(record)
+            if done % a.save_every == 0 or done == a.steps:
+                self._save(optimizer, done)
+        self.model.eval()
+        self._plot(history)
+        return TuneResult(a.steps, loss_value, eval_metrics or _last_eval(history), self.run_dir, history)
+
+    # --- checkpoints ------------------------------------------------------------------------------------
+
+    def _save(self, optimizer: torch.optim.Optimizer, step: int) -> None:
+        weights = {n: p.detach().to("cpu", copy=True) for n, p in self.trainable.items()}
+        state = {"rng": torch.get_rng_state().tolist(), "title": self.title, "args": self.args.__dict__}
+        save_checkpoint(self.checkpoints, step, weights, optimizer.state_dict(), state)
+
+    def _restore(self, weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, optim_state: dict[str, Any],
+                 state: dict[str, Any]) -> None:
+        missing = sorted(set(self.trainable) - set(weights))
+        if missing:
+            raise ConfigError(f"the checkpoint in {self.checkpoints} does not match this run: it lacks {missing[0]} "
+                              f"(and {len(missing) - 1} more); resume with the same options, or choose another --out")
+        with torch.no_grad():
+            for n, p in self.trainable.items():
+                p.copy_(weights[n].to(p.device, p.dtype))
+        optimizer.load_state_dict(optim_state)
+        if "rng" in state:
+            torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
+
+    # --- records ----------------------------------------------------------------------------------------
+
+    def _log(self, r: StepRecord) -> dict[str, Any]:
+        record: dict[str, Any] = {"step": r.step, "loss": round(r.loss, 6), "lr": r.lr, "time": time.time()}
+        record |= {k: round(v, 6) for k, v in r.metrics.items()}
+        if r.eval is not None:
+            record |= {f"eval_{k}": round(v, 6) for k, v in r.eval.items()}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        return record
+
+    def _plot(self, history: list[dict[str, Any]]) -> None:
+        """loss.png: the training loss per logged step and every eval loss at each evaluation."""
+        if not history:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+        ax.plot([r["step"] for r in history], [r["loss"] for r in history], label="train loss", linewidth=1)
+        for key in sorted({k for r in history for k in r if k.startswith("eval_") and k.endswith("loss")}):
+            points = [r for r in history if key in r]
+            ax.plot([r["step"] for r in points], [r[key] for r in points], "o-", label=key.replace("_", " "), markersize=3)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_title(self.title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", bbox_inches="tight")
+        plt.close(fig)
+        atomic_write_bytes(self.run_dir / "loss.png", buffer.getvalue())
+
+
+def _read(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _truncate(path: Path, step: int) -> None:
+    """On resume, drop records past the checkpoint, so the curve continues the interrupted run."""
+    kept = [r for r in _read(path) if r["step"] <= step]
+    if path.exists() or kept:
+        atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+
+
+def _last_eval(history: list[dict[str, Any]]) -> dict[str, float]:
+    for r in reversed(history):
+        evals = {k[5:]: v for k, v in r.items() if k.startswith("eval_")}
+        if evals:
+            return evals
+    return {}
+
