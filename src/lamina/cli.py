@@ -154,10 +154,17 @@ def chat(model: str | None, device: str | None, dtype: str | None, **kw: Any) ->
 @click.option("--insecure", is_flag=True, help="allow a non-loopback address with no API key at all")
 @click.option("--max-running", type=int, default=16, show_default=True, help="requests decoded at once; more wait")
 @click.option("--max-upload-mb", type=float, default=64, show_default=True, help="largest file POST /v1/files accepts")
+@click.option("--kv-cache-gb", type=float, default=2.0, show_default=True,
+              help="memory for keys/values of running requests; requests that do not fit wait")
+@click.option("--quantize", type=click.Choice(["int8", "int4"]), default=None,
+              help="weight-only quantisation (faster decoding where the kernels are; refused where they are not)")
+@click.option("--lora", multiple=True, metavar="NAME=PATH",
+              help="serve a LoRA adapter (PEFT folder) as model NAME beside the base model (repeatable)")
 @_model_options
 @_fail_cleanly
 def serve(host: str | None, port: int | None, api_key: str | None, insecure: bool, max_running: int, max_upload_mb: float,
-          model: str | None, device: str | None, dtype: str | None) -> None:
+          kv_cache_gb: float, quantize: str | None, lora: tuple[str, ...], model: str | None, device: str | None,
+          dtype: str | None) -> None:
     """Serve the OpenAI-compatible API and the web chat (http://HOST:PORT/)."""
     import ipaddress
     import logging
@@ -177,8 +184,9 @@ def serve(host: str | None, port: int | None, api_key: str | None, insecure: boo
     args = ServeArgs(
         model=model or settings.model, host=host or settings.host, port=port or settings.port,
         api_key=api_key or settings.api_key, insecure=insecure, device=device or settings.device,
-        dtype=dtype or settings.dtype, home=settings.home, engine=EngineArgs(max_running=max_running),
-        max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+        dtype=dtype or settings.dtype, home=settings.home,
+        engine=EngineArgs(max_running=max_running, kv_cache_gb=kv_cache_gb),
+        max_upload_bytes=int(max_upload_mb * 1024 * 1024), quantize=quantize, lora=tuple(_pairs(lora, "--lora")),
     )
     try:
         loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
@@ -194,6 +202,18 @@ def serve(host: str | None, port: int | None, api_key: str | None, insecure: boo
     shown = f"[{args.host}]" if ":" in args.host else args.host
     click.echo(f"Lamina serving {args.model} at http://{shown}:{args.port}/  (API: http://{shown}:{args.port}/v1)", err=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10)
+
+
+def _pairs(values: tuple[str, ...], flag: str) -> list[tuple[str, str]]:
+    from lamina.errors import InvalidRequestError
+
+    out = []
+    for value in values:
+        name, sep, rest = value.partition("=")
+        if not sep or not name.strip() or not rest.strip():
+            raise InvalidRequestError(f"{flag} takes NAME=PATH, got {value!r}")
+        out.append((name.strip(), rest.strip()))
+    return out
 
 
 @cli.group()

@@ -53,6 +53,10 @@ class ServeArgs:
     embedding_model: str | None = "all-minilm-l6-v2"
     """Model behind /v1/embeddings and the vector stores; None serves neither."""
     engine: EngineArgs = field(default_factory=EngineArgs)
+    quantize: str | None = None
+    """Weight-only quantisation of the chat model: int8 or int4 (None: the float weights)."""
+    lora: tuple[tuple[str, str], ...] = ()
+    """LoRA adapters served beside the base model, as (name, folder): a request's `model` chooses one."""
 
     @property
     def database(self) -> Path:
@@ -66,12 +70,14 @@ def create_app(
 ) -> FastAPI:
     """The API app. `load`/`load_embedder` build the models (defaults: from the args); they run in a thread."""
     served = Registry(args.home).resolve(args.model).id  # fails fast on an unknown model, before serving
+    _check_adapters(args, served)
     db = Database(args.database)
     metrics = Metrics(served)
     usage = UsageLog(db)
     openai = OpenAIService(served, usage, metrics, fingerprint=f"fp_lamina_{lamina.__version__}")
     rag = RagService(db, args.home, args.embedding_model or "")
     openai.rag = rag
+    openai.adapters = {name: str(path) for name, path in args.lora}
     services = Services(db=db, keys=KeyStore(db, args.api_key), usage=usage, metrics=metrics, openai=openai, rag=rag)
     loader = load or _load
     embedder_loader = load_embedder or _load_embedder
@@ -131,7 +137,27 @@ def create_app(
 
 
 def _load(args: ServeArgs) -> LLM:
-    return LLM.load(args.model, device=args.device, dtype=args.dtype, home=args.home, engine_args=args.engine)
+    llm = LLM.load(args.model, device=args.device, dtype=args.dtype, home=args.home, engine_args=args.engine,
+                   quantize=args.quantize)
+    for name, path in args.lora:
+        llm.load_adapter(name, path)
+    return llm
+
+
+def _check_adapters(args: ServeArgs, served: str) -> None:
+    """Refuse a bad --lora before the server starts: a clash of names, a missing folder, a quantised base."""
+    from lamina.errors import InvalidRequestError
+    from lamina.llm.adapters import read_adapter_config
+
+    names = [name for name, _ in args.lora]
+    for name in names:
+        if not name or name == served or names.count(name) > 1:
+            raise InvalidRequestError(f"adapter name {name!r} must be unique and differ from the base model's id", param="lora")
+    if args.lora and args.quantize:
+        raise InvalidRequestError("LoRA adapters cannot be served on a quantised model: drop --quantize, or merge "
+                                  "the adapter first (`lamina lora merge`) and serve the merged model quantised", param="lora")
+    for _, path in args.lora:
+        read_adapter_config(Path(path))
 
 
 def _load_embedder(args: ServeArgs) -> Embedder:

@@ -55,6 +55,7 @@ class _Choice:
     prompt_ids: list[int]
     params: SamplingParams
     salt: str = ""
+    adapter: str | None = None
     text: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
@@ -73,6 +74,8 @@ class OpenAIService:
         self.load_error: str | None = None
         self.rag: RagService | None = None
         """Retrieval for grounded chat (`vector_store_ids`); set by the app factory."""
+        self.adapters: dict[str, str] = {}
+        """LoRA adapters served beside the base model: name (a request's `model`) -> folder."""
 
     # --- state ----------------------------------------------------------------------------------------
 
@@ -84,10 +87,11 @@ class OpenAIService:
         return self.llm
 
     def check_model(self, model: str | None, key: APIKey | None, *, embeddings: bool = False) -> None:
-        served = {self.model_name} | ({self.rag.embedding_model} if embeddings and self.rag is not None else set())
+        served = {self.model_name, *self.adapters}
+        served |= {self.rag.embedding_model} if embeddings and self.rag is not None else set()
         if model is not None and model not in served:
-            raise APIError(404, f"The model '{model}' does not exist; this server serves '{self.model_name}' (see /v1/models).",
-                           code="model_not_found", param="model")
+            raise APIError(404, f"The model '{model}' does not exist; this server serves "
+                           f"{', '.join(repr(s) for s in sorted(served))} (see /v1/models).", code="model_not_found", param="model")
         if key is not None and not key.allows(model or self.model_name):
             raise APIError(403, f"This API key may not use the model '{model}'; it may use: {', '.join(key.models)}.",
                            code="model_not_allowed", param="model")
@@ -97,6 +101,9 @@ class OpenAIService:
         max_len = self.llm.llm.config.max_seq_len if self.llm else None
         cards = [{"id": self.model_name, "object": "model", "created": self.created, "owned_by": "lamina",
                   "root": self.model_name, "parent": None, "max_model_len": max_len, "task": "generate"}]
+        cards += [{"id": name, "object": "model", "created": self.created, "owned_by": "lamina", "root": path,
+                   "parent": self.model_name, "max_model_len": max_len, "task": "generate"}
+                  for name, path in self.adapters.items()]
         if self.rag is not None and self.rag.embedder is not None:
             e = self.rag.embedder
             cards.append({"id": e.name, "object": "model", "created": self.created, "owned_by": "lamina", "root": e.name,
@@ -125,7 +132,7 @@ class OpenAIService:
             return StreamingResponse(stream, media_type="text/event-stream", headers={**SSE_HEADERS, **admission})
         await self._run(request, choices)
         body = {
-            "id": request_id, "object": "chat.completion", "created": int(time.time()), "model": self.model_name,
+            "id": request_id, "object": "chat.completion", "created": int(time.time()), "model": req.model or self.model_name,
             "system_fingerprint": self.fingerprint,
             "choices": [
                 {"index": c.index, "message": {"role": "assistant", "content": "".join(c.text), "refusal": None},
@@ -142,7 +149,7 @@ class OpenAIService:
     async def _chat_events(self, request: Request, request_id: str, req: ChatCompletionRequest, choices: list[_Choice],
                            cited: list[dict[str, Any]]) -> AsyncIterator[str]:
         base: dict[str, Any] = {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()),
-                                "model": self.model_name, "system_fingerprint": self.fingerprint}
+                                "model": req.model or self.model_name, "system_fingerprint": self.fingerprint}
         if req.include_usage:
             base["usage"] = None
         logprobs = req.logprobs
@@ -189,7 +196,7 @@ class OpenAIService:
                                      headers={**SSE_HEADERS, **admission})
         await self._run(request, choices)
         body = {
-            "id": request_id, "object": "text_completion", "created": int(time.time()), "model": self.model_name,
+            "id": request_id, "object": "text_completion", "created": int(time.time()), "model": req.model or self.model_name,
             "system_fingerprint": self.fingerprint,
             "choices": [{"index": c.index, "text": echo[c.index] + "".join(c.text),
                          "logprobs": _completion_logprobs(c.logprobs, 0) if req.logprobs is not None else None,
@@ -201,7 +208,7 @@ class OpenAIService:
     async def _completion_events(self, request: Request, request_id: str, req: CompletionRequest, choices: list[_Choice],
                                  echo: dict[int, str]) -> AsyncIterator[str]:
         base: dict[str, Any] = {"id": request_id, "object": "text_completion", "created": int(time.time()),
-                                "model": self.model_name, "system_fingerprint": self.fingerprint}
+                                "model": req.model or self.model_name, "system_fingerprint": self.fingerprint}
         if req.include_usage:
             base["usage"] = None
         offsets = {c.index: len(echo[c.index]) for c in choices}
@@ -264,7 +271,8 @@ class OpenAIService:
                     logprobs=logprobs,
                 )
                 llm.llm.engine.validate(prompt_ids, params)
-                choices.append(_Choice(p * req.n + i, prompt_ids, params, req.cache_salt or ""))
+                adapter = req.model if req.model in self.adapters else None
+                choices.append(_Choice(p * req.n + i, prompt_ids, params, req.cache_salt or "", adapter))
         llm.engine.check_capacity()
         return choices
 
@@ -272,7 +280,7 @@ class OpenAIService:
                choices: list[_Choice]) -> dict[str, str]:
         prompt_tokens = sum(len(p) for p in {id(c.prompt_ids): c.prompt_ids for c in choices}.values())
         reserve = prompt_tokens + sum(c.params.max_tokens for c in choices)
-        admission = self.usage.admit(key, endpoint=request.url.path, method=request.method, model=self.model_name,
+        admission = self.usage.admit(key, endpoint=request.url.path, method=request.method, model=req.model or self.model_name,
                                      reserve_tokens=reserve, user=req.user)
         request.state.usage = RequestUsage(admission.usage_id, prompt_tokens)
         unknown = req.unknown_fields()
@@ -302,7 +310,7 @@ class OpenAIService:
         # Tenants never share cached prefixes: the key is part of every salt.
         key = getattr(request.state, "key", None)
         tenant = f"key{key.id}" if key is not None else "open"
-        streams = [(c, llm.stream(c.prompt_ids, c.params, cache_salt=f"{tenant}|{c.salt}")) for c in choices]
+        streams = [(c, llm.stream(c.prompt_ids, c.params, cache_salt=f"{tenant}|{c.salt}", adapter=c.adapter)) for c in choices]
         for c in {id(c.prompt_ids): c for c in choices}.values():
             m.prompt_tokens.labels(name).inc(len(c.prompt_ids))
             m.request_prompt_tokens.labels(name).observe(len(c.prompt_ids))

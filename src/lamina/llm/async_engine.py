@@ -37,6 +37,7 @@ class _Add:
     params: SamplingParams
     sink: Callable[[TokenEvent | BaseException], None]
     cache_salt: str = ""
+    adapter: str | None = None
 
 
 @dataclass
@@ -86,7 +87,7 @@ class AsyncEngine:
         return self.engine.num_waiting + self._inbox.qsize()
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                       cache_salt: str = "") -> AsyncIterator[TokenEvent]:
+                       cache_salt: str = "", adapter: str | None = None) -> AsyncIterator[TokenEvent]:
         """Token events of one request; leaving early aborts it and frees its place."""
         self.engine.validate(prompt_ids, params)
         request_id = request_id or f"req-{next(self._ids)}"
@@ -96,7 +97,7 @@ class AsyncEngine:
         def sink(item: TokenEvent | BaseException) -> None:
             loop.call_soon_threadsafe(events.put_nowait, item)
 
-        self._inbox.put(_Add(request_id, prompt_ids, params, sink, cache_salt))
+        self._inbox.put(_Add(request_id, prompt_ids, params, sink, cache_salt, adapter))
         finished = False
         try:
             while True:
@@ -160,7 +161,8 @@ class AsyncEngine:
     def _handle(self, command: object) -> None:
         if isinstance(command, _Add):
             try:
-                self.engine.add_request(command.request_id, command.prompt_ids, command.params, command.cache_salt)
+                self.engine.add_request(command.request_id, command.prompt_ids, command.params, command.cache_salt,
+                                        command.adapter)
             except Exception as e:  # validation or overload: the request fails, the engine goes on
                 command.sink(e)
                 return
@@ -178,10 +180,10 @@ class AsyncLLM:
         self.engine = AsyncEngine(llm.engine, on_step)
 
     async def stream(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                     cache_salt: str = "") -> AsyncIterator[Delta]:
+                     cache_salt: str = "", adapter: str | None = None) -> AsyncIterator[Delta]:
         """Text deltas for one request (UTF-8 safe, stop strings cut); the last carries the finish reason."""
         text = TextStream(self.llm.tokenizer, params.stop)
-        events = self.engine.generate(prompt_ids, params, request_id, cache_salt)
+        events = self.engine.generate(prompt_ids, params, request_id, cache_salt, adapter)
         try:
             async for event in events:
                 delta = text.push(event)

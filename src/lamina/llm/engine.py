@@ -100,11 +100,17 @@ class Engine:
                 param="max_tokens",
             )
 
-    def add_request(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams, cache_salt: str = "") -> None:
+    def add_request(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams, cache_salt: str = "",
+                    adapter: str | None = None) -> None:
+        """Queue a request; `adapter` names a LoRA adapter loaded into the model (None: the base model)."""
         prompt_ids = list(prompt_ids)
         self.validate(prompt_ids, params)
+        if adapter is not None and adapter not in self.runner.adapters:
+            raise InvalidRequestError(f"no LoRA adapter named {adapter!r} is loaded", param="model")
         sampler = Sampler(params, prompt_ids, self.vocab_size, self.device)
-        seq = Seq(request_id, prompt_ids, params, sampler, salt=cache_salt)
+        # keys/values computed under one adapter are not those of another: prefixes are shared per adapter
+        salt = cache_salt if adapter is None else f"{cache_salt}|lora:{adapter}"
+        seq = Seq(request_id, prompt_ids, params, sampler, salt=salt, adapter=adapter)
         self.runner.check_fits_alone(seq)
         self.scheduler.add(seq)
 
@@ -152,10 +158,10 @@ class Engine:
 
     # --- one request, driven by the caller --------------------------------------------------------------
 
-    def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[TokenEvent]:
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams, adapter: str | None = None) -> Iterator[TokenEvent]:
         """Run one request to completion in the caller's thread; closing the iterator aborts it."""
         request_id = f"gen-{next(self._ids)}"
-        self.add_request(request_id, prompt_ids, params)
+        self.add_request(request_id, prompt_ids, params, adapter=adapter)
         try:
             while self.has_unfinished():
                 for event in self.step():

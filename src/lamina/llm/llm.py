@@ -30,6 +30,7 @@ from lamina.infra.registry import ModelEntry, Registry
 from lamina.llm.chat_template import ChatTemplate, Message
 from lamina.llm.engine import Engine, EngineArgs, FinishReason
 from lamina.llm.loader import read_checkpoint
+from lamina.llm.quant import QuantLinear, quantize_model
 from lamina.llm.sampling import SamplingParams
 from lamina.llm.text import Delta, TextStream, TokenLogprob
 from lamina.settings import get_settings
@@ -99,8 +100,6 @@ class LLM:
         del ckpt.state_dict
         optimize_for_inference(net, dev, home / "cache")
         if quantize:
-            from lamina.llm.quant import quantize_model
-
             if quantize not in ("int8", "int4"):
                 raise InvalidRequestError(f"unknown quantisation {quantize!r}; use int8 or int4", param="quantize")
             quantize_model(net, quantize, home / "cache")  # type: ignore[arg-type]
@@ -109,6 +108,29 @@ class LLM:
             net, ckpt.tokenizer, name=entry.id, eos_ids=ckpt.eos_ids, chat_template=ckpt.chat_template, entry=entry,
             engine_args=engine_args,
         )
+
+    def load_adapter(self, name: str, path: str | Path) -> None:
+        """Add the LoRA adapter (PEFT layout) in `path` under `name`; requests choose it with `adapter=name`.
+
+        The base model stays the default: adapters apply only to the requests that ask for them, and requests
+        for different adapters share one batch. An adapter trained for another base model is refused.
+        """
+        from lamina.arch.lora import set_active_adapter
+        from lamina.llm.adapters import load_adapter
+
+        if any(isinstance(m, QuantLinear) for m in self.model.modules()):
+            raise InvalidRequestError("LoRA adapters cannot be served on a quantised model; serve without --quantize "
+                                      "(or merge the adapter with `lamina lora merge` and quantise the merged model)",
+                                      param="lora")
+        if name == self.name or name in self.engine.runner.adapters:
+            raise InvalidRequestError(f"the name {name!r} is already taken; give each adapter its own name", param="lora")
+        load_adapter(self.model, path, adapter_name=name, base_model_id=self.entry.id if self.entry else None)
+        set_active_adapter(self.model, None)
+        self.engine.runner.refresh_adapters()
+
+    @property
+    def adapters(self) -> list[str]:
+        return sorted(self.engine.runner.adapters)
 
     @property
     def device(self) -> torch.device:
@@ -141,30 +163,34 @@ class LLM:
 
     # --- generation --------------------------------------------------------------------------------------
 
-    def generate(self, prompt: str, params: SamplingParams | None = None, **overrides: Any) -> Completion:
+    def generate(self, prompt: str, params: SamplingParams | None = None, *, adapter: str | None = None,
+                 **overrides: Any) -> Completion:
         """Continue `prompt` (plain text, no chat template)."""
-        return self._collect(self.encode_prompt(prompt), _params(params, overrides))
+        return self._collect(self.encode_prompt(prompt), _params(params, overrides), adapter)
 
     def stream(self, prompt: str, params: SamplingParams | None = None, **overrides: Any) -> Iterator[str]:
         for delta in self.stream_ids(self.encode_prompt(prompt), _params(params, overrides)):
             if delta.text:
                 yield delta.text
 
-    def chat(self, messages: Sequence[Message], params: SamplingParams | None = None, **overrides: Any) -> Completion:
-        """Answer the last message of a conversation ([{"role": ..., "content": ...}, ...])."""
-        return self._collect(self.encode_chat(messages), _params(params, overrides))
+    def chat(self, messages: Sequence[Message], params: SamplingParams | None = None, *, adapter: str | None = None,
+             **overrides: Any) -> Completion:
+        """Answer the last message of a conversation ([{"role": ..., "content": ...}, ...]).
+
+        `adapter`: the name of a LoRA adapter added with `load_adapter` (None: the base model)."""
+        return self._collect(self.encode_chat(messages), _params(params, overrides), adapter)
 
     def stream_chat(self, messages: Sequence[Message], params: SamplingParams | None = None, **overrides: Any) -> Iterator[str]:
         for delta in self.stream_ids(self.encode_chat(messages), _params(params, overrides)):
             if delta.text:
                 yield delta.text
 
-    def stream_ids(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[Delta]:
+    def stream_ids(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None) -> Iterator[Delta]:
         """The core: prompt token ids in, text deltas out (UTF-8 safe, stop strings removed)."""
         self.engine.validate(prompt_ids, params)
         text = TextStream(self.tokenizer, params.stop)
         with self._lock:
-            events = self.engine.generate(prompt_ids, params)
+            events = self.engine.generate(prompt_ids, params, adapter)
             try:
                 for event in events:
                     delta = text.push(event)
@@ -174,9 +200,9 @@ class LLM:
             finally:
                 events.close()
 
-    def _collect(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
+    def _collect(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None) -> Completion:
         text, ids, logprobs, finish, cached = [], [], [], "length", 0
-        for delta in self.stream_ids(prompt_ids, params):
+        for delta in self.stream_ids(prompt_ids, params, adapter):
             cached = delta.cached_tokens
             text.append(delta.text)
             ids += delta.token_ids

@@ -25,6 +25,7 @@ from torch import nn
 
 from lamina.arch import KVCache
 from lamina.arch.kv_cache import SlotCache
+from lamina.arch.lora import adapter_names, route_adapters
 from lamina.errors import InvalidRequestError
 from lamina.llm.scheduler import SchedulerOutput, Sequence
 
@@ -60,6 +61,19 @@ class ModelRunner:
         self._retained: OrderedDict[int, _Retained] = OrderedDict()
         self.prefix_queries = 0
         self.prefix_hits = 0
+        self.adapters: set[str] = set()
+        self.refresh_adapters()
+
+    def refresh_adapters(self) -> None:
+        """Take note of the LoRA adapters loaded into the model (call after loading or removing one)."""
+        self.adapters = set(adapter_names(self.model))
+
+    def _forward(self, seqs: list[Sequence], tokens: torch.Tensor, cache: object, **kw: object) -> torch.Tensor:
+        """The model on a batch whose row i belongs to seqs[i], each row under its own adapter (or none)."""
+        if not self.adapters:
+            return self.model(tokens, cache, **kw)
+        with route_adapters(self.model, [s.adapter for s in seqs]):
+            return self.model(tokens, cache, **kw)
 
     # --- memory --------------------------------------------------------------------------------------
 
@@ -212,7 +226,7 @@ class ModelRunner:
             tokens = torch.zeros(d, 1, dtype=torch.long, device=self.device)
             for c in decode:
                 tokens[c.seq.row, 0] = c.token_ids[0]
-            out = self.model(tokens, self.slots.decode(d))[:, -1].float()  # (D, vocab)
+            out = self._forward(self.rows[:d], tokens, self.slots.decode(d))[:, -1].float()  # (D, vocab)
             for c in decode:
                 c.seq.num_computed += 1
                 logits[c.seq.request_id] = out[c.seq.row]
@@ -220,7 +234,7 @@ class ModelRunner:
             seq = c.seq
             self.slots.reserve(len(self.rows), _round(seq.num_computed + len(c.token_ids)))
             tokens = torch.tensor([c.token_ids], dtype=torch.long, device=self.device)
-            out = self.model(tokens, self.slots.row(seq.row), last_only=True)
+            out = self._forward([seq], tokens, self.slots.row(seq.row), last_only=True)
             seq.num_computed += len(c.token_ids)
             if c.sample:
                 logits[seq.request_id] = out[0, -1].float()

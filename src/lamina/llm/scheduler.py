@@ -49,6 +49,8 @@ class Sequence:
     """Prompt tokens whose keys/values were reused from an earlier sequence."""
     salt: str = ""
     """Prefix reuse happens only between sequences with the same salt (a tenant)."""
+    adapter: str | None = None
+    """The LoRA adapter the sequence runs with (None: the base model)."""
     row: int | None = None
     """The sequence's row in the runner's slot cache while it runs."""
     arrival: float = field(default_factory=time.monotonic)
