@@ -31,6 +31,10 @@ Message = Mapping[str, Any]
 
 # Private-use code points that wrap special tokens found in user text (never produced by tokenizers).
 _START, _END = "\U000f0000", "\U000f0001"
+# ... and the text a template marks with {% generation %} (assistant text, for loss masking).
+_GEN_START, _GEN_END = "\U000f0002", "\U000f0003"
+_PRIVATE = (_START, _END, _GEN_START, _GEN_END)
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
 class _GenerationBlock(jinja2.ext.Extension):
@@ -44,7 +48,7 @@ class _GenerationBlock(jinja2.ext.Extension):
         return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
 
     def _render(self, caller: Any) -> str:
-        return caller()
+        return f"{_GEN_START}{caller()}{_GEN_END}"
 
 
 def _raise_exception(message: str) -> None:
@@ -84,13 +88,14 @@ class ChatTemplate:
         *,
         add_generation_prompt: bool = True,
         tools: list[dict] | None = None,
+        keep_generation_marks: bool = False,
         **extra: Any,
     ) -> str:
         """The prompt text for `messages` (each a dict with `role` and `content`)."""
         check_messages(messages)
         variables = {**self.tokenizer.special_tokens_map(), **extra}
         try:
-            return self._template.render(
+            text = self._template.render(
                 messages=[_plain(_flatten_text_parts(m)) for m in messages],
                 tools=tools,
                 documents=None,
@@ -99,13 +104,78 @@ class ChatTemplate:
             )
         except jinja2.exceptions.TemplateError as e:
             raise InvalidRequestError(f"the model's chat template rejected these messages: {e}", param="messages") from None
+        return text if keep_generation_marks else text.replace(_GEN_START, "").replace(_GEN_END, "")
 
     def encode(self, messages: Sequence[Message], *, add_generation_prompt: bool = True, **extra: Any) -> list[int]:
         """Token ids of the rendered chat, with special tokens inside message text encoded as plain text."""
         check_messages(messages)
         pattern = self._special_pattern
         marked = [_mark(m, pattern) for m in messages] if pattern else messages
-        text = self.render(marked, add_generation_prompt=add_generation_prompt, **extra)
+        return self._encode_rendered(self.render(marked, add_generation_prompt=add_generation_prompt, **extra))
+
+    def encode_with_mask(self, messages: Sequence[Message]) -> tuple[list[int], list[bool]]:
+        """Token ids of a whole conversation and, for each, whether it is assistant text (trained on).
+
+        The assistant tokens are each assistant message's content and the end-of-turn tokens the template puts
+        after it (so a fine-tuned model learns to stop). They are found from the template's
+        `{% generation %}` marks when it has them (as transformers' `return_assistant_tokens_mask`);
+        otherwise by rendering the conversation turn by turn, which works when every rendering is a prefix
+        of the next (true of ChatML templates like SmolLM2's, Llama 3's and Qwen's). A template for which
+        neither holds is refused with an explanation, rather than training on the wrong tokens.
+        """
+        check_messages(messages)
+        pattern = self._special_pattern
+        marked = [_mark(m, pattern) if pattern else _strip_private(m) for m in messages]
+        if _GENERATION_TAG.search(self.source):
+            text = self.render(marked, add_generation_prompt=False, keep_generation_marks=True)
+            pieces = re.split(f"([{_GEN_START}{_GEN_END}])", text)
+            segments, inside = [], False
+            for piece in pieces:
+                if piece in (_GEN_START, _GEN_END):
+                    inside = piece == _GEN_START
+                elif piece:
+                    segments.append((piece, inside))
+        else:
+            segments = self._turn_segments(marked)
+        ids: list[int] = []
+        mask: list[bool] = []
+        for piece, trained in segments:
+            piece_ids = self._encode_rendered(piece)
+            ids += piece_ids
+            mask += [trained] * len(piece_ids)
+        return ids, mask
+
+    def _turn_segments(self, messages: list[Any]) -> list[tuple[str, bool]]:
+        full = self.render(messages, add_generation_prompt=False)
+        spans = []
+        for i, m in enumerate(messages):
+            if m.get("role") != "assistant":
+                continue
+            before = self.render(messages[:i], add_generation_prompt=True) if i else ""
+            through = self.render(messages[: i + 1], add_generation_prompt=False)
+            if not (through.startswith(before) and full.startswith(through)):
+                raise InvalidRequestError(
+                    "cannot find the assistant tokens for assistant-only loss: this model's chat template renders "
+                    "earlier turns differently once later turns are added (it may drop reasoning or add dates), so "
+                    "turn-by-turn rendering does not locate them. Wrap the assistant content in the template with "
+                    "{% generation %}...{% endgeneration %} (the marks transformers and TRL use for "
+                    "assistant_only_loss), or train on whole sequences with --no-assistant-only-loss",
+                    param="chat_template",
+                )
+            spans.append((len(before), len(through)))
+        segments, at = [], 0
+        for start, end in spans:
+            if start > at:
+                segments.append((full[at:start], False))
+            segments.append((full[start:end], True))
+            at = end
+        if at < len(full):
+            segments.append((full[at:], False))
+        return segments
+
+    def _encode_rendered(self, text: str) -> list[int]:
+        """Encode rendered template text, in which special tokens from messages are wrapped in markers."""
+        pattern = self._special_pattern
         if not pattern:
             return self.tokenizer.encode(text, add_special_tokens=False)
         ids: list[int] = []
@@ -165,9 +235,22 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+def _strip_private(value: Any) -> Any:
+    if isinstance(value, str):
+        for ch in _PRIVATE:
+            value = value.replace(ch, "")
+        return value
+    if isinstance(value, Mapping):
+        return {k: _strip_private(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strip_private(v) for v in value]
+    return value
+
+
 def _mark(value: Any, pattern: re.Pattern[str]) -> Any:
     if isinstance(value, str):
-        value = value.replace(_START, "").replace(_END, "")
+        for ch in _PRIVATE:
+            value = value.replace(ch, "")
         return pattern.sub(lambda m: f"{_START}{m.group(0)}{_END}", value)
     if isinstance(value, Mapping):
         return {k: _mark(v, pattern) for k, v in value.items()}

@@ -153,6 +153,11 @@ class LLM:
             raise InvalidRequestError("the prompt is empty: give some text to continue", param="prompt")
         return self.tokenizer.encode(prompt)
 
+    @property
+    def template(self) -> ChatTemplate:
+        """The model's chat template (an error for a base model that has none)."""
+        return self._template()
+
     def _template(self) -> ChatTemplate:
         if self.chat_template is None:
             raise InvalidRequestError(
