@@ -1,7 +1,11 @@
-"""Batch-1 prefill and decode speed of SmolLM2-135M-Instruct: Lamina against transformers, same weights.
+"""Batch-1 prefill and decode speed of SmolLM2-135M-Instruct: Lamina against transformers and llama.cpp.
 
 Question: how fast does Lamina's own model code generate, relative to transformers on the same GGUF
-weights, the same threads, in the same run?
+weights and to llama.cpp on the same GGUF file (Q4_1), the same threads, in the same run? Lamina runs in
+float32, in the dtype `auto` picks, and with `--quantize int8` / `int4` (weight-only, `lamina.llm.quant`).
+llama.cpp is measured through its own `llama-server` (built by `python bench/peers.py`, one slot, prompt
+cache off), from the `timings` it reports per request: `predicted_per_second` (decode) and
+`prompt_per_second` (prefill).
 
 Each (engine, dtype) runs in its own process, so peak RSS is that engine's own; engines alternate within
 each round, and each figure is the median over rounds. Decode speed is (n - 1) / (t_n - t_1) over n greedy
@@ -42,11 +46,16 @@ def worker(engine: str, dtype: str, threads: int, new_tokens: int) -> dict:
     from lamina.llm import SamplingParams
 
     t0 = time.perf_counter()
-    # Lamina's tokenizer and template are checked equal to transformers' by the test suite; use them for both.
-    lamina = LLM.load("smollm2-135m-instruct", device="cpu", dtype=dtype)
-    resolved = str(lamina.dtype).removeprefix("torch.")
+    # Lamina's tokenizer and template are checked equal to transformers' by the test suite; use them for all.
+    quantize = dtype if dtype in ("int8", "int4") else None
+    dtype = "float32" if engine == "llama.cpp" else dtype  # (only Lamina's tokenizer is used then)
+    lamina = LLM.load("smollm2-135m-instruct", device="cpu", dtype="auto" if quantize else dtype, quantize=quantize)
+    resolved = quantize or str(lamina.dtype).removeprefix("torch.")
     chat_ids = lamina.encode_chat(CHAT)
     prefill_ids = (lamina.tokenizer.encode(PREFILL_TEXT * 40))[:512]
+    if engine == "llama.cpp":
+        return _llama_server(lamina.entry.path, lamina.encode_chat(CHAT), prefill_ids, threads, new_tokens) | {
+            "engine": engine, "dtype": "Q4_1 GGUF"}
     if engine == "transformers":
         from transformers import AutoModelForCausalLM
 
@@ -83,6 +92,52 @@ def worker(engine: str, dtype: str, threads: int, new_tokens: int) -> dict:
         "decode_tok_s": decode,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+
+
+def _llama_server(gguf: Path, chat_ids: list[int], prefill_ids: list[int], threads: int, n: int) -> dict:
+    import socket
+
+    import httpx
+    import psutil
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from peers import llama_server
+
+    binary, note = llama_server()
+    if binary is None:
+        raise SystemExit(note)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([str(binary), "-m", str(gguf), "--port", str(port), "-t", str(threads), "-tb", str(threads),
+                             "-np", "1", "-c", "4096"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.perf_counter() - t0 > 120:
+                raise SystemExit("llama-server did not start")
+            time.sleep(0.1)
+        load_s = time.perf_counter() - t0
+
+        def run(prompt: list[int], predict: int) -> dict:
+            body = {"prompt": prompt, "n_predict": predict, "temperature": 0, "top_k": 1, "ignore_eos": True,
+                    "cache_prompt": False}
+            return httpx.post(f"{url}/completion", json=body, timeout=600).json()["timings"]
+
+        run(chat_ids, 8)  # warm-up
+        decode = statistics.median(run(chat_ids, n)["predicted_per_second"] for _ in range(3))
+        prefill = statistics.median(run(prefill_ids, 1)["prompt_per_second"] for _ in range(3))
+        rss = psutil.Process(proc.pid).memory_info().rss / 1e6
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return {"load_s": load_s, "prefill_tok_s": prefill, "decode_tok_s": decode, "peak_rss_mb": rss}
 
 
 def _time(fn) -> float:  # type: ignore[no-untyped-def]
@@ -133,6 +188,14 @@ def main() -> None:
     configs = [("lamina", "float32"), ("transformers", "float32")]
     if auto != "float32":
         configs += [("lamina", auto), ("transformers", auto)]
+    configs += [("lamina", "int8"), ("lamina", "int4")]
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from peers import llama_server
+
+    if llama_server()[0] is not None:
+        configs.append(("llama.cpp", "Q4_1 GGUF"))
+    else:
+        print(f"llama.cpp: {llama_server()[1]} -- compared with transformers alone", file=sys.stderr)
     rounds: dict[tuple[str, str], list[dict]] = {c: [] for c in configs}
     for r in range(args.rounds):
         for engine, dtype in configs:
@@ -155,12 +218,19 @@ def main() -> None:
         "prefill lamina fp32 / transformers fp32": by[("lamina", "float32")]["prefill_tok_s"] / hf32["prefill_tok_s"],
         f"decode lamina auto ({auto}) / transformers fp32": by[("lamina", auto)]["decode_tok_s"] / hf32["decode_tok_s"],
     }
+    llama = by.get(("llama.cpp", "Q4_1 GGUF"))
+    for q in ("int8", "int4"):
+        if llama:
+            ratios[f"decode lamina {q} / llama.cpp Q4_1"] = by[("lamina", q)]["decode_tok_s"] / llama["decode_tok_s"]
+            ratios[f"prefill lamina {q} / llama.cpp Q4_1"] = by[("lamina", q)]["prefill_tok_s"] / llama["prefill_tok_s"]
+    if llama:
+        ratios[f"prefill lamina {auto} / llama.cpp Q4_1"] = by[("lamina", auto)]["prefill_tok_s"] / llama["prefill_tok_s"]
     if auto != "float32":
         hf_auto = by[("transformers", auto)]
         ratios[f"decode lamina {auto} / transformers {auto}"] = by[("lamina", auto)]["decode_tok_s"] / hf_auto["decode_tok_s"]
         ratios[f"prefill lamina {auto} / transformers {auto}"] = by[("lamina", auto)]["prefill_tok_s"] / hf_auto["prefill_tok_s"]
 
-    print(f"\nSmolLM2-135M-Instruct (Q4_1 GGUF dequantised), batch 1, {args.threads} threads, "
+    print(f"\nSmolLM2-135M-Instruct (Q4_1 GGUF), batch 1, {args.threads} threads, "
           f"median of {args.rounds} rounds; auto dtype here = {auto}")
     print(f"{'engine':13} {'dtype':9} {'decode tok/s':>12} {'prefill-512 tok/s':>18} {'peak RSS MB':>12} {'load s':>7}")
     for r in rows:
@@ -182,6 +252,8 @@ def main() -> None:
 
 
 def _run(engine: str, dtype: str, args: argparse.Namespace) -> dict:
+    if engine == "llama.cpp":
+        dtype = "gguf"
     cmd = [sys.executable, __file__, "--worker", engine, dtype, "--threads", str(args.threads),
            "--new-tokens", str(args.new_tokens)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
