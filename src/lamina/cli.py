@@ -793,6 +793,7 @@ def _human(n: int | None, unit: str = "") -> str:
     return str(n)
 
 def _register() -> None:
+    import lamina.cli_dpo  # noqa: F401 (registers `finetune dpo` and `finetune classify` on the group)
     from lamina.cli_finetune import finetune
     from lamina.cli_gan import experiment, gan
 

@@ -116,7 +116,8 @@ class ClassifyResult:
 class ClassifierModel(nn.Module):
     """backbone (B, T) -> hidden (B, T, C) -> pooled (B, C) -> head -> logits (B, n_labels)."""
 
-    def __init__(self, backbone: nn.Module, kind: Kind, width: int, n_labels: int, pooling: Literal["mean", "last"]) -> None:
+    def __init__(self, backbone: nn.Module, kind: Kind, width: int, n_labels: int,
+                 pooling: Literal["mean", "last"]) -> None:
         super().__init__()
         self.backbone, self.kind, self.pooling = backbone, kind, pooling
         self.head = nn.Linear(width, n_labels)
@@ -177,7 +178,8 @@ def _width(config: Any) -> int:
 class TextClassifier:
     """A `ClassifierModel` with its tokenizer and labels: texts in, labels out."""
 
-    def __init__(self, spec: ClassifierSpec, net: ClassifierModel, tokenizer: Tokenizer, lowercase: bool = False) -> None:
+    def __init__(self, spec: ClassifierSpec, net: ClassifierModel, tokenizer: Tokenizer,
+                 lowercase: bool = False) -> None:
         self.spec, self.net, self.tokenizer, self.lowercase = spec, net, tokenizer, lowercase
         self.pad_id = getattr(net.backbone.config, "pad_token_id", 0) if spec.kind == "encoder" else 0
 
@@ -193,10 +195,11 @@ class TextClassifier:
         if args.scratch:
             backbone.model.init_weights()
         pooling = args.pooling if args.pooling != "auto" else ("mean" if backbone.kind == "encoder" else "last")
-        net = ClassifierModel(backbone.model, backbone.kind, _width(config), len(labels), pooling).to(device)
-        spec = ClassifierSpec(backbone.name, backbone.kind, list(labels), pooling, min(args.max_len, backbone.max_len),
-                              args.train, args.scratch, lora.to_dict() if args.train == "lora" and lora else None,
-                              _shape(config))
+        net = ClassifierModel(backbone.model, backbone.kind, _width(config), len(labels), pooling)
+        net.head.to(next(backbone.model.parameters()).device)
+        spec = ClassifierSpec(backbone.name, backbone.kind, list(labels), pooling,
+                              min(args.max_len, backbone.max_len), args.train, args.scratch,
+                              lora.to_dict() if args.train == "lora" and lora else None, _shape(config))
         if spec.lora is not None:
             apply_lora(net.backbone, LoRAConfig.from_dict(spec.lora))  # freezes the backbone, adapters trainable
         else:
@@ -274,7 +277,8 @@ class TextClassifier:
 
         folder = Path(folder)
         if not (folder / SPEC_FILE).exists():
-            raise InvalidRequestError(f"{folder} is not a classifier folder: it has no {SPEC_FILE}", param="classifier")
+            raise InvalidRequestError(f"{folder} is not a classifier folder: it has no {SPEC_FILE}",
+                                      param="classifier")
         try:
             spec = ClassifierSpec(**read_json(folder / SPEC_FILE))
         except TypeError as e:
@@ -287,16 +291,20 @@ class TextClassifier:
                 f"classifier {str(folder)!r} was trained on base {spec.base_model!r} ({_describe(spec.shape)}), but "
                 f"{backbone.name!r} is {_describe(shape)}: {', '.join(differ)} differ; load it on the base it was "
                 "trained on", param="model")
-        net = ClassifierModel(backbone.model, spec.kind, _width(backbone.model.config), len(spec.labels), spec.pooling)
+        width = _width(backbone.model.config)
+        net = ClassifierModel(backbone.model, spec.kind, width, len(spec.labels), spec.pooling)
         if spec.lora is not None:
             apply_lora(net.backbone, LoRAConfig.from_dict(spec.lora))
+        net.head.to(next(backbone.model.parameters()).device)
         tensors = load_file(str(folder / WEIGHTS_FILE))
         _, unexpected = net.load_state_dict(tensors, strict=False)
-        missing = [k for k in net.state_dict() if k not in tensors and (k.startswith("head.") or ".lora_" in k)]
+        everything = spec.train == "full" or spec.scratch
+        saved = [k for k in net.state_dict() if everything or k.startswith("head.") or ".lora_" in k]
+        missing = [k for k in saved if k not in tensors]
         if unexpected or missing:
             raise ModelFormatError(f"{folder / WEIGHTS_FILE} does not fit its spec: "
                                    f"{(unexpected or missing)[0]!r} is {'unexpected' if unexpected else 'missing'}")
-        net.to(device).eval().requires_grad_(False)
+        net.eval().requires_grad_(False)
         return cls(spec, net, backbone.tokenizer, backbone.lowercase)
 
 
@@ -329,14 +337,15 @@ def train_classifier(
     on_step: Callable[[StepRecord], None] | None = None,
     on_stage: Callable[[str], None] | None = None,
 ) -> tuple[TextClassifier, ClassifyResult]:
-    """Train a classifier on `records` ({"text", "label"}); hold-out accuracy before and after; saved to run_dir/classifier."""
+    """Train a classifier on `records` ({"text", "label"}), report hold-out accuracy, save it to run_dir/classifier."""
     t0 = time.perf_counter()
     stage = on_stage or (lambda _: None)
     home = home or get_settings().home
     labels = labels_of(records)
     train_records, held_records = split(records, args.eval_fraction, args.split_seed)
     if not held_records:
-        raise ConfigError("a classifier needs a held-out split to report on; use an eval fraction above 0", param="eval_split")
+        raise ConfigError("a classifier needs a held-out split to report on; use an eval fraction above 0",
+                          param="eval_split")
     stage(f"loading {model_id}")
     clf = TextClassifier.create(model_id, labels, args, lora, seed=tune.seed, device=device, home=home)
     index = {label: i for i, label in enumerate(labels)}

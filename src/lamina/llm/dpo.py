@@ -37,7 +37,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lamina.arch.lora import LoRAConfig, apply_lora, disable_adapters, lora_layers, merge_lora, unload_lora
+from lamina.arch.lora import (
+    LoRAConfig,
+    apply_lora,
+    disable_adapters,
+    lora_config,
+    lora_layers,
+    merge_lora,
+    unload_lora,
+)
 from lamina.errors import ConfigError
 from lamina.infra.fs import atomic_write_text
 from lamina.llm.adapters import load_adapter, save_adapter, save_model_folder
@@ -102,17 +110,22 @@ def _encode_prompt(llm: LLM, prompt: str | list[dict[str, Any]], where: str) -> 
     if not isinstance(prompt, str):
         raise DatasetError(f"{where}: field 'prompt' is a list of messages, but model {llm.name!r} has no chat "
                            "template; give plain-text prompts", param="data")
-    return llm.tokenizer.encode(prompt)
+    ids = llm.tokenizer.encode(prompt)
+    if not ids:  # the first reply token needs something to follow
+        raise DatasetError(f"{where}: field 'prompt' is empty", param="data")
+    return ids
 
 
 def _encode_reply(llm: LLM, prompt: str | list[dict[str, Any]], reply: str | list[dict[str, Any]],
                   prompt_ids: list[int], where: str) -> list[int]:
     if llm.chat_template is None:
         if not isinstance(reply, str):
-            raise DatasetError(f"{where} is a list of messages, but model {llm.name!r} has no chat template", param="data")
+            raise DatasetError(f"{where} is a list of messages, but model {llm.name!r} has no chat template",
+                               param="data")
         eos = llm.tokenizer.eos_id if llm.tokenizer.eos_id is not None else min(llm.engine.eos_ids)
         return [*llm.tokenizer.encode(reply, add_special_tokens=False), eos]
-    full = llm.chat_template.encode(_messages(prompt, "user") + _messages(reply, "assistant"), add_generation_prompt=False)
+    conversation = _messages(prompt, "user") + _messages(reply, "assistant")
+    full = llm.chat_template.encode(conversation, add_generation_prompt=False)
     if full[: len(prompt_ids)] != prompt_ids:
         raise DatasetError(f"{where}: the chat template renders the prompt differently once a reply follows, so the "
                            "reply's tokens cannot be told apart; give the reply as assistant messages", param="data")
@@ -173,7 +186,8 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     margins = chosen_rewards - rejected_rewards
     losses = -F.logsigmoid(margins)
     stats = {"losses": losses, "chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards,
-             "margins": margins, "correct": (margins > 0).float(), "policy_prefers": (policy_chosen > policy_rejected).float(),
+             "margins": margins, "correct": (margins > 0).float(),
+             "policy_prefers": (policy_chosen > policy_rejected).float(),
              "reference_prefers": (ref_chosen > ref_rejected).float()}
     return losses.mean(), stats
 
@@ -271,7 +285,8 @@ def run_dpo(
         raise ConfigError(f"the model is in {next(model.parameters()).dtype}: load it in float32 for training "
                           "(autocast still runs the matmuls in a faster dtype)", param="dtype")
     if lora_layers(model):
-        raise ConfigError("the model already carries LoRA adapters; pass a fresh model (an adapter to start from: adapter=)")
+        raise ConfigError("the model already carries LoRA adapters; pass a fresh model "
+                          "(and an adapter to start from as adapter=)")
     train_records, held_records = split(records, args.eval_fraction, args.split_seed)
     if not held_records:
         raise ConfigError("DPO needs a held-out split to report on; use an eval fraction above 0", param="eval_split")
@@ -285,6 +300,7 @@ def run_dpo(
             merge_lora(model)
             unload_lora(model)
     if lora is not None and adapter is None:
+        torch.manual_seed(tune.seed)  # lora_A's random start: the same run twice is the same run
         apply_lora(model, lora)
     if lora is None:
         for p in model.parameters():
@@ -293,7 +309,8 @@ def run_dpo(
     pad_id = llm.tokenizer.eos_id if llm.tokenizer.eos_id is not None else 0
     dpo = _DPO(model, train, held, args, tune, pad_id)
     loop = TuneLoop(model, tune, run_dir, batch=dpo.batch, loss=dpo.loss, evaluate=dpo.evaluate,
-                    title=f"DPO of {llm.name} (beta {args.beta})", on_step=on_step, cache_dir=get_settings().home / "cache")
+                    title=f"DPO of {llm.name} (beta {args.beta})", on_step=on_step,
+                    cache_dir=get_settings().home / "cache")
     stage("reference log-probs")
     dpo.compute_reference(loop.autocast(), adapters_off=lora is not None and adapter is None)
     stage("held-out reference")
@@ -309,8 +326,9 @@ def run_dpo(
     else:
         template = llm.chat_template.source if llm.chat_template is not None else None
         output = save_model_folder(run_dir / "model", model, llm.tokenizer, template, sorted(llm.engine.eos_ids))
-    summary = {"model": llm.name, "args": asdict(args), "tune": asdict(tune), "lora": lora.to_dict() if lora else None,
-               "start_adapter": str(adapter) if adapter else None, "train_pairs": len(train), "eval_pairs": len(held),
-               "reference": reference, "final": final, "output": str(output)}
+    used = lora_config(model).to_dict() if lora is not None else None  # an adapter started from keeps its own
+    summary = {"model": llm.name, "args": asdict(args), "tune": asdict(tune), "lora": used,
+               "start_adapter": str(adapter) if adapter else None, "train_pairs": len(train),
+               "eval_pairs": len(held), "reference": reference, "final": final, "output": str(output)}
     atomic_write_text(run_dir / "dpo.json", json.dumps(summary, indent=2))
     return DPOResult(reference, final, result, output, len(train), len(held), time.perf_counter() - t0)
