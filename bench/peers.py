@@ -2,11 +2,13 @@
 
 - `llama-server`: built from the llama.cpp tree vendored in the PyPI sdist of llama-cpp-python 0.3.36
   (the same llama.cpp as the Python bindings), `cmake --target llama-server`, about 9 minutes on 2 cores.
-- llama-cpp-python (for batch-1 decode): `pip install '.[bench]'` compiles it, about 20 minutes.
+
+Batch-1 decode and prefill of llama.cpp are read from the same server's per-request `timings`, so the
+Python bindings (which compile llama.cpp again, about 20 minutes) are not needed.
 
     python bench/peers.py            # build llama-server into bench/.cache/ (nothing if already there)
 
-Each benchmark calls `llama_server()` / `llama_cpp()` and reports plainly when a peer is missing.
+Each benchmark calls `llama_server()` and reports plainly when a peer is missing.
 """
 
 from __future__ import annotations
@@ -50,15 +52,6 @@ def llama_server(build: bool = False) -> tuple[Path | None, str]:
                     "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", f"-DLLAMA_BUILD_COMMIT={COMMIT}"], check=True)
     subprocess.run(["cmake", "--build", str(src / "build"), "--target", "llama-server", "-j", "2"], check=True)
     return llama_server(build=False)
-
-
-def llama_cpp() -> tuple[object | None, str]:
-    """The llama_cpp module if llama-cpp-python is installed (the `bench` extra)."""
-    try:
-        import llama_cpp
-    except ImportError:
-        return None, "llama-cpp-python is not installed: pip install -e '.[bench]' compiles it (about 20 minutes)"
-    return llama_cpp, f"llama-cpp-python {llama_cpp.__version__}"
 
 
 if __name__ == "__main__":
