@@ -59,3 +59,15 @@ def hf_smollm(smollm_gguf: Path):  # type: ignore[no-untyped-def]
 def hf_smollm_tokenizer(smollm_gguf: Path):  # type: ignore[no-untyped-def]
     transformers = pytest.importorskip("transformers")
     return transformers.AutoTokenizer.from_pretrained(str(smollm_gguf.parent), gguf_file=smollm_gguf.name)
+
+
+@pytest.fixture
+def one_thread():  # type: ignore[no-untyped-def]
+    """Run a test on one torch thread: tiny networks gain nothing from a second, and on a busy 2-core machine
+    a second OpenMP thread makes every op wait for a free core (a tiny GAN step measured 40x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

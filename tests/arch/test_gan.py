@@ -9,15 +9,7 @@ from lamina.arch.digits import DigitClassifier, DigitClassifierConfig
 from lamina.arch.gan import Discriminator, GANConfig, Generator
 from lamina.errors import ConfigError
 
-
-@pytest.fixture(autouse=True)
-def one_thread():  # type: ignore[no-untyped-def]
-    """These networks are too small to gain from a second thread, and on a busy 2-core machine a second
-    OpenMP thread makes every op wait for a free core (a tiny GAN step measured 40x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("image_size", [4, 8, 16])

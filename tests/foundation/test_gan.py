@@ -28,14 +28,7 @@ TINY = GANConfig(latent_dim=8, n_classes=2, g_channels=8, d_channels=8, embed_di
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():  # type: ignore[no-untyped-def]
-    """These networks are too small to gain from a second thread, and on a busy 2-core machine a second
-    OpenMP thread makes every op wait for a free core (a tiny GAN step measured 40x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def two_tone(n: int = 64) -> tuple[np.ndarray, np.ndarray]:
