@@ -188,7 +188,7 @@ def test_the_cli_dry_run_shows_the_masked_tokens_and_bad_lines_are_one_line(tmp_
     assert out.returncode == 0, out.stderr
     assert "[[A basalt tortoise.<|im_end|>\n]]" in out.stdout
     bad = _write(tmp_path / "bad.jsonl", [{"messages": CHAT}, {"messages": [{"role": "robot", "content": "x"}]}])
-    out = subprocess.run([*cmd[:5], str(bad), "--dry-run"], capture_output=True, text=True, check=False)
+    out = subprocess.run([*cmd[:6], str(bad), "--dry-run"], capture_output=True, text=True, check=False)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "bad.jsonl:2" in out.stderr and "unknown role 'robot'" in out.stderr
