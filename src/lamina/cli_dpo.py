@@ -6,30 +6,14 @@ Importing this module registers both commands on the `finetune` group (lamina.cl
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Any
 
 import click
 
 from lamina.cli_common import _fail_cleanly
-from lamina.cli_finetune import finetune
+from lamina.cli_finetune import _Progress, _run_dir, _tune_args, finetune
 from lamina.settings import get_settings
-
-
-def _run_dir(kind: str, out: str | None, model: str, data: str) -> Path:
-    if out:
-        return Path(out).expanduser()
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{Path(model).name}-{Path(data).stem}").strip("-")
-    return get_settings().home / "runs" / kind / name
-
-
-def _tune_args(steps: int, lr: float, batch_size: int, grad_accum: int, eval_every: int, seed: int,
-               dtype: str) -> Any:
-    from lamina.llm.tuning import TuneArgs
-
-    return TuneArgs(steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, warmup=max(1, steps // 20),
-                    eval_every=eval_every, save_every=eval_every, seed=seed, dtype=dtype)
 
 
 def _lora_config(rank: int, alpha: float | None, targets: str) -> Any:
@@ -44,41 +28,6 @@ def _setup_threads() -> None:
     from lamina.infra.device import set_threads
 
     set_threads(get_settings().threads)
-
-
-class _Progress:
-    """A rich progress bar over the fine-tuning steps; a plain line per evaluation."""
-
-    def __init__(self, total: int, show: list[tuple[str, str]]) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        console = Console(stderr=True)
-        self.show = show
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeRemainingColumn(), console=console, transient=True,
-                                 disable=not console.is_terminal)
-        self.task = self.progress.add_task("starting", total=total)
-        self.console = console
-
-    def __enter__(self) -> _Progress:
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.__exit__(None, None, None)
-
-    def stage(self, text: str) -> None:
-        self.progress.update(self.task, description=text)
-
-    def update(self, record: Any) -> None:
-        parts = [f"loss {record.loss:.3f}"]
-        parts += [f"{label} {record.metrics[k]:.2f}" for k, label in self.show if k in record.metrics]
-        self.progress.update(self.task, completed=record.step, description=" | ".join(parts))
-        if record.eval is not None:
-            shown = [("loss", "loss"), *self.show]
-            figures = ", ".join(f"{label} {record.eval[k]:.3f}" for k, label in shown if k in record.eval)
-            self.console.print(f"step {record.step}: held-out {figures}", highlight=False)
 
 
 # --- dpo -------------------------------------------------------------------------------------------------

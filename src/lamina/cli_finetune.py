@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,35 +44,54 @@ def _tune_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def _run_dir(method: str, out: str | None, model: str, data: str) -> Path:
+def _run_dir(kind: str, out: str | None, model: str, data: str) -> Path:
     if out:
         return Path(out).expanduser()
-    return get_settings().home / "runs" / method / f"{Path(model).stem}-{Path(data).stem}"
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{Path(model).name}-{Path(data).stem}").strip("-")
+    return get_settings().home / "runs" / kind / name
 
 
-def _progress(title: str, steps: int) -> Any:
-    """A rich progress bar and the on_step callback that advances it."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+def _tune_args(steps: int, lr: float, batch_size: int, grad_accum: int, eval_every: int, seed: int,
+               dtype: str) -> Any:
+    from lamina.llm.tuning import TuneArgs
 
-    progress = Progress(TextColumn(title), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
-                        TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
-    task = progress.add_task(title, total=steps, stats="")
-    last_eval: dict[str, float] = {}
+    return TuneArgs(steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, warmup=max(1, steps // 20),
+                    eval_every=eval_every, save_every=eval_every, seed=seed, dtype=dtype)
 
-    def on_step(r: Any) -> None:
-        if r.eval:
-            last_eval.update(r.eval)
-        shown = f"loss {r.loss:.4f}" + "".join(f"  eval {k} {v:.4f}" for k, v in last_eval.items())
-        progress.update(task, completed=r.step, stats=shown)
 
-    return progress, on_step
+class _Progress:
+    """A rich progress bar over the fine-tuning steps; a plain line per evaluation."""
+
+    def __init__(self, total: int, show: list[tuple[str, str]]) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        console = Console(stderr=True)
+        self.show = show
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeRemainingColumn(), console=console, transient=True,
+                                 disable=not console.is_terminal)
+        self.task = self.progress.add_task("starting", total=total)
+        self.console = console
+
+    def __enter__(self) -> _Progress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(None, None, None)
+
+    def stage(self, text: str) -> None:
+        self.progress.update(self.task, description=text)
+
+    def update(self, record: Any) -> None:
+        parts = [f"loss {record.loss:.3f}"]
+        parts += [f"{label} {record.metrics[k]:.2f}" for k, label in self.show if k in record.metrics]
+        self.progress.update(self.task, completed=record.step, description=" | ".join(parts))
+        if record.eval is not None:
+            shown = [("loss", "loss"), *self.show]
+            figures = ", ".join(f"{label} {record.eval[k]:.3f}" for k, label in shown if k in record.eval)
+            self.console.print(f"step {record.step}: held-out {figures}", highlight=False)
 
 
 @finetune.command("sft")
@@ -92,8 +112,6 @@ def sft(model: str | None, data: str, out: str | None, lora: bool, rank: int, al
     from lamina.infra.device import set_threads
     from lamina.llm import LLM
     from lamina.llm.sft import default_lora, describe, load_sft_data, run_sft
-    from lamina.llm.tuning import TuneArgs
-
     settings = get_settings()
     set_threads(settings.threads)
     llm = LLM.load(model, dtype="float32")
@@ -102,14 +120,11 @@ def sft(model: str | None, data: str, out: str | None, lora: bool, rank: int, al
     click.echo(describe(llm, dataset, n=2 if dry_run else 0), err=not dry_run)
     if dry_run:
         return
-    args = TuneArgs(steps=steps, lr=lr or (2e-4 if lora else 2e-5), batch_size=batch_size, grad_accum=grad_accum,
-                    eval_every=eval_every, save_every=max(eval_every, 25), seed=seed, dtype=dtype,
-                    warmup=max(1, steps // 20))
+    args = _tune_args(steps, lr or (2e-4 if lora else 2e-5), batch_size, grad_accum, eval_every, seed, dtype)
     run_dir = _run_dir("sft", out, llm.name, data)
-    progress, on_step = _progress("sft", steps)
-    with progress:
+    with _Progress(steps, []) as progress:
         result = run_sft(llm, dataset, run_dir, args=args, lora=default_lora(rank, alpha) if lora else None,
-                         packing=packing, max_length=max_length, resume=resume, on_step=on_step)
+                         packing=packing, max_length=max_length, resume=resume, on_step=progress.update)
     shown = f"train loss {result.train_loss:.4f}"
     if result.eval_loss is not None:
         shown += f", eval loss {result.eval_loss:.4f}"

@@ -261,29 +261,36 @@ class Trainer:
 
     def _plot(self) -> None:
         """loss.png: training loss per logged step, validation loss at each evaluation."""
-        import io
-
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         records = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()] if self.metrics_path.exists() else []
-        if not records:
-            return
-        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-        ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="train loss", linewidth=1)
-        evals = [r for r in records if "val_loss" in r]
-        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val loss", markersize=3)
-        ax.set_xlabel("step")
-        ax.set_ylabel("cross-entropy (nats/token)")
-        ax.set_title(self.config.name)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", bbox_inches="tight")
-        plt.close(fig)
-        atomic_write_bytes(self.run_dir / "loss.png", buffer.getvalue())
+        plot_losses(self.run_dir / "loss.png", records, self.config.name, {"val_loss": "val loss"},
+                    ylabel="cross-entropy (nats/token)")
+
+def plot_losses(path: Path, records: list[dict[str, Any]], title: str, evals: dict[str, str],
+                ylabel: str = "loss") -> None:
+    """A loss curve PNG (written atomically): `loss` per record, and each key of `evals` where present."""
+    if not records:
+        return
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="train loss", linewidth=1)
+    for key, label in evals.items():
+        points = [r for r in records if key in r]
+        ax.plot([r["step"] for r in points], [r[key] for r in points], "o-", label=label, markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _rng_state() -> dict[str, Any]:

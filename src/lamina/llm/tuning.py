@@ -14,7 +14,6 @@ loss and named metrics, `evaluate()` scores the eval split.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import time
@@ -29,7 +28,7 @@ from torch import nn
 
 from lamina.errors import ConfigError
 from lamina.foundation.checkpoint import latest_checkpoint, save_checkpoint
-from lamina.foundation.train import lr_at
+from lamina.foundation.train import lr_at, plot_losses
 from lamina.infra.fs import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
@@ -203,28 +202,8 @@ class TuneLoop:
 
     def _plot(self, history: list[dict[str, Any]]) -> None:
         """loss.png: the training loss per logged step and every eval loss at each evaluation."""
-        if not history:
-            return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-        ax.plot([r["step"] for r in history], [r["loss"] for r in history], label="train loss", linewidth=1)
-        for key in sorted({k for r in history for k in r if k.startswith("eval_") and k.endswith("loss")}):
-            points = [r for r in history if key in r]
-            ax.plot([r["step"] for r in points], [r[key] for r in points], "o-", label=key.replace("_", " "), markersize=3)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.set_title(self.title)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", bbox_inches="tight")
-        plt.close(fig)
-        atomic_write_bytes(self.run_dir / "loss.png", buffer.getvalue())
-
+        keys = sorted({k for r in history for k in r if k.startswith("eval_") and k.endswith("loss")})
+        plot_losses(self.run_dir / "loss.png", history, self.title, {k: k.replace("_", " ") for k in keys})
 
 def _read(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
