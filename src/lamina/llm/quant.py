@@ -1,4 +1,4 @@
-"""Weight-only quantisation for serving: int8 (per output channel) and int4 (groups of 32, asymmetric).
+"""Weight-only quantisation for serving: int8 and int4 weights, through whichever kernel is fastest here.
 
 Decoding is bound by how many weight bytes each token reads, so storing weights in 8 or 4 bits is the
 way past the float memory wall, provided the matrix-vector kernel is fast on this machine. Which kernel is
@@ -8,9 +8,13 @@ is assumed: `choose_kernel` times every candidate on a model-shaped workload and
 including plain float `linear` (in which case quantising is refused with the numbers, rather than made
 slower). The choice is cached per machine in LAMINA_HOME.
 
-Candidates (PyTorch's own CPU kernels; torchao's CPU paths wrap the same ops):
-- int8: `torch._weight_int8pack_mm` with bf16 or fp32 activations;
-- int4: `torch._weight_int4pack_mm_for_cpu` (tinygemm layout) with bf16 or fp32 activations.
+Candidates:
+- native (`lamina.llm.native`, compiled on first use): llama.cpp-style blocks of 32 weights with an fp16
+  scale, int4 with an offset (like Q4_1) or int8 (like Q8_0), and int8-quantised activations, so every
+  block is an integer dot product; also the only one the fused decode step (`native_decode`) runs on;
+- PyTorch's own CPU kernels: `torch._weight_int8pack_mm` (int8 per output channel) and
+  `torch._weight_int4pack_mm_for_cpu` (int4 in groups of 32, tinygemm layout), each with bf16 or fp32
+  activations (torchao's CPU paths wrap the same ops).
 The embedding stays in float (a lookup reads one row); a tied `lm_head` gets its own quantised copy, in
 int8 even under int4: the output head is the layer most sensitive to quantisation (llama.cpp keeps it at 6 or
 8 bits too). Measured on SmolLM2 (bench/quant.py): an int4 head cost +5.4 % perplexity, an int8 one +0.2 %.
@@ -29,6 +33,7 @@ from torch import nn
 
 from lamina.errors import InvalidRequestError
 from lamina.infra.device import cached_probe, device_key
+from lamina.llm import native
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +44,14 @@ GROUP = 32
 @dataclass(frozen=True)
 class Kernel:
     mode: Mode
-    activation: torch.dtype
+    activation: torch.dtype  # what the input is cast to (the native kernels take float32)
+    backend: Literal["torch", "native"] = "torch"
+
+    @property
+    def name(self) -> str:
+        if self.backend == "native":
+            return f"{self.mode}-native"
+        return f"{self.mode}-{str(self.activation).removeprefix('torch.')}"
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,12 +84,19 @@ def quantize_int4(weight: torch.Tensor, group: int = GROUP) -> tuple[torch.Tenso
 class QuantLinear(nn.Module):
     """A Linear layer whose weight is stored in int8 or int4; the output keeps the input's dtype."""
 
-    def __init__(self, linear: nn.Linear, kernel: Kernel) -> None:
+    def __init__(self, linear: nn.Linear, kernel: Kernel, cache_dir: Path | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.mode, self.activation = kernel.mode, kernel.activation
+        self.mode, self.activation, self.backend = kernel.mode, kernel.activation, kernel.backend
         act = kernel.activation
-        if kernel.mode == "int8":
+        self.lib = native.library(cache_dir) if kernel.backend == "native" else None
+        if self.backend == "native":
+            if self.lib is None:
+                raise InvalidRequestError(f"native kernels unavailable: {native.unavailable_reason()}", param="quantize")
+            self.fmt = native.Q4 if kernel.mode == "int4" else native.Q8
+            pack = native.pack_q4 if kernel.mode == "int4" else native.pack_q8
+            self.register_buffer("blocks", pack(linear.weight))
+        elif kernel.mode == "int8":
             q, scale = quantize_int8(linear.weight)
             self.register_buffer("qweight", q)
             self.register_buffer("scales", scale.to(act))
@@ -90,7 +109,9 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
         flat = x.reshape(-1, self.in_features).to(self.activation)
-        if self.mode == "int8":
+        if self.lib is not None:
+            y = native.matmul(self.lib, self.fmt, self.blocks, self.in_features, flat.contiguous())
+        elif self.mode == "int8":
             y = torch._weight_int8pack_mm(flat, self.qweight, self.scales)
         else:
             y = torch._weight_int4pack_mm_for_cpu(flat, self.qweight, GROUP, self.scales)
@@ -103,21 +124,24 @@ def choose_kernel(mode: Mode, float_dtype: torch.dtype, device: torch.device, ca
     if device.type != "cpu":
         raise InvalidRequestError("weight-only quantisation runs on CPU kernels; on a GPU serve in bfloat16", param="quantize")
 
+    candidates = [Kernel(mode, torch.bfloat16), Kernel(mode, torch.float32)]
+    if native.library(cache_dir) is not None:
+        candidates.insert(0, Kernel(mode, torch.float32, "native"))
+
     def measure() -> dict:
         shapes = [(1536, 576), (576, 1536), (576, 576)] * 8  # several MB each: streamed, like a decoder's weights
         times = {"float": _time_float(shapes, float_dtype)}
-        for act in (torch.bfloat16, torch.float32):
-            name = f"{mode}-{str(act).removeprefix('torch.')}"
-            times[name] = _time_quant(shapes, Kernel(mode, act))
+        for kernel in candidates:
+            times[kernel.name] = _time_quant(shapes, kernel, cache_dir)
         return {"seconds": times}
 
-    key = f"quant {mode} vs {str(float_dtype).removeprefix('torch.')} | {device_key(device)}"
+    names = "+".join(k.name for k in candidates)
+    key = f"quant {names} vs {str(float_dtype).removeprefix('torch.')} | {device_key(device)}"
     seconds = cached_probe(cache_dir, key, measure)["seconds"]
     best = min(seconds, key=seconds.get)
     if best == "float":
         return None, seconds
-    act = torch.bfloat16 if best.endswith("bfloat16") else torch.float32
-    return Kernel(mode, act), seconds
+    return next(k for k in candidates if k.name == best), seconds
 
 
 def _time_float(shapes: list[tuple[int, int]], dtype: torch.dtype) -> float:
@@ -125,9 +149,9 @@ def _time_float(shapes: list[tuple[int, int]], dtype: torch.dtype) -> float:
     return _best(lambda: [layer(torch.randn(1, layer.in_features, dtype=dtype)) for layer in layers])
 
 
-def _time_quant(shapes: list[tuple[int, int]], kernel: Kernel) -> float:
+def _time_quant(shapes: list[tuple[int, int]], kernel: Kernel, cache_dir: Path | None) -> float:
     try:
-        layers = [QuantLinear(nn.Linear(i, o, bias=False), kernel) for o, i in shapes]
+        layers = [QuantLinear(nn.Linear(i, o, bias=False), kernel, cache_dir) for o, i in shapes]
         return _best(lambda: [layer(torch.randn(1, layer.in_features)) for layer in layers])
     except (RuntimeError, NotImplementedError) as e:  # a kernel this build of torch does not have
         logger.info("quantised kernel %s unavailable: %s", kernel, e)
@@ -164,7 +188,7 @@ def quantize_model(model: nn.Module, mode: Mode, cache_dir: Path | None = None) 
                 continue
             chosen = head_kernel if child_name == "lm_head" else kernel
             if chosen is not None:
-                setattr(module, child_name, QuantLinear(child, chosen))
+                setattr(module, child_name, QuantLinear(child, chosen, cache_dir))
                 replaced += 1
-    logger.info("quantised %d linear layers to %s with %s activations (%s)", replaced, mode, kernel.activation, shown)
-    return {"mode": mode, "activation": str(kernel.activation).removeprefix("torch."), "layers": replaced, "seconds": seconds}
+    logger.info("quantised %d linear layers to %s with the %s kernel (%s)", replaced, mode, kernel.name, shown)
+    return {"mode": mode, "kernel": kernel.name, "layers": replaced, "seconds": seconds}

@@ -27,6 +27,7 @@ from lamina.arch import KVCache
 from lamina.arch.kv_cache import SlotCache
 from lamina.arch.lora import adapter_names, route_adapters
 from lamina.errors import InvalidRequestError
+from lamina.llm.native_decode import NativeDecoder
 from lamina.llm.scheduler import SchedulerOutput, Sequence
 
 CACHE_STEP = 256
@@ -63,6 +64,8 @@ class ModelRunner:
         self.prefix_hits = 0
         self.adapters: set[str] = set()
         self.refresh_adapters()
+        # Quantised Llama-family models decode in one native call per step (prefill stays in PyTorch).
+        self.native = NativeDecoder.for_model(model)
 
     def refresh_adapters(self) -> None:
         """Take note of the LoRA adapters loaded into the model (call after loading or removing one)."""
@@ -226,7 +229,10 @@ class ModelRunner:
             tokens = torch.zeros(d, 1, dtype=torch.long, device=self.device)
             for c in decode:
                 tokens[c.seq.row, 0] = c.token_ids[0]
-            out = self._forward(self.rows[:d], tokens, self.slots.decode(d))[:, -1].float()  # (D, vocab)
+            if self.native is not None and not self.adapters:
+                out = self.native.decode(tokens, self.slots, d)  # (D, vocab)
+            else:
+                out = self._forward(self.rows[:d], tokens, self.slots.decode(d))[:, -1].float()  # (D, vocab)
             for c in decode:
                 c.seq.num_computed += 1
                 logits[c.seq.request_id] = out[c.seq.row]

@@ -1,0 +1,378 @@
+/* Lamina's CPU kernels for quantised decoding: block-quantised matrix products and a fused Llama decode step.
+ *
+ * Built on first use by lamina.llm.native (cc -O3 -march=native -fopenmp) and loaded with ctypes; no
+ * Python or PyTorch headers, so it compiles in about a second. OpenMP is the same libgomp PyTorch loads
+ * (one thread pool, sized by torch.set_num_threads).
+ *
+ * Weight blocks (32 inputs each, one row of blocks per output feature):
+ *   Q4: { fp16 d; fp16 m; u8 qs[16] }  w[j] = d * q[j] + m, q[j] = qs[j] & 15 (j < 16), qs[j - 16] >> 4
+ *   Q8: { fp16 d; i8 qs[32] }          w[j] = d * qs[j]
+ * Activations are quantised per row in blocks of 32 to int8 with a float scale (and the scaled sum of
+ * the block, for Q4's offset), so each block's dot product is an integer dot product: u8 x s8 pairs
+ * summed into int32 (AVX-VNNI's vpdpbusd where the CPU has it, AVX2's vpmaddubsw + vpmaddwd otherwise).
+ *
+ * Every output row is computed by the same instructions whatever the batch size M, so a sequence's
+ * result does not depend on what it is batched with.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+#define QK 32
+enum { FMT_Q4 = 4, FMT_Q8 = 8 };
+
+static inline int block_bytes(int fmt) { return fmt == FMT_Q4 ? 20 : 34; }
+
+static inline float f16_to_f32(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* Sum of u[i] * s[i] over each group of 4 bytes: 8 int32 (u unsigned, s signed). */
+static inline __m256i dot_u8s8(__m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+static inline __m256i q4_unpack(const uint8_t *qs) {
+    const __m128i b = _mm_loadu_si128((const __m128i *)qs);
+    const __m128i mask = _mm_set1_epi8(15);
+    const __m128i lo = _mm_and_si128(b, mask);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+    return _mm256_set_m128i(hi, lo);
+}
+
+/* ---- activations ------------------------------------------------------------------------------------ */
+
+/* One row x (K floats) -> int8 qa (K), per-block scale da (K/32) and scaled block sum sa (K/32). */
+static void quantize_row(const float *x, int K, int8_t *qa, float *da, float *sa) {
+    for (int b = 0; b < K / QK; b++) {
+        const float *xb = x + b * QK;
+        float amax = 0.0f;
+        for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(xb[j]));
+        const float d = amax / 127.0f;
+        const float id = d > 0.0f ? 1.0f / d : 0.0f;
+        int sum = 0;
+        for (int j = 0; j < QK; j++) {
+            const int q = (int)nearbyintf(xb[j] * id);
+            qa[b * QK + j] = (int8_t)q;
+            sum += q;
+        }
+        da[b] = d;
+        sa[b] = d * (float)sum;
+    }
+}
+
+typedef struct {
+    int8_t *q;
+    float *d, *s;
+    int K;
+} Act;
+
+static void act_alloc(Act *a, int M, int K) {
+    a->K = K;
+    a->q = aligned_alloc(64, (size_t)M * K + 64);
+    a->d = malloc(sizeof(float) * ((size_t)M * K / QK + 1));
+    a->s = malloc(sizeof(float) * ((size_t)M * K / QK + 1));
+}
+
+static void act_free(Act *a) {
+    free(a->q);
+    free(a->d);
+    free(a->s);
+}
+
+static inline void act_quantize(Act *a, const float *x, int m, int ldx) {
+    quantize_row(x + (size_t)m * ldx, a->K, a->q + (size_t)m * a->K, a->d + (size_t)m * (a->K / QK), a->s + (size_t)m * (a->K / QK));
+}
+
+/* ---- one output feature for M activation rows --------------------------------------------------------- */
+
+#define MT 4 /* activation rows per pass over a weight row */
+
+/* out[m * ldo] = dot(weight row n, activation row m) for m < M. */
+static void dot_row(int fmt, const uint8_t *row, const Act *a, int M, float *out, int ldo) {
+    const int nb = a->K / QK;
+    for (int m0 = 0; m0 < M; m0 += MT) {
+        const int mt = M - m0 < MT ? M - m0 : MT;
+        __m256 acc[MT];
+        float accm[MT];
+        for (int t = 0; t < MT; t++) {
+            acc[t] = _mm256_setzero_ps();
+            accm[t] = 0.0f;
+        }
+        if (fmt == FMT_Q4) {
+            for (int b = 0; b < nb; b++) {
+                const uint8_t *blk = row + (size_t)b * 20;
+                const float d = f16_to_f32(blk), mn = f16_to_f32(blk + 2);
+                const __m256i w = q4_unpack(blk + 4);
+                for (int t = 0; t < mt; t++) {
+                    const int m = m0 + t;
+                    const __m256i x = _mm256_loadu_si256((const __m256i *)(a->q + (size_t)m * a->K + b * QK));
+                    const __m256 p = _mm256_cvtepi32_ps(dot_u8s8(w, x));
+                    acc[t] = _mm256_fmadd_ps(p, _mm256_set1_ps(d * a->d[(size_t)m * nb + b]), acc[t]);
+                    accm[t] += mn * a->s[(size_t)m * nb + b];
+                }
+            }
+        } else {
+            for (int b = 0; b < nb; b++) {
+                const uint8_t *blk = row + (size_t)b * 34;
+                const float d = f16_to_f32(blk);
+                const __m256i w = _mm256_loadu_si256((const __m256i *)(blk + 2));
+                const __m256i wabs = _mm256_sign_epi8(w, w);
+                for (int t = 0; t < mt; t++) {
+                    const int m = m0 + t;
+                    const __m256i x = _mm256_loadu_si256((const __m256i *)(a->q + (size_t)m * a->K + b * QK));
+                    const __m256 p = _mm256_cvtepi32_ps(dot_u8s8(wabs, _mm256_sign_epi8(x, w)));
+                    acc[t] = _mm256_fmadd_ps(p, _mm256_set1_ps(d * a->d[(size_t)m * nb + b]), acc[t]);
+                }
+            }
+        }
+        for (int t = 0; t < mt; t++) out[(size_t)(m0 + t) * ldo] = hsum256(acc[t]) + accm[t];
+    }
+}
+
+/* ---- y = x W^T for a block-quantised W (N x K); x (M x K) float32, y (M x N) float32 -------------------- */
+
+void lam_matmul(int fmt, const uint8_t *w, int N, int K, const float *x, int M, float *y) {
+    Act a;
+    act_alloc(&a, M, K);
+    const size_t row_bytes = (size_t)(K / QK) * block_bytes(fmt);
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (int m = 0; m < M; m++) act_quantize(&a, x, m, K);
+#pragma omp for schedule(static)
+        for (int n = 0; n < N; n++) dot_row(fmt, w + n * row_bytes, &a, M, y + n, N);
+    }
+    act_free(&a);
+}
+
+/* ---- the fused decode step ------------------------------------------------------------------------------- */
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 64); /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);                                          /* round to nearest even */
+    return (uint16_t)(u >> 16);
+}
+
+static inline __m256 load8(const void *p, int bf16) {
+    if (!bf16) return _mm256_loadu_ps((const float *)p);
+    const __m128i h = _mm_loadu_si128((const __m128i *)p);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+static void rmsnorm(const float *x, const float *w, int n, float eps, float *out) {
+    float ss = 0.0f;
+    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    const float r = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int i = 0; i < n; i++) out[i] = w[i] * (x[i] * r);
+}
+
+static void rope(float *v, int hd, const float *inv_freq, float pos) {
+    const int half = hd / 2;
+    for (int i = 0; i < half; i++) {
+        const float ang = pos * inv_freq[i];
+        const float c = cosf(ang), s = sinf(ang);
+        const float x0 = v[i], x1 = v[i + half];
+        v[i] = x0 * c - x1 * s;
+        v[i + half] = x1 * c + x0 * s;
+    }
+}
+
+/* Per layer, in this order: weight pointers q k v o gate up down, their formats (7), norm weights
+ * (attention, mlp), biases q k v (0 when absent). */
+enum { L_WQ, L_WK, L_WV, L_WO, L_WG, L_WU, L_WD, L_FQ, L_FK, L_FV, L_FO, L_FG, L_FU, L_FD, L_NA, L_NM, L_BQ, L_BK, L_BV, L_N };
+
+/* cfg: n_layers dim n_heads n_kv head_dim hidden vocab M slots capacity kv_bf16 window head_fmt */
+int lam_llama_decode(const int64_t *cfg, float eps, const int64_t *layers, const float *final_norm, const uint8_t *head,
+                     const float *inv_freq, float *x, const int64_t *positions, void *kcache, void *vcache, float *logits) {
+    const int n_layers = (int)cfg[0], dim = (int)cfg[1], nh = (int)cfg[2], nkv = (int)cfg[3], hd = (int)cfg[4];
+    const int hidden = (int)cfg[5], vocab = (int)cfg[6], M = (int)cfg[7];
+    const int64_t slots = cfg[8], cap = cfg[9];
+    const int kv_bf16 = (int)cfg[10], window = (int)cfg[11], head_fmt = (int)cfg[12];
+    const int nq = nh * hd, nk = nkv * hd, nqkv = nq + 2 * nk, rep = nh / nkv;
+    const size_t esz = kv_bf16 ? 2 : 4;
+    const float scale = 1.0f / sqrtf((float)hd);
+    int64_t max_pos = 0;
+    for (int m = 0; m < M; m++) {
+        if (positions[m] < 0 || positions[m] >= cap) return 1;
+        if (positions[m] > max_pos) max_pos = positions[m];
+    }
+
+    float *h = malloc(sizeof(float) * (size_t)M * (dim > nq ? dim : nq));
+    float *qkv = malloc(sizeof(float) * (size_t)M * nqkv);
+    float *att = malloc(sizeof(float) * (size_t)M * nq);
+    float *ff = malloc(sizeof(float) * (size_t)M * hidden);
+    Act a_dim, a_att, a_ff;
+    act_alloc(&a_dim, M, dim);
+    act_alloc(&a_att, M, nq);
+    act_alloc(&a_ff, M, hidden);
+
+#pragma omp parallel
+    {
+        float *scores = malloc(sizeof(float) * (size_t)(max_pos + 1));
+        for (int l = 0; l < n_layers; l++) {
+            const int64_t *L = layers + (size_t)l * L_N;
+            const uint8_t *W[7];
+            int F[7];
+            size_t RB[7];
+            for (int i = 0; i < 7; i++) {
+                W[i] = (const uint8_t *)(intptr_t)L[L_WQ + i];
+                F[i] = (int)L[L_FQ + i];
+            }
+            for (int i = 0; i < 7; i++) RB[i] = (size_t)((i == L_WO ? nq : i == L_WD ? hidden : dim) / QK) * block_bytes(F[i]);
+            const float *bias[3] = {(const float *)(intptr_t)L[L_BQ], (const float *)(intptr_t)L[L_BK], (const float *)(intptr_t)L[L_BV]};
+            char *kl = (char *)kcache + (size_t)l * slots * nkv * cap * hd * esz;
+            char *vl = (char *)vcache + (size_t)l * slots * nkv * cap * hd * esz;
+
+            /* attention: norm, q k v, rope, cache write, attention, o_proj + residual */
+#pragma omp for schedule(static)
+            for (int m = 0; m < M; m++) {
+                rmsnorm(x + (size_t)m * dim, (const float *)(intptr_t)L[L_NA], dim, eps, h + (size_t)m * dim);
+                act_quantize(&a_dim, h, m, dim);
+            }
+#pragma omp for schedule(static)
+            for (int n = 0; n < nqkv; n++) {
+                const int which = n < nq ? 0 : n < nq + nk ? 1 : 2;
+                const int r = which == 0 ? n : which == 1 ? n - nq : n - nq - nk;
+                dot_row(F[which], W[which] + r * RB[which], &a_dim, M, qkv + n, nqkv);
+                if (bias[which])
+                    for (int m = 0; m < M; m++) qkv[(size_t)m * nqkv + n] += bias[which][r];
+            }
+#pragma omp for schedule(static)
+            for (int i = 0; i < M * nkv; i++) {
+                const int m = i / nkv, g = i % nkv;
+                float *row = qkv + (size_t)m * nqkv;
+                const float pos = (float)positions[m];
+                for (int j = 0; j < rep; j++) rope(row + (size_t)(g * rep + j) * hd, hd, inv_freq, pos);
+                float *k = row + nq + g * hd, *v = row + nq + nk + g * hd;
+                rope(k, hd, inv_freq, pos);
+                const size_t off = (((size_t)m * nkv + g) * cap + positions[m]) * hd;
+                if (kv_bf16) {
+                    uint16_t *kd = (uint16_t *)kl + off, *vd = (uint16_t *)vl + off;
+                    for (int d = 0; d < hd; d++) {
+                        kd[d] = f32_to_bf16(k[d]);
+                        vd[d] = f32_to_bf16(v[d]);
+                    }
+                } else {
+                    memcpy((float *)kl + off, k, sizeof(float) * hd);
+                    memcpy((float *)vl + off, v, sizeof(float) * hd);
+                }
+            }
+#pragma omp for schedule(static)
+            for (int i = 0; i < M * nh; i++) {
+                const int m = i / nh, hh = i % nh, g = hh / rep;
+                const float *q = qkv + (size_t)m * nqkv + (size_t)hh * hd;
+                const int64_t last = positions[m];
+                const int64_t first = window > 0 && last - window + 1 > 0 ? last - window + 1 : 0;
+                const char *kb = kl + ((size_t)m * nkv + g) * cap * hd * esz;
+                const char *vb = vl + ((size_t)m * nkv + g) * cap * hd * esz;
+                float mx = -INFINITY;
+                for (int64_t j = first; j <= last; j++) {
+                    __m256 acc = _mm256_setzero_ps();
+                    const char *kr = kb + (size_t)j * hd * esz;
+                    for (int d = 0; d < hd; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(kr + d * esz, kv_bf16), acc);
+                    const float s = hsum256(acc) * scale;
+                    scores[j - first] = s;
+                    mx = s > mx ? s : mx;
+                }
+                float sum = 0.0f;
+                for (int64_t j = first; j <= last; j++) {
+                    const float e = expf(scores[j - first] - mx);
+                    scores[j - first] = e;
+                    sum += e;
+                }
+                float *o = att + (size_t)m * nq + (size_t)hh * hd;
+                for (int d = 0; d < hd; d += 8) {
+                    __m256 acc = _mm256_setzero_ps();
+                    for (int64_t j = first; j <= last; j++)
+                        acc = _mm256_fmadd_ps(_mm256_set1_ps(scores[j - first]), load8(vb + ((size_t)j * hd + d) * esz, kv_bf16), acc);
+                    _mm256_storeu_ps(o + d, _mm256_mul_ps(acc, _mm256_set1_ps(1.0f / sum)));
+                }
+            }
+#pragma omp for schedule(static)
+            for (int m = 0; m < M; m++) act_quantize(&a_att, att, m, nq);
+#pragma omp for schedule(static)
+            for (int n = 0; n < dim; n++) {
+                float y[MT * 16];
+                float *yp = M <= MT * 16 ? y : h + n; /* (large M: h is free here, one column each) */
+                const int ld = M <= MT * 16 ? 1 : dim;
+                dot_row(F[3], W[3] + n * RB[3], &a_att, M, yp, ld);
+                for (int m = 0; m < M; m++) x[(size_t)m * dim + n] += yp[(size_t)m * ld];
+            }
+
+            /* feed-forward: norm, silu(gate) * up, down + residual */
+#pragma omp for schedule(static)
+            for (int m = 0; m < M; m++) {
+                rmsnorm(x + (size_t)m * dim, (const float *)(intptr_t)L[L_NM], dim, eps, h + (size_t)m * dim);
+                act_quantize(&a_dim, h, m, dim);
+            }
+#pragma omp for schedule(static)
+            for (int n = 0; n < hidden; n++) {
+                float gbuf[MT * 16], ubuf[MT * 16];
+                if (M <= MT * 16) {
+                    dot_row(F[4], W[4] + n * RB[4], &a_dim, M, gbuf, 1);
+                    dot_row(F[5], W[5] + n * RB[5], &a_dim, M, ubuf, 1);
+                    for (int m = 0; m < M; m++) ff[(size_t)m * hidden + n] = gbuf[m] / (1.0f + expf(-gbuf[m])) * ubuf[m];
+                } else {
+                    for (int m0 = 0; m0 < M; m0 += MT * 16) {
+                        const int mc = M - m0 < MT * 16 ? M - m0 : MT * 16;
+                        Act part = a_dim;
+                        part.q += (size_t)m0 * dim;
+                        part.d += (size_t)m0 * (dim / QK);
+                        part.s += (size_t)m0 * (dim / QK);
+                        dot_row(F[4], W[4] + n * RB[4], &part, mc, gbuf, 1);
+                        dot_row(F[5], W[5] + n * RB[5], &part, mc, ubuf, 1);
+                        for (int m = 0; m < mc; m++) ff[(size_t)(m0 + m) * hidden + n] = gbuf[m] / (1.0f + expf(-gbuf[m])) * ubuf[m];
+                    }
+                }
+            }
+#pragma omp for schedule(static)
+            for (int m = 0; m < M; m++) act_quantize(&a_ff, ff, m, hidden);
+#pragma omp for schedule(static)
+            for (int n = 0; n < dim; n++) {
+                float y[MT * 16];
+                float *yp = M <= MT * 16 ? y : h + n;
+                const int ld = M <= MT * 16 ? 1 : dim;
+                dot_row(F[6], W[6] + n * RB[6], &a_ff, M, yp, ld);
+                for (int m = 0; m < M; m++) x[(size_t)m * dim + n] += yp[(size_t)m * ld];
+            }
+        }
+        free(scores);
+#pragma omp for schedule(static)
+        for (int m = 0; m < M; m++) {
+            rmsnorm(x + (size_t)m * dim, final_norm, dim, eps, h + (size_t)m * dim);
+            act_quantize(&a_dim, h, m, dim);
+        }
+        const size_t head_rb = (size_t)(dim / QK) * block_bytes(head_fmt);
+#pragma omp for schedule(static)
+        for (int n = 0; n < vocab; n++) dot_row(head_fmt, head + n * head_rb, &a_dim, M, logits + n, vocab);
+    }
+    free(h);
+    free(qkv);
+    free(att);
+    free(ff);
+    act_free(&a_dim);
+    act_free(&a_att);
+    act_free(&a_ff);
+    return 0;
+}

@@ -1,0 +1,98 @@
+"""One native call per decode step for a quantised Llama-family model (`lam_llama_decode` in csrc).
+
+The layer-by-layer PyTorch forward of a 30-layer model issues ~600 small ops per token; at batch 1 on a
+CPU their dispatch costs more than the quantised matmuls themselves. `NativeDecoder` hands the whole step
+(every layer's norm, q/k/v, RoPE, KV-cache write, attention, o_proj, SwiGLU, the final norm and the
+output head) to C in one call, over the same weight blocks the model's `QuantLinear`s hold, and the same
+`SlotCache` rows the engine keeps, so prefill (PyTorch, chunked) and decode (native) share one cache.
+
+It applies where it is exact for the model: a dense Llama-family decoder (Llama, SmolLM2, Mistral's sliding
+window, Qwen2's q/k/v biases, GQA/MQA) whose linear layers all use the native kernels, on CPU, without LoRA
+adapters. `NativeDecoder.for_model` says None otherwise, and the engine uses the PyTorch forward.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+
+import torch
+from torch import nn
+
+from lamina.arch.kv_cache import SlotCache
+from lamina.arch.llama import Llama
+from lamina.llm.quant import QuantLinear
+
+logger = logging.getLogger(__name__)
+
+_PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+class NativeDecoder:
+    def __init__(self, model: Llama) -> None:
+        c = model.config
+        assert c.head_dim is not None and c.n_kv_heads is not None
+        self.model = model
+        self.lib = model.lm_head.lib  # type: ignore[union-attr]
+        self._keep: list[torch.Tensor] = []  # float32 copies the C side points at
+        rows = []
+        for block in model.layers:
+            mods = [block.get_submodule(name) for name in _PROJ]
+            ptrs = [m.blocks.data_ptr() for m in mods] + [m.fmt for m in mods]
+            ptrs += [self._f32(block.input_layernorm.weight), self._f32(block.post_attention_layernorm.weight)]
+            ptrs += [self._f32(m.bias) if m.bias is not None else 0 for m in mods[:3]]
+            rows.append(ptrs)
+        self.layers = torch.tensor(rows, dtype=torch.int64)
+        self.final_norm = self._f32(model.norm.weight)  # (an address)
+        self.inv_freq = model.inv_freq.float().contiguous()
+        self.eps = float(c.norm_eps)
+        self.shape = [c.n_layers, c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.hidden_dim, c.vocab_size]
+        self.window = c.sliding_window or 0
+
+    @classmethod
+    def for_model(cls, model: nn.Module) -> NativeDecoder | None:
+        """A decoder for `model`, or None where the native step does not apply (it then runs in PyTorch)."""
+        if not isinstance(model, Llama) or model.config.moe is not None:
+            return None
+        c = model.config
+        assert c.head_dim is not None
+        if model.embed_tokens.weight.device.type != "cpu" or c.head_dim % 8 or c.dim % 32 or c.hidden_dim % 32:
+            return None
+        linears = [block.get_submodule(name) for block in model.layers for name in _PROJ] + [model.lm_head]
+        if not all(isinstance(m, QuantLinear) and m.lib is not None for m in linears):
+            return None
+        return cls(model)
+
+    def _f32(self, t: torch.Tensor) -> int:
+        t = t.detach().float().contiguous()
+        self._keep.append(t)
+        return t.data_ptr()
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, cache: SlotCache, rows: int) -> torch.Tensor:
+        """Logits (rows, vocab) float32 for one new token in each of rows 0..rows-1 of `cache`."""
+        if cache.dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"the native decode step keeps keys and values in float32 or bfloat16, not {cache.dtype}")
+        x = self.model.embed_tokens(tokens.reshape(rows)).float().contiguous()  # (rows, dim), the residual stream
+        positions = torch.tensor(cache.lengths[:rows], dtype=torch.int64)
+        logits = torch.empty(rows, self.shape[-1], dtype=torch.float32)
+        head = self.model.lm_head
+        cfg = torch.tensor(
+            [*self.shape, rows, cache.slots, cache.capacity, int(cache.dtype == torch.bfloat16), self.window, head.fmt],
+            dtype=torch.int64,
+        )
+        assert cache.k.is_contiguous() and cache.v.is_contiguous()
+        status = self.lib.lam_llama_decode(
+            _i64(cfg), ctypes.c_float(self.eps), _i64(self.layers), self.final_norm, head.blocks.data_ptr(),
+            self.inv_freq.data_ptr(), x.data_ptr(), positions.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(),
+            logits.data_ptr(),
+        )
+        if status:
+            raise ValueError(f"a position is outside the KV cache's {cache.capacity} slots: {cache.lengths[:rows]}")
+        for b in range(rows):
+            cache.lengths[b] += 1
+        return logits
+
+
+def _i64(t: torch.Tensor) -> ctypes._Pointer:  # type: ignore[type-arg]
+    return ctypes.cast(t.data_ptr(), ctypes.POINTER(ctypes.c_int64))
