@@ -101,6 +101,8 @@ def _build_and_load(cache_dir: Path | None) -> ctypes.CDLL | None:
     vp, i32, i64p = ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_int64)
     lib.lam_matmul.argtypes = [i32, vp, i32, i32, vp, i32, vp]
     lib.lam_matmul.restype = None
+    lib.lam_dequant.argtypes = [i32, vp, i32, i32, vp, i32]
+    lib.lam_dequant.restype = None
     lib.lam_llama_decode.argtypes = [i64p, ctypes.c_float, i64p, vp, vp, vp, vp, vp, vp, vp, vp]
     lib.lam_llama_decode.restype = i32
     return lib
@@ -166,3 +168,12 @@ def matmul(lib: ctypes.CDLL, fmt: int, blocks: torch.Tensor, in_features: int, x
     if m:
         lib.lam_matmul(fmt, blocks.data_ptr(), n, in_features, x.data_ptr(), m, y.data_ptr())
     return y
+
+
+def dequantize(lib: ctypes.CDLL, fmt: int, blocks: torch.Tensor, in_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """The (N, K) weight in float32 or bfloat16, expanded by the native code (for long inputs' float GEMM)."""
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"dequantize to float32 or bfloat16, not {dtype}")
+    w = torch.empty(blocks.shape[0], in_features, dtype=dtype)
+    lib.lam_dequant(fmt, blocks.data_ptr(), blocks.shape[0], in_features, w.data_ptr(), int(dtype == torch.bfloat16))
+    return w

@@ -24,13 +24,16 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from lamina.arch.kv_cache import SlotCache
+from lamina.arch.llama import Llama, LlamaConfig
 from lamina.errors import InvalidRequestError
 from lamina.infra.device import cached_probe, device_key
 from lamina.llm import native
@@ -84,6 +87,9 @@ def quantize_int4(weight: torch.Tensor, group: int = GROUP) -> tuple[torch.Tenso
 class QuantLinear(nn.Module):
     """A Linear layer whose weight is stored in int8 or int4; the output keeps the input's dtype."""
 
+    gemm_rows: int = 1 << 30
+    """Native kernels: inputs of at least this many rows expand the weight to floats and use the float GEMM."""
+
     def __init__(self, linear: nn.Linear, kernel: Kernel, cache_dir: Path | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -109,7 +115,11 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
         flat = x.reshape(-1, self.in_features).to(self.activation)
-        if self.lib is not None:
+        if self.lib is not None and flat.shape[0] >= self.gemm_rows:  # a prompt: compute-bound, the float GEMM wins
+            gemm = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
+            w = native.dequantize(self.lib, self.fmt, self.blocks, self.in_features, gemm)
+            y = F.linear(x.reshape(-1, self.in_features).to(gemm), w)
+        elif self.lib is not None:
             y = native.matmul(self.lib, self.fmt, self.blocks, self.in_features, flat.contiguous())
         elif self.mode == "int8":
             y = torch._weight_int8pack_mm(flat, self.qweight, self.scales)
@@ -119,29 +129,98 @@ class QuantLinear(nn.Module):
         return y if self.bias is None else y + self.bias.to(dtype)
 
 
-def choose_kernel(mode: Mode, float_dtype: torch.dtype, device: torch.device, cache_dir: Path | None = None) -> tuple[Kernel | None, dict]:
-    """The fastest kernel for `mode` on this machine, or None when the float `linear` is faster."""
+def choose_kernel(
+    mode: Mode, float_dtype: torch.dtype, device: torch.device, cache_dir: Path | None = None, config: LlamaConfig | None = None
+) -> tuple[Kernel | None, dict]:
+    """The fastest kernel for `mode` on this machine, or None when the float `linear` is faster.
+
+    With the `config` of a Llama-family model, candidates are timed on what serving does: decode steps of a
+    4-layer model of that width, the native kernel through the fused step (`native_decode`); otherwise on
+    batch-1 matmuls of a decoder's shapes.
+    """
     if device.type != "cpu":
         raise InvalidRequestError("weight-only quantisation runs on CPU kernels; on a GPU serve in bfloat16", param="quantize")
 
     candidates = [Kernel(mode, torch.bfloat16), Kernel(mode, torch.float32)]
     if native.library(cache_dir) is not None:
         candidates.insert(0, Kernel(mode, torch.float32, "native"))
+    if config is not None and (config.moe is not None or config.dim % GROUP or config.hidden_dim % GROUP):
+        config = None
+    if config is not None:
+        config = replace(config, n_layers=4, vocab_size=4096, max_seq_len=256, tie_embeddings=False, rope_scaling=None)
 
     def measure() -> dict:
+        if config is not None:
+            times = {"float": _time_decode(config, float_dtype, None, cache_dir)}
+            for kernel in candidates:
+                times[kernel.name] = _time_decode(config, float_dtype, kernel, cache_dir)
+            return {"seconds": times, "workload": "8 decode steps of a 4-layer model"}
         shapes = [(1536, 576), (576, 1536), (576, 576)] * 8  # several MB each: streamed, like a decoder's weights
         times = {"float": _time_float(shapes, float_dtype)}
         for kernel in candidates:
             times[kernel.name] = _time_quant(shapes, kernel, cache_dir)
-        return {"seconds": times}
+        return {"seconds": times, "workload": "24 batch-1 matmuls"}
 
     names = "+".join(k.name for k in candidates)
-    key = f"quant {names} vs {str(float_dtype).removeprefix('torch.')} | {device_key(device)}"
+    shape = f"llama {config.dim}x{config.hidden_dim} {config.n_heads}/{config.n_kv_heads} heads" if config else "matmuls"
+    key = f"quant {names} vs {str(float_dtype).removeprefix('torch.')} on {shape} | {device_key(device)}"
     seconds = cached_probe(cache_dir, key, measure)["seconds"]
     best = min(seconds, key=seconds.get)
     if best == "float":
         return None, seconds
     return next(k for k in candidates if k.name == best), seconds
+
+
+def gemm_rows(kernel: Kernel, float_dtype: torch.dtype, cache_dir: Path | None = None) -> int:
+    """From how many input rows expanding native blocks to floats for the float GEMM beats integer dots."""
+    if kernel.backend != "native":
+        return 1 << 30
+    gemm = float_dtype if float_dtype in (torch.float32, torch.bfloat16) else torch.float32
+
+    def measure() -> dict:
+        shapes = [(1536, 576), (576, 1536), (576, 576)]
+        for rows in (8, 16, 32, 64, 128, 256):
+            int_path = [QuantLinear(nn.Linear(i, o, bias=False), kernel, cache_dir) for o, i in shapes]
+            float_path = [QuantLinear(nn.Linear(i, o, bias=False), kernel, cache_dir) for o, i in shapes]
+            for layer in float_path:
+                layer.gemm_rows = 1
+            xs = [torch.randn(rows, i, dtype=gemm) for _, i in shapes]
+            t_int = _best(lambda: [f(x) for f, x in zip(int_path, xs, strict=True)])  # noqa: B023
+            t_float = _best(lambda: [f(x) for f, x in zip(float_path, xs, strict=True)])  # noqa: B023
+            if t_float < t_int:
+                return {"rows": rows}
+        return {"rows": 1 << 30}
+
+    key = f"native {kernel.mode} gemm rows, {str(gemm).removeprefix('torch.')} | {device_key(torch.device('cpu'))}"
+    return int(cached_probe(cache_dir, key, measure)["rows"])
+
+
+def _time_decode(config: LlamaConfig, dtype: torch.dtype, kernel: Kernel | None, cache_dir: Path | None) -> float:
+    from lamina.llm.native_decode import NativeDecoder  # (it builds on QuantLinear)
+
+    torch.manual_seed(0)
+    model = Llama(config).to(dtype).eval()
+    try:
+        if kernel is not None:
+            _replace_linears(model, kernel, kernel, cache_dir)
+    except (RuntimeError, NotImplementedError) as e:  # a kernel this build of torch does not have
+        logger.info("quantised kernel %s unavailable: %s", kernel, e)
+        return float("inf")
+    decoder = NativeDecoder.for_model(model) if kernel is not None and kernel.backend == "native" else None
+    tokens = torch.tensor([[1]])
+
+    def steps() -> None:
+        if decoder is not None:
+            slots = SlotCache(config.n_layers, config.n_kv_heads, config.head_dim, dtype=dtype, device="cpu")  # type: ignore[arg-type]
+            slots.reserve(1, 64)
+            for _ in range(8):
+                decoder.decode(tokens, slots, 1)
+        else:
+            cache = model.new_cache(1, 64)
+            for _ in range(8):
+                model(tokens, cache)
+
+    return _best(steps)
 
 
 def _time_float(shapes: list[tuple[int, int]], dtype: torch.dtype) -> float:
@@ -172,23 +251,29 @@ def _best(fn, repeats: int = 5) -> float:  # type: ignore[no-untyped-def]
 def quantize_model(model: nn.Module, mode: Mode, cache_dir: Path | None = None) -> dict:
     """Replace every Linear (and the output head) with a QuantLinear using the measured-fastest kernel."""
     ref = next(model.parameters())
-    kernel, seconds = choose_kernel(mode, ref.dtype, ref.device, cache_dir)
+    config = model.config if isinstance(model, Llama) else None
+    kernel, seconds = choose_kernel(mode, ref.dtype, ref.device, cache_dir, config)
     shown = ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in seconds.items())
     if kernel is None:
         raise InvalidRequestError(
             f"--quantize {mode} would be slower than {str(ref.dtype).removeprefix('torch.')} on this machine "
-            f"(model-shaped matmuls: {shown}); serve without --quantize", param="quantize")
+            f"(measured: {shown}); serve without --quantize", param="quantize")
     head_kernel: Kernel | None = kernel
-    if mode == "int4":
-        head_kernel, _ = choose_kernel("int8", ref.dtype, ref.device, cache_dir)
+    if mode == "int4":  # the head in int8, with the same backend where it has one
+        head_kernel = Kernel("int8", kernel.activation, kernel.backend)
+    replaced = _replace_linears(model, kernel, head_kernel, cache_dir, gemm_rows(kernel, ref.dtype, cache_dir))
+    logger.info("quantised %d linear layers to %s with the %s kernel (%s)", replaced, mode, kernel.name, shown)
+    return {"mode": mode, "kernel": kernel.name, "layers": replaced, "seconds": seconds}
+
+
+def _replace_linears(model: nn.Module, kernel: Kernel, head_kernel: Kernel, cache_dir: Path | None, rows: int = 1 << 30) -> int:
     replaced = 0
     for _, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if not isinstance(child, nn.Linear) or child.in_features % GROUP:
                 continue
-            chosen = head_kernel if child_name == "lm_head" else kernel
-            if chosen is not None:
-                setattr(module, child_name, QuantLinear(child, chosen, cache_dir))
-                replaced += 1
-    logger.info("quantised %d linear layers to %s with the %s kernel (%s)", replaced, mode, kernel.name, shown)
-    return {"mode": mode, "kernel": kernel.name, "layers": replaced, "seconds": seconds}
+            layer = QuantLinear(child, head_kernel if child_name == "lm_head" else kernel, cache_dir)
+            layer.gemm_rows = rows
+            setattr(module, child_name, layer)
+            replaced += 1
+    return replaced

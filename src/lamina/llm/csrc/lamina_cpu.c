@@ -106,45 +106,54 @@ static inline void act_quantize(Act *a, const float *x, int m, int ldx) {
 
 #define MT 4 /* activation rows per pass over a weight row */
 
+/* Rows m0..m0+MTC-1 (MTC a constant after inlining, so the accumulators stay in registers). */
+static inline __attribute__((always_inline)) void dot_tile(int fmt, const uint8_t *row, const Act *a, int m0, const int MTC, float *out, int ldo) {
+    const int nb = a->K / QK;
+    __m256 acc[MT];
+    float accm[MT];
+    for (int t = 0; t < MTC; t++) {
+        acc[t] = _mm256_setzero_ps();
+        accm[t] = 0.0f;
+    }
+    const int8_t *xq = a->q + (size_t)m0 * a->K;
+    const float *xd = a->d + (size_t)m0 * nb, *xs = a->s + (size_t)m0 * nb;
+    if (fmt == FMT_Q4) {
+        for (int b = 0; b < nb; b++) {
+            const uint8_t *blk = row + (size_t)b * 20;
+            const float d = f16_to_f32(blk), mn = f16_to_f32(blk + 2);
+            const __m256i w = q4_unpack(blk + 4);
+            for (int t = 0; t < MTC; t++) {
+                const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + (size_t)t * a->K + b * QK));
+                const __m256 p = _mm256_cvtepi32_ps(dot_u8s8(w, x));
+                acc[t] = _mm256_fmadd_ps(p, _mm256_set1_ps(d * xd[(size_t)t * nb + b]), acc[t]);
+                accm[t] += mn * xs[(size_t)t * nb + b];
+            }
+        }
+    } else {
+        for (int b = 0; b < nb; b++) {
+            const uint8_t *blk = row + (size_t)b * 34;
+            const float d = f16_to_f32(blk);
+            const __m256i w = _mm256_loadu_si256((const __m256i *)(blk + 2));
+            const __m256i wabs = _mm256_sign_epi8(w, w);
+            for (int t = 0; t < MTC; t++) {
+                const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + (size_t)t * a->K + b * QK));
+                const __m256 p = _mm256_cvtepi32_ps(dot_u8s8(wabs, _mm256_sign_epi8(x, w)));
+                acc[t] = _mm256_fmadd_ps(p, _mm256_set1_ps(d * xd[(size_t)t * nb + b]), acc[t]);
+            }
+        }
+    }
+    for (int t = 0; t < MTC; t++) out[(size_t)(m0 + t) * ldo] = hsum256(acc[t]) + accm[t];
+}
+
 /* out[m * ldo] = dot(weight row n, activation row m) for m < M. */
 static void dot_row(int fmt, const uint8_t *row, const Act *a, int M, float *out, int ldo) {
-    const int nb = a->K / QK;
-    for (int m0 = 0; m0 < M; m0 += MT) {
-        const int mt = M - m0 < MT ? M - m0 : MT;
-        __m256 acc[MT];
-        float accm[MT];
-        for (int t = 0; t < MT; t++) {
-            acc[t] = _mm256_setzero_ps();
-            accm[t] = 0.0f;
-        }
-        if (fmt == FMT_Q4) {
-            for (int b = 0; b < nb; b++) {
-                const uint8_t *blk = row + (size_t)b * 20;
-                const float d = f16_to_f32(blk), mn = f16_to_f32(blk + 2);
-                const __m256i w = q4_unpack(blk + 4);
-                for (int t = 0; t < mt; t++) {
-                    const int m = m0 + t;
-                    const __m256i x = _mm256_loadu_si256((const __m256i *)(a->q + (size_t)m * a->K + b * QK));
-                    const __m256 p = _mm256_cvtepi32_ps(dot_u8s8(w, x));
-                    acc[t] = _mm256_fmadd_ps(p, _mm256_set1_ps(d * a->d[(size_t)m * nb + b]), acc[t]);
-                    accm[t] += mn * a->s[(size_t)m * nb + b];
-                }
-            }
-        } else {
-            for (int b = 0; b < nb; b++) {
-                const uint8_t *blk = row + (size_t)b * 34;
-                const float d = f16_to_f32(blk);
-                const __m256i w = _mm256_loadu_si256((const __m256i *)(blk + 2));
-                const __m256i wabs = _mm256_sign_epi8(w, w);
-                for (int t = 0; t < mt; t++) {
-                    const int m = m0 + t;
-                    const __m256i x = _mm256_loadu_si256((const __m256i *)(a->q + (size_t)m * a->K + b * QK));
-                    const __m256 p = _mm256_cvtepi32_ps(dot_u8s8(wabs, _mm256_sign_epi8(x, w)));
-                    acc[t] = _mm256_fmadd_ps(p, _mm256_set1_ps(d * a->d[(size_t)m * nb + b]), acc[t]);
-                }
-            }
-        }
-        for (int t = 0; t < mt; t++) out[(size_t)(m0 + t) * ldo] = hsum256(acc[t]) + accm[t];
+    int m0 = 0;
+    for (; m0 + MT <= M; m0 += MT) dot_tile(fmt, row, a, m0, MT, out, ldo);
+    switch (M - m0) {
+    case 3: dot_tile(fmt, row, a, m0, 3, out, ldo); break;
+    case 2: dot_tile(fmt, row, a, m0, 2, out, ldo); break;
+    case 1: dot_tile(fmt, row, a, m0, 1, out, ldo); break;
+    default: break;
     }
 }
 
@@ -162,6 +171,37 @@ void lam_matmul(int fmt, const uint8_t *w, int N, int K, const float *x, int M, 
         for (int n = 0; n < N; n++) dot_row(fmt, w + n * row_bytes, &a, M, y + n, N);
     }
     act_free(&a);
+}
+
+/* ---- W as floats (N x K), float32 or bfloat16: for long inputs, where a float GEMM beats integer dots ---- */
+
+static inline uint16_t f32_to_bf16(float f);
+
+void lam_dequant(int fmt, const uint8_t *w, int N, int K, void *out, int bf16) {
+    const int nb = K / QK;
+    const size_t row_bytes = (size_t)nb * block_bytes(fmt);
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        float tmp[QK];
+        for (int b = 0; b < nb; b++) {
+            const uint8_t *blk = w + n * row_bytes + (size_t)b * block_bytes(fmt);
+            const float d = f16_to_f32(blk);
+            if (fmt == FMT_Q4) {
+                const float mn = f16_to_f32(blk + 2);
+                for (int j = 0; j < 16; j++) {
+                    tmp[j] = d * (float)(blk[4 + j] & 15) + mn;
+                    tmp[j + 16] = d * (float)(blk[4 + j] >> 4) + mn;
+                }
+            } else {
+                for (int j = 0; j < QK; j++) tmp[j] = d * (float)(int8_t)blk[2 + j];
+            }
+            const size_t at = (size_t)n * K + (size_t)b * QK;
+            if (bf16)
+                for (int j = 0; j < QK; j++) ((uint16_t *)out)[at + j] = f32_to_bf16(tmp[j]);
+            else
+                memcpy((float *)out + at, tmp, sizeof tmp);
+        }
+    }
 }
 
 /* ---- the fused decode step ------------------------------------------------------------------------------- */
