@@ -3,8 +3,11 @@
 Question: what do `--quantize int8` and `--quantize int4` cost in quality and buy in speed, against the
 float model in the same run? The issue's bar: perplexity within 1 % (int8) and 5 % (int4) of fp32.
 
-Held-out text: Python's own reference documentation (`pydoc_data.topics`, ships with Python), scored in
-non-overlapping 512-token windows; perplexity = exp(mean next-token cross-entropy) over all scored tokens.
+Held-out text: Python's own reference documentation (`pydoc_data.topics`, ships with Python), scored two ways,
+perplexity = exp(mean next-token cross-entropy):
+- prompt path: non-overlapping 512-token windows through the full forward (what prefill computes);
+- decode path: the first `--decode-tokens` tokens fed one at a time through the step generation uses (the
+  fused native step under --quantize where it applies), so int8-quantised activations are scored too.
 Decode speed: 128 greedy tokens after a chat prompt, (n - 1) / (t_n - t_1), median of 3. Each precision runs
 in its own process (peak RSS is its own).
 
@@ -26,10 +29,30 @@ import time
 from pathlib import Path
 
 CHAT = [{"role": "user", "content": "Write a long story about a lighthouse keeper and a storm."}]
-CONFIGS = [("float32", None), ("auto", None), ("auto", "int8"), ("auto", "int4")]
+CONFIGS = [("float32", None), ("auto", None), ("auto", "int8"), ("auto", "int4"), ("float32", "int8"), ("float32", "int4")]
 
 
-def worker(dtype: str, quantize: str | None, tokens: int, threads: int) -> dict:
+def _decode_perplexity(llm, ids: list[int]) -> float:  # type: ignore[no-untyped-def]
+    import torch
+    import torch.nn.functional as F
+
+    from lamina.arch.kv_cache import SlotCache
+
+    c = llm.model.config
+    slots = SlotCache(c.n_layers, c.n_kv_heads, c.head_dim, dtype=llm.dtype, device="cpu")
+    slots.reserve(1, len(ids) + 8)
+    decoder = llm.engine.runner.native
+    nll = 0.0
+    with torch.inference_mode():
+        llm.model(torch.tensor([ids[:1]]), slots.row(0))
+        for i in range(1, len(ids) - 1):
+            tok = torch.tensor([[ids[i]]])
+            logits = decoder.decode(tok, slots, 1) if decoder is not None else llm.model(tok, slots.decode(1))[:, -1].float()
+            nll += F.cross_entropy(logits, torch.tensor([ids[i + 1]]), reduction="sum").item()
+    return math.exp(nll / (len(ids) - 2))
+
+
+def worker(dtype: str, quantize: str | None, tokens: int, threads: int, decode_tokens: int) -> dict:
     import resource
 
     import torch
@@ -57,6 +80,7 @@ def worker(dtype: str, quantize: str | None, tokens: int, threads: int) -> dict:
             logits = llm.model(x).float()[0]
             nll += F.cross_entropy(logits, y, reduction="sum").item()
             count += len(chunk) - 1
+    decode_ppl = _decode_perplexity(llm, ids[: decode_tokens + 1])
     chat_ids = llm.encode_chat(CHAT)
     params = SamplingParams(max_tokens=128, temperature=0, ignore_eos=True)
     speeds = []
@@ -69,6 +93,9 @@ def worker(dtype: str, quantize: str | None, tokens: int, threads: int) -> dict:
         "activations": str(llm.dtype).removeprefix("torch."),
         "perplexity": math.exp(nll / count),
         "tokens_scored": count,
+        "decode_perplexity": decode_ppl,
+        "decode_tokens_scored": min(decode_tokens, len(ids) - 1) - 1,
+        "decode_step": "native" if llm.engine.runner.native is not None else "pytorch",
         "decode_tok_s": statistics.median(speeds),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
@@ -78,17 +105,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--decode-tokens", type=int, default=1024)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quant.json")
     parser.add_argument("--worker", nargs=2, metavar=("DTYPE", "QUANTIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         dtype, quantize = args.worker
-        print(json.dumps(worker(dtype, None if quantize == "none" else quantize, args.tokens, args.threads)))
+        print(json.dumps(worker(dtype, None if quantize == "none" else quantize, args.tokens, args.threads, args.decode_tokens)))
         return
     rows = []
     for dtype, quantize in CONFIGS:
         cmd = [sys.executable, __file__, "--worker", dtype, quantize or "none", "--tokens", str(args.tokens),
-               "--threads", str(args.threads)]
+               "--threads", str(args.threads), "--decode-tokens", str(args.decode_tokens)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if out.returncode != 0:
             print(f"{dtype} {quantize}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
@@ -98,11 +126,14 @@ def main() -> None:
         print(f"{row['precision']:9} ppl {row['perplexity']:.3f}  decode {row['decode_tok_s']:.1f} tok/s", file=sys.stderr)
     base = next(r for r in rows if r["precision"] == "float32")
     print(f"\nSmolLM2-135M-Instruct, {base['tokens_scored']} held-out tokens (pydoc), {args.threads} threads")
-    print(f"{'weights':9} {'activations':11} {'perplexity':>10} {'vs fp32':>8} {'decode tok/s':>12} {'vs fp32':>8} {'RSS MB':>7}")
+    print(f"{'weights':9} {'activations':11} {'step':7} {'ppl prompt':>10} {'vs fp32':>8} {'ppl decode':>10} {'vs fp32':>8} "
+          f"{'decode tok/s':>12} {'vs fp32':>8} {'RSS MB':>7}")
     for r in rows:
         r["ppl_vs_fp32"] = r["perplexity"] / base["perplexity"] - 1
+        r["decode_ppl_vs_fp32"] = r["decode_perplexity"] / base["decode_perplexity"] - 1
         r["decode_vs_fp32"] = r["decode_tok_s"] / base["decode_tok_s"]
-        print(f"{r['precision']:9} {r['activations']:11} {r['perplexity']:10.3f} {r['ppl_vs_fp32']:+8.2%} "
+        print(f"{r['precision']:9} {r['activations']:11} {r['decode_step']:7} {r['perplexity']:10.3f} {r['ppl_vs_fp32']:+8.2%} "
+              f"{r['decode_perplexity']:10.3f} {r['decode_ppl_vs_fp32']:+8.2%} "
               f"{r['decode_tok_s']:12.1f} {r['decode_vs_fp32']:7.2f}x {r['peak_rss_mb']:7.0f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"threads": args.threads, "rows": rows}, indent=2))

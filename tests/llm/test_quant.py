@@ -177,8 +177,11 @@ def test_fused_decode_refuses_positions_outside_the_cache(tmp_path) -> None:  # 
     assert decoder is not None
     cache = _prefill(model, [[1, 2, 3]])
     cache.lengths[0] = cache.capacity  # full
-    with pytest.raises(ValueError, match="outside the KV cache"):
+    with pytest.raises(ValueError, match="do not fit the KV cache"):
         decoder.decode(torch.tensor([[3]]), cache, 1)
+    cache.lengths[0] = 3
+    with pytest.raises(ValueError, match="do not fit the KV cache"):  # more rows than the cache has
+        decoder.decode(torch.tensor([[3], [3]]), cache, 2)
 
 
 def test_fused_decode_applies_only_where_it_is_exact(tmp_path) -> None:  # type: ignore[no-untyped-def]

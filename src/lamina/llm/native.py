@@ -6,6 +6,9 @@ than the float ones on AVX2 machines. The C file does what llama.cpp does: weigh
 fp16 scale (Q4 with an offset, Q8 symmetric), activations quantised to int8 per block, integer dot products
 (AVX-VNNI where present, AVX2 otherwise), and one call per decode step that runs every layer.
 
+Threads: each call runs on torch.get_num_threads() OpenMP threads, passed explicitly (an OpenMP thread
+count set in one Python thread does not carry to the engine's worker thread).
+
 The library is compiled on first use with the system C compiler (`-O3 -march=native -fopenmp`, about a
 second, no Python or PyTorch headers) into LAMINA_HOME/cache/native, keyed by the source, the compiler and
 the CPU, and loaded with ctypes (which releases the GIL while it runs). Where there is no compiler, or the
@@ -99,9 +102,9 @@ def _build_and_load(cache_dir: Path | None) -> ctypes.CDLL | None:
         os.replace(tmp, path)  # atomic: a concurrent process sees the old state or a whole library
     lib = ctypes.CDLL(str(path))
     vp, i32, i64p = ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_int64)
-    lib.lam_matmul.argtypes = [i32, vp, i32, i32, vp, i32, vp]
+    lib.lam_matmul.argtypes = [i32, vp, i32, i32, vp, i32, vp, i32]
     lib.lam_matmul.restype = None
-    lib.lam_dequant.argtypes = [i32, vp, i32, i32, vp, i32]
+    lib.lam_dequant.argtypes = [i32, vp, i32, i32, vp, i32, i32]
     lib.lam_dequant.restype = None
     lib.lam_llama_decode.argtypes = [i64p, ctypes.c_float, i64p, vp, vp, vp, vp, vp, vp, vp, vp]
     lib.lam_llama_decode.restype = i32
@@ -166,7 +169,7 @@ def matmul(lib: ctypes.CDLL, fmt: int, blocks: torch.Tensor, in_features: int, x
     m, n = x.shape[0], blocks.shape[0]
     y = torch.empty(m, n, dtype=torch.float32)
     if m:
-        lib.lam_matmul(fmt, blocks.data_ptr(), n, in_features, x.data_ptr(), m, y.data_ptr())
+        lib.lam_matmul(fmt, blocks.data_ptr(), n, in_features, x.data_ptr(), m, y.data_ptr(), torch.get_num_threads())
     return y
 
 
@@ -175,5 +178,7 @@ def dequantize(lib: ctypes.CDLL, fmt: int, blocks: torch.Tensor, in_features: in
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"dequantize to float32 or bfloat16, not {dtype}")
     w = torch.empty(blocks.shape[0], in_features, dtype=dtype)
-    lib.lam_dequant(fmt, blocks.data_ptr(), blocks.shape[0], in_features, w.data_ptr(), int(dtype == torch.bfloat16))
+    lib.lam_dequant(
+        fmt, blocks.data_ptr(), blocks.shape[0], in_features, w.data_ptr(), int(dtype == torch.bfloat16), torch.get_num_threads()
+    )
     return w

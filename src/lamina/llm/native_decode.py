@@ -73,12 +73,15 @@ class NativeDecoder:
         """Logits (rows, vocab) float32 for one new token in each of rows 0..rows-1 of `cache`."""
         if cache.dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"the native decode step keeps keys and values in float32 or bfloat16, not {cache.dtype}")
+        if rows > cache.slots:
+            raise ValueError(f"{rows} rows do not fit the KV cache ({cache.slots} rows of {cache.capacity} positions)")
         x = self.model.embed_tokens(tokens.reshape(rows)).float().contiguous()  # (rows, dim), the residual stream
         positions = torch.tensor(cache.lengths[:rows], dtype=torch.int64)
         logits = torch.empty(rows, self.shape[-1], dtype=torch.float32)
         head = self.model.lm_head
         cfg = torch.tensor(
-            [*self.shape, rows, cache.slots, cache.capacity, int(cache.dtype == torch.bfloat16), self.window, head.fmt],
+            [*self.shape, rows, cache.slots, cache.capacity, int(cache.dtype == torch.bfloat16), self.window, head.fmt,
+             torch.get_num_threads()],
             dtype=torch.int64,
         )
         assert cache.k.is_contiguous() and cache.v.is_contiguous()
@@ -88,7 +91,8 @@ class NativeDecoder:
             logits.data_ptr(),
         )
         if status:
-            raise ValueError(f"a position is outside the KV cache's {cache.capacity} slots: {cache.lengths[:rows]}")
+            raise ValueError(f"{rows} rows at positions {cache.lengths[:rows]} do not fit the KV cache "
+                             f"({cache.slots} rows of {cache.capacity} positions)")
         for b in range(rows):
             cache.lengths[b] += 1
         return logits

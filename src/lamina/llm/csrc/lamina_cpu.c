@@ -159,11 +159,11 @@ static void dot_row(int fmt, const uint8_t *row, const Act *a, int M, float *out
 
 /* ---- y = x W^T for a block-quantised W (N x K); x (M x K) float32, y (M x N) float32 -------------------- */
 
-void lam_matmul(int fmt, const uint8_t *w, int N, int K, const float *x, int M, float *y) {
+void lam_matmul(int fmt, const uint8_t *w, int N, int K, const float *x, int M, float *y, int threads) {
     Act a;
     act_alloc(&a, M, K);
     const size_t row_bytes = (size_t)(K / QK) * block_bytes(fmt);
-#pragma omp parallel
+#pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static)
         for (int m = 0; m < M; m++) act_quantize(&a, x, m, K);
@@ -177,10 +177,10 @@ void lam_matmul(int fmt, const uint8_t *w, int N, int K, const float *x, int M, 
 
 static inline uint16_t f32_to_bf16(float f);
 
-void lam_dequant(int fmt, const uint8_t *w, int N, int K, void *out, int bf16) {
+void lam_dequant(int fmt, const uint8_t *w, int N, int K, void *out, int bf16, int threads) {
     const int nb = K / QK;
     const size_t row_bytes = (size_t)nb * block_bytes(fmt);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads)
     for (int n = 0; n < N; n++) {
         float tmp[QK];
         for (int b = 0; b < nb; b++) {
@@ -242,17 +242,19 @@ static void rope(float *v, int hd, const float *inv_freq, float pos) {
  * (attention, mlp), biases q k v (0 when absent). */
 enum { L_WQ, L_WK, L_WV, L_WO, L_WG, L_WU, L_WD, L_FQ, L_FK, L_FV, L_FO, L_FG, L_FU, L_FD, L_NA, L_NM, L_BQ, L_BK, L_BV, L_N };
 
-/* cfg: n_layers dim n_heads n_kv head_dim hidden vocab M slots capacity kv_bf16 window head_fmt */
+/* cfg: n_layers dim n_heads n_kv head_dim hidden vocab M slots capacity kv_bf16 window head_fmt threads.
+ * Returns 1, having done nothing, when a position lies outside the cache or M exceeds its slots. */
 int lam_llama_decode(const int64_t *cfg, float eps, const int64_t *layers, const float *final_norm, const uint8_t *head,
                      const float *inv_freq, float *x, const int64_t *positions, void *kcache, void *vcache, float *logits) {
     const int n_layers = (int)cfg[0], dim = (int)cfg[1], nh = (int)cfg[2], nkv = (int)cfg[3], hd = (int)cfg[4];
     const int hidden = (int)cfg[5], vocab = (int)cfg[6], M = (int)cfg[7];
     const int64_t slots = cfg[8], cap = cfg[9];
-    const int kv_bf16 = (int)cfg[10], window = (int)cfg[11], head_fmt = (int)cfg[12];
+    const int kv_bf16 = (int)cfg[10], window = (int)cfg[11], head_fmt = (int)cfg[12], threads = (int)cfg[13];
     const int nq = nh * hd, nk = nkv * hd, nqkv = nq + 2 * nk, rep = nh / nkv;
     const size_t esz = kv_bf16 ? 2 : 4;
     const float scale = 1.0f / sqrtf((float)hd);
     int64_t max_pos = 0;
+    if (M > slots) return 1;
     for (int m = 0; m < M; m++) {
         if (positions[m] < 0 || positions[m] >= cap) return 1;
         if (positions[m] > max_pos) max_pos = positions[m];
@@ -267,7 +269,7 @@ int lam_llama_decode(const int64_t *cfg, float eps, const int64_t *layers, const
     act_alloc(&a_att, M, nq);
     act_alloc(&a_ff, M, hidden);
 
-#pragma omp parallel
+#pragma omp parallel num_threads(threads)
     {
         float *scores = malloc(sizeof(float) * (size_t)(max_pos + 1));
         for (int l = 0; l < n_layers; l++) {
