@@ -106,7 +106,7 @@ def _build_and_load(cache_dir: Path | None) -> ctypes.CDLL | None:
     lib.lam_matmul.restype = None
     lib.lam_dequant.argtypes = [i32, vp, i32, i32, vp, i32, i32]
     lib.lam_dequant.restype = None
-    lib.lam_llama_decode.argtypes = [i64p, ctypes.c_float, i64p, vp, vp, vp, vp, vp, vp, vp, vp]
+    lib.lam_llama_decode.argtypes = [i64p, ctypes.c_float, i64p, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp]
     lib.lam_llama_decode.restype = i32
     return lib
 

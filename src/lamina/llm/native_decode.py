@@ -56,7 +56,8 @@ class NativeDecoder:
             return None
         c = model.config
         assert c.head_dim is not None
-        if model.embed_tokens.weight.device.type != "cpu" or c.head_dim % 8 or c.dim % 32 or c.hidden_dim % 32:
+        ref = model.embed_tokens.weight
+        if ref.device.type != "cpu" or ref.dtype not in (torch.float32, torch.bfloat16) or c.head_dim % 8 or c.dim % 32 or c.hidden_dim % 32:
             return None
         linears = [block.get_submodule(name) for block in model.layers for name in _PROJ] + [model.lm_head]
         if not all(isinstance(m, QuantLinear) and m.lib is not None for m in linears):
@@ -71,30 +72,46 @@ class NativeDecoder:
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, cache: SlotCache, rows: int) -> torch.Tensor:
         """Logits (rows, vocab) float32 for one new token in each of rows 0..rows-1 of `cache`."""
-        if cache.dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"the native decode step keeps keys and values in float32 or bfloat16, not {cache.dtype}")
         if rows > cache.slots:
             raise ValueError(f"{rows} rows do not fit the KV cache ({cache.slots} rows of {cache.capacity} positions)")
-        x = self.model.embed_tokens(tokens.reshape(rows)).float().contiguous()  # (rows, dim), the residual stream
-        positions = torch.tensor(cache.lengths[:rows], dtype=torch.int64)
-        logits = torch.empty(rows, self.shape[-1], dtype=torch.float32)
+        logits = self.step(tokens.reshape(rows), list(range(rows)), list(cache.lengths[:rows]), list(range(rows)), cache)
+        for b in range(rows):
+            cache.lengths[b] += 1
+        return logits
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor, slots: list[int], positions: list[int], logit_rows: list[int], cache: SlotCache) -> torch.Tensor:
+        """One forward over token rows: tokens[i] goes to cache row slots[i] at positions[i].
+
+        Rows of one slot may cover consecutive positions (a prompt chunk, fed with the decoding rows in the
+        same call). Returns logits (len(logit_rows), vocab) float32 for the rows listed. The cache's
+        `lengths` are left to the caller.
+        """
+        if cache.dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"the native decode step keeps keys and values in float32 or bfloat16, not {cache.dtype}")
+        m = len(positions)
+        if not (len(tokens) == len(slots) == m):
+            raise ValueError(f"{len(tokens)} tokens, {len(slots)} slots and {m} positions: one of each per row")
+        x = self.model.embed_tokens(tokens.reshape(m)).float().contiguous()  # (m, dim), the residual stream
+        slot_t = torch.tensor(slots, dtype=torch.int64)
+        pos_t = torch.tensor(positions, dtype=torch.int64)
+        out_t = torch.tensor(logit_rows, dtype=torch.int64)
+        logits = torch.empty(len(logit_rows), self.shape[-1], dtype=torch.float32)
         head = self.model.lm_head
         cfg = torch.tensor(
-            [*self.shape, rows, cache.slots, cache.capacity, int(cache.dtype == torch.bfloat16), self.window, head.fmt,
-             torch.get_num_threads()],
+            [*self.shape, m, cache.slots, cache.capacity, int(cache.dtype == torch.bfloat16), self.window, head.fmt,
+             torch.get_num_threads(), len(logit_rows)],
             dtype=torch.int64,
         )
         assert cache.k.is_contiguous() and cache.v.is_contiguous()
         status = self.lib.lam_llama_decode(
             _i64(cfg), ctypes.c_float(self.eps), _i64(self.layers), self.final_norm, head.blocks.data_ptr(),
-            self.inv_freq.data_ptr(), x.data_ptr(), positions.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(),
-            logits.data_ptr(),
+            self.inv_freq.data_ptr(), x.data_ptr(), slot_t.data_ptr(), pos_t.data_ptr(), out_t.data_ptr(),
+            cache.k.data_ptr(), cache.v.data_ptr(), logits.data_ptr(),
         )
         if status:
-            raise ValueError(f"{rows} rows at positions {cache.lengths[:rows]} do not fit the KV cache "
-                             f"({cache.slots} rows of {cache.capacity} positions)")
-        for b in range(rows):
-            cache.lengths[b] += 1
+            raise ValueError(f"rows at slots {slots} and positions {positions} (logits for {logit_rows}) do not fit the KV "
+                             f"cache ({cache.slots} rows of {cache.capacity} positions)")
         return logits
 
 

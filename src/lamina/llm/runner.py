@@ -28,7 +28,7 @@ from lamina.arch.kv_cache import SlotCache
 from lamina.arch.lora import adapter_names, route_adapters
 from lamina.errors import InvalidRequestError
 from lamina.llm.native_decode import NativeDecoder
-from lamina.llm.scheduler import SchedulerOutput, Sequence
+from lamina.llm.scheduler import ScheduledChunk, SchedulerOutput, Sequence
 
 CACHE_STEP = 256
 PREFIX_WAIT_TOKENS = 32
@@ -64,8 +64,10 @@ class ModelRunner:
         self.prefix_hits = 0
         self.adapters: set[str] = set()
         self.refresh_adapters()
-        # Quantised Llama-family models decode in one native call per step (prefill stays in PyTorch).
+        # Quantised Llama-family models run each step in one native call: the decoding rows and the prompt
+        # chunks shorter than the length from which the float GEMM is faster (longer ones run in PyTorch).
         self.native = NativeDecoder.for_model(model)
+        self.native_prefill_rows = min((getattr(m, "gemm_rows", 1 << 30) for m in model.modules()), default=1 << 30)
 
     def refresh_adapters(self) -> None:
         """Take note of the LoRA adapters loaded into the model (call after loading or removing one)."""
@@ -219,34 +221,73 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, work: SchedulerOutput) -> dict[str, torch.Tensor]:
         """Feed every chunk; return float32 logits (vocab,) for the sequences that sample this step."""
-        logits: dict[str, torch.Tensor] = {}
         decode = [c for c in work.chunks if c.seq.row < self.decoding]
         prefill = [c for c in work.chunks if c.seq.row >= self.decoding]
+        assert not decode or len(decode) == self.decoding, "every decoding sequence takes part in each step"
+        if self.native is not None and not self.adapters:
+            return self._execute_native(decode, prefill)
+        logits: dict[str, torch.Tensor] = {}
         if decode:
             d = self.decoding
-            assert len(decode) == d, "every decoding sequence takes part in each step"
             self.slots.reserve(len(self.rows), _round(max(self.slots.lengths[:d]) + 1))
             tokens = torch.zeros(d, 1, dtype=torch.long, device=self.device)
             for c in decode:
                 tokens[c.seq.row, 0] = c.token_ids[0]
-            if self.native is not None and not self.adapters:
-                out = self.native.decode(tokens, self.slots, d)  # (D, vocab)
-            else:
-                out = self._forward(self.rows[:d], tokens, self.slots.decode(d))[:, -1].float()  # (D, vocab)
+            out = self._forward(self.rows[:d], tokens, self.slots.decode(d))[:, -1].float()  # (D, vocab)
             for c in decode:
                 c.seq.num_computed += 1
                 logits[c.seq.request_id] = out[c.seq.row]
         for c in prefill:
-            seq = c.seq
-            self.slots.reserve(len(self.rows), _round(seq.num_computed + len(c.token_ids)))
-            tokens = torch.tensor([c.token_ids], dtype=torch.long, device=self.device)
-            out = self._forward([seq], tokens, self.slots.row(seq.row), last_only=True)
-            seq.num_computed += len(c.token_ids)
-            if c.sample:
-                logits[seq.request_id] = out[0, -1].float()
-                self._swap(seq.row, self.decoding)  # it decodes from now on
-                self.decoding += 1
+            self._prefill_chunk(c, self._forward([c.seq], torch.tensor([c.token_ids], dtype=torch.long, device=self.device),
+                                                 self.slots.row(c.seq.row), last_only=True)[0, -1], logits)
         return logits
+
+    def _execute_native(self, decode: list[ScheduledChunk], prefill: list[ScheduledChunk]) -> dict[str, torch.Tensor]:
+        """One native call for the decoding rows and every short prompt chunk; long chunks take the float GEMM."""
+        assert self.native is not None
+        logits: dict[str, torch.Tensor] = {}
+        short = [c for c in prefill if len(c.token_ids) < self.native_prefill_rows]
+        long = [c for c in prefill if len(c.token_ids) >= self.native_prefill_rows]
+        fused = decode + short
+        if fused:
+            need = max(self.slots.lengths[c.seq.row] + len(c.token_ids) for c in fused)
+            self.slots.reserve(len(self.rows), _round(need))
+            tokens: list[int] = []
+            slots: list[int] = []
+            positions: list[int] = []
+            out_rows: list[int] = []
+            samplers: list[ScheduledChunk] = []
+            for c in fused:
+                start = self.slots.lengths[c.seq.row]
+                tokens += c.token_ids
+                slots += [c.seq.row] * len(c.token_ids)
+                positions += range(start, start + len(c.token_ids))
+                if c.seq.row < self.decoding or c.sample:
+                    out_rows.append(len(tokens) - 1)
+                    samplers.append(c)
+            out = self.native.step(torch.tensor(tokens), slots, positions, out_rows, self.slots)
+            for c in fused:
+                self.slots.lengths[c.seq.row] += len(c.token_ids)
+            sampled = {id(c): out[i] for i, c in enumerate(samplers)}
+            for c in decode:
+                c.seq.num_computed += 1
+                logits[c.seq.request_id] = sampled[id(c)]
+            for c in short:
+                self._prefill_chunk(c, sampled.get(id(c)), logits)
+        for c in long:
+            self._prefill_chunk(c, self._forward([c.seq], torch.tensor([c.token_ids], dtype=torch.long, device=self.device),
+                                                 self.slots.row(c.seq.row), last_only=True)[0, -1], logits)
+        return logits
+
+    def _prefill_chunk(self, c: ScheduledChunk, last: torch.Tensor | None, logits: dict[str, torch.Tensor]) -> None:
+        """Book a fed prompt chunk; one that ends the prompt samples and joins the decoding rows."""
+        seq = c.seq
+        seq.num_computed += len(c.token_ids)
+        if c.sample:
+            assert last is not None
+            logits[seq.request_id] = last.float()
+            self._swap(seq.row, self.decoding)  # it decodes from now on
+            self.decoding += 1
 
 
 def _round(n: int) -> int:

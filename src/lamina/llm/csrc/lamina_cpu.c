@@ -60,8 +60,8 @@ static inline __m256i q4_unpack(const uint8_t *qs) {
 
 /* ---- activations ------------------------------------------------------------------------------------ */
 
-/* One row x (K floats) -> int8 qa (K), per-block scale da (K/32) and scaled block sum sa (K/32). */
-static void quantize_row(const float *x, int K, int8_t *qa, float *da, float *sa) {
+/* One row x (K floats) -> int8 qa (K); block b's scale goes to da[b * ld] and its scaled sum to sa[b * ld]. */
+static void quantize_row(const float *x, int K, int8_t *qa, float *da, float *sa, size_t ld) {
     for (int b = 0; b < K / QK; b++) {
         const float *xb = x + b * QK;
         float amax = 0.0f;
@@ -74,22 +74,28 @@ static void quantize_row(const float *x, int K, int8_t *qa, float *da, float *sa
             qa[b * QK + j] = (int8_t)q;
             sum += q;
         }
-        da[b] = d;
-        sa[b] = d * (float)sum;
+        da[b * ld] = d;
+        sa[b * ld] = d * (float)sum;
     }
 }
 
+/* M quantised activation rows: q row-major (M x K); scales block-major (K/32 x ld), so the scales of 8
+ * consecutive rows for one block are one vector load. */
 typedef struct {
     int8_t *q;
     float *d, *s;
     int K;
+    size_t ld;
 } Act;
+
+#define MT 8 /* activation rows per pass over a weight row */
 
 static void act_alloc(Act *a, int M, int K) {
     a->K = K;
-    a->q = aligned_alloc(64, (size_t)M * K + 64);
-    a->d = malloc(sizeof(float) * ((size_t)M * K / QK + 1));
-    a->s = malloc(sizeof(float) * ((size_t)M * K / QK + 1));
+    a->ld = (size_t)M + MT; /* room to load a whole tile of scales past the last row */
+    a->q = aligned_alloc(64, ((size_t)M * K + 63) / 64 * 64 + 64);
+    a->d = calloc((size_t)(K / QK) * a->ld, sizeof(float));
+    a->s = calloc((size_t)(K / QK) * a->ld, sizeof(float));
 }
 
 static void act_free(Act *a) {
@@ -99,63 +105,76 @@ static void act_free(Act *a) {
 }
 
 static inline void act_quantize(Act *a, const float *x, int m, int ldx) {
-    quantize_row(x + (size_t)m * ldx, a->K, a->q + (size_t)m * a->K, a->d + (size_t)m * (a->K / QK), a->s + (size_t)m * (a->K / QK));
+    quantize_row(x + (size_t)m * ldx, a->K, a->q + (size_t)m * a->K, a->d + m, a->s + m, a->ld);
 }
 
 /* ---- one output feature for M activation rows --------------------------------------------------------- */
 
-#define MT 4 /* activation rows per pass over a weight row */
-
 /* Rows m0..m0+MTC-1 (MTC a constant after inlining, so the accumulators stay in registers). */
 static inline __attribute__((always_inline)) void dot_tile(int fmt, const uint8_t *row, const Act *a, int m0, const int MTC, float *out, int ldo) {
     const int nb = a->K / QK;
+    static const int32_t lane[MT][8] = {{0, 0, 0, 0, 0, 0, 0, 0}, {1, 1, 1, 1, 1, 1, 1, 1}, {2, 2, 2, 2, 2, 2, 2, 2}, {3, 3, 3, 3, 3, 3, 3, 3},
+                                        {4, 4, 4, 4, 4, 4, 4, 4}, {5, 5, 5, 5, 5, 5, 5, 5}, {6, 6, 6, 6, 6, 6, 6, 6}, {7, 7, 7, 7, 7, 7, 7, 7}};
     __m256 acc[MT];
-    float accm[MT];
-    for (int t = 0; t < MTC; t++) {
-        acc[t] = _mm256_setzero_ps();
-        accm[t] = 0.0f;
-    }
+    __m256 accm = _mm256_setzero_ps(); /* Q4's offsets: lane t for row m0 + t */
+    float accm1 = 0.0f;                /* (the same for a single row) */
+    for (int t = 0; t < MTC; t++) acc[t] = _mm256_setzero_ps();
     const int8_t *xq = a->q + (size_t)m0 * a->K;
-    const float *xd = a->d + (size_t)m0 * nb, *xs = a->s + (size_t)m0 * nb;
     if (fmt == FMT_Q4) {
         for (int b = 0; b < nb; b++) {
             const uint8_t *blk = row + (size_t)b * 20;
-            const float d = f16_to_f32(blk), mn = f16_to_f32(blk + 2);
+            const float d = f16_to_f32(blk);
+            const __m256 scales = MTC == 1 ? _mm256_set1_ps(d * a->d[b * a->ld + m0]) : _mm256_mul_ps(_mm256_set1_ps(d), _mm256_loadu_ps(a->d + b * a->ld + m0));
+            if (MTC == 1)
+                accm1 += f16_to_f32(blk + 2) * a->s[b * a->ld + m0];
+            else
+                accm = _mm256_fmadd_ps(_mm256_set1_ps(f16_to_f32(blk + 2)), _mm256_loadu_ps(a->s + b * a->ld + m0), accm);
             const __m256i w = q4_unpack(blk + 4);
             for (int t = 0; t < MTC; t++) {
                 const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + (size_t)t * a->K + b * QK));
                 const __m256 p = _mm256_cvtepi32_ps(dot_u8s8(w, x));
-                acc[t] = _mm256_fmadd_ps(p, _mm256_set1_ps(d * xd[(size_t)t * nb + b]), acc[t]);
-                accm[t] += mn * xs[(size_t)t * nb + b];
+                const __m256 sc = MTC == 1 ? scales : _mm256_permutevar8x32_ps(scales, _mm256_loadu_si256((const __m256i *)lane[t]));
+                acc[t] = _mm256_fmadd_ps(p, sc, acc[t]);
             }
         }
     } else {
         for (int b = 0; b < nb; b++) {
             const uint8_t *blk = row + (size_t)b * 34;
             const float d = f16_to_f32(blk);
+            const __m256 scales = MTC == 1 ? _mm256_set1_ps(d * a->d[b * a->ld + m0]) : _mm256_mul_ps(_mm256_set1_ps(d), _mm256_loadu_ps(a->d + b * a->ld + m0));
             const __m256i w = _mm256_loadu_si256((const __m256i *)(blk + 2));
             const __m256i wabs = _mm256_sign_epi8(w, w);
             for (int t = 0; t < MTC; t++) {
                 const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + (size_t)t * a->K + b * QK));
                 const __m256 p = _mm256_cvtepi32_ps(dot_u8s8(wabs, _mm256_sign_epi8(x, w)));
-                acc[t] = _mm256_fmadd_ps(p, _mm256_set1_ps(d * xd[(size_t)t * nb + b]), acc[t]);
+                const __m256 sc = MTC == 1 ? scales : _mm256_permutevar8x32_ps(scales, _mm256_loadu_si256((const __m256i *)lane[t]));
+                acc[t] = _mm256_fmadd_ps(p, sc, acc[t]);
             }
         }
     }
-    for (int t = 0; t < MTC; t++) out[(size_t)(m0 + t) * ldo] = hsum256(acc[t]) + accm[t];
+    float offs[8];
+    _mm256_storeu_ps(offs, accm);
+    offs[0] += accm1;
+    for (int t = 0; t < MTC; t++) out[(size_t)(m0 + t) * ldo] = hsum256(acc[t]) + offs[t];
 }
 
-/* out[m * ldo] = dot(weight row n, activation row m) for m < M. */
-static void dot_row(int fmt, const uint8_t *row, const Act *a, int M, float *out, int ldo) {
-    int m0 = 0;
-    for (; m0 + MT <= M; m0 += MT) dot_tile(fmt, row, a, m0, MT, out, ldo);
-    switch (M - m0) {
-    case 3: dot_tile(fmt, row, a, m0, 3, out, ldo); break;
-    case 2: dot_tile(fmt, row, a, m0, 2, out, ldo); break;
-    case 1: dot_tile(fmt, row, a, m0, 1, out, ldo); break;
+/* out[m * ldo] = dot(weight row n, activation row m) for m0 <= m < m1. */
+static void dot_rows(int fmt, const uint8_t *row, const Act *a, int m0, int m1, float *out, int ldo) {
+    int m = m0;
+    for (; m + MT <= m1; m += MT) dot_tile(fmt, row, a, m, MT, out, ldo);
+    switch (m1 - m) {
+    case 7: dot_tile(fmt, row, a, m, 7, out, ldo); break;
+    case 6: dot_tile(fmt, row, a, m, 6, out, ldo); break;
+    case 5: dot_tile(fmt, row, a, m, 5, out, ldo); break;
+    case 4: dot_tile(fmt, row, a, m, 4, out, ldo); break;
+    case 3: dot_tile(fmt, row, a, m, 3, out, ldo); break;
+    case 2: dot_tile(fmt, row, a, m, 2, out, ldo); break;
+    case 1: dot_tile(fmt, row, a, m, 1, out, ldo); break;
     default: break;
     }
 }
+
+static inline void dot_row(int fmt, const uint8_t *row, const Act *a, int M, float *out, int ldo) { dot_rows(fmt, row, a, 0, M, out, ldo); }
 
 /* ---- y = x W^T for a block-quantised W (N x K); x (M x K) float32, y (M x N) float32 -------------------- */
 
@@ -242,21 +261,28 @@ static void rope(float *v, int hd, const float *inv_freq, float pos) {
  * (attention, mlp), biases q k v (0 when absent). */
 enum { L_WQ, L_WK, L_WV, L_WO, L_WG, L_WU, L_WD, L_FQ, L_FK, L_FV, L_FO, L_FG, L_FU, L_FD, L_NA, L_NM, L_BQ, L_BK, L_BV, L_N };
 
-/* cfg: n_layers dim n_heads n_kv head_dim hidden vocab M slots capacity kv_bf16 window head_fmt threads.
- * Returns 1, having done nothing, when a position lies outside the cache or M exceeds its slots. */
+/* One step over M token rows, row m being token x[m] of the sequence in cache row (slot) row_slots[m] at
+ * position positions[m]. Rows of one slot may be several consecutive positions (a prompt chunk): every
+ * row's key and value are written before any row attends, and each attends to its slot's positions up
+ * to its own. Logits (n_logits x vocab) are computed for rows logit_rows[0..n_logits-1] only.
+ * cfg: n_layers dim n_heads n_kv head_dim hidden vocab M slots capacity kv_bf16 window head_fmt threads n_logits.
+ * Returns 1, having done nothing, when a slot or position lies outside the cache. */
 int lam_llama_decode(const int64_t *cfg, float eps, const int64_t *layers, const float *final_norm, const uint8_t *head,
-                     const float *inv_freq, float *x, const int64_t *positions, void *kcache, void *vcache, float *logits) {
+                     const float *inv_freq, float *x, const int64_t *row_slots, const int64_t *positions, const int64_t *logit_rows,
+                     void *kcache, void *vcache, float *logits) {
     const int n_layers = (int)cfg[0], dim = (int)cfg[1], nh = (int)cfg[2], nkv = (int)cfg[3], hd = (int)cfg[4];
     const int hidden = (int)cfg[5], vocab = (int)cfg[6], M = (int)cfg[7];
     const int64_t slots = cfg[8], cap = cfg[9];
     const int kv_bf16 = (int)cfg[10], window = (int)cfg[11], head_fmt = (int)cfg[12], threads = (int)cfg[13];
+    const int n_logits = (int)cfg[14];
     const int nq = nh * hd, nk = nkv * hd, nqkv = nq + 2 * nk, rep = nh / nkv;
     const size_t esz = kv_bf16 ? 2 : 4;
     const float scale = 1.0f / sqrtf((float)hd);
     int64_t max_pos = 0;
-    if (M > slots) return 1;
+    for (int i = 0; i < n_logits; i++)
+        if (logit_rows[i] < 0 || logit_rows[i] >= M) return 1;
     for (int m = 0; m < M; m++) {
-        if (positions[m] < 0 || positions[m] >= cap) return 1;
+        if (positions[m] < 0 || positions[m] >= cap || row_slots[m] < 0 || row_slots[m] >= slots) return 1;
         if (positions[m] > max_pos) max_pos = positions[m];
     }
 
@@ -308,7 +334,7 @@ int lam_llama_decode(const int64_t *cfg, float eps, const int64_t *layers, const
                 for (int j = 0; j < rep; j++) rope(row + (size_t)(g * rep + j) * hd, hd, inv_freq, pos);
                 float *k = row + nq + g * hd, *v = row + nq + nk + g * hd;
                 rope(k, hd, inv_freq, pos);
-                const size_t off = (((size_t)m * nkv + g) * cap + positions[m]) * hd;
+                const size_t off = (((size_t)row_slots[m] * nkv + g) * cap + positions[m]) * hd;
                 if (kv_bf16) {
                     uint16_t *kd = (uint16_t *)kl + off, *vd = (uint16_t *)vl + off;
                     for (int d = 0; d < hd; d++) {
@@ -326,8 +352,8 @@ int lam_llama_decode(const int64_t *cfg, float eps, const int64_t *layers, const
                 const float *q = qkv + (size_t)m * nqkv + (size_t)hh * hd;
                 const int64_t last = positions[m];
                 const int64_t first = window > 0 && last - window + 1 > 0 ? last - window + 1 : 0;
-                const char *kb = kl + ((size_t)m * nkv + g) * cap * hd * esz;
-                const char *vb = vl + ((size_t)m * nkv + g) * cap * hd * esz;
+                const char *kb = kl + ((size_t)row_slots[m] * nkv + g) * cap * hd * esz;
+                const char *vb = vl + ((size_t)row_slots[m] * nkv + g) * cap * hd * esz;
                 float mx = -INFINITY;
                 for (int64_t j = first; j <= last; j++) {
                     __m256 acc = _mm256_setzero_ps();
@@ -377,14 +403,10 @@ int lam_llama_decode(const int64_t *cfg, float eps, const int64_t *layers, const
                     for (int m = 0; m < M; m++) ff[(size_t)m * hidden + n] = gbuf[m] / (1.0f + expf(-gbuf[m])) * ubuf[m];
                 } else {
                     for (int m0 = 0; m0 < M; m0 += MT * 16) {
-                        const int mc = M - m0 < MT * 16 ? M - m0 : MT * 16;
-                        Act part = a_dim;
-                        part.q += (size_t)m0 * dim;
-                        part.d += (size_t)m0 * (dim / QK);
-                        part.s += (size_t)m0 * (dim / QK);
-                        dot_row(F[4], W[4] + n * RB[4], &part, mc, gbuf, 1);
-                        dot_row(F[5], W[5] + n * RB[5], &part, mc, ubuf, 1);
-                        for (int m = 0; m < mc; m++) ff[(size_t)(m0 + m) * hidden + n] = gbuf[m] / (1.0f + expf(-gbuf[m])) * ubuf[m];
+                        const int m1 = M - m0 < MT * 16 ? M : m0 + MT * 16;
+                        dot_rows(F[4], W[4] + n * RB[4], &a_dim, m0, m1, gbuf - m0, 1);
+                        dot_rows(F[5], W[5] + n * RB[5], &a_dim, m0, m1, ubuf - m0, 1);
+                        for (int m = m0; m < m1; m++) ff[(size_t)m * hidden + n] = gbuf[m - m0] / (1.0f + expf(-gbuf[m - m0])) * ubuf[m - m0];
                     }
                 }
             }
@@ -401,13 +423,13 @@ int lam_llama_decode(const int64_t *cfg, float eps, const int64_t *layers, const
         }
         free(scores);
 #pragma omp for schedule(static)
-        for (int m = 0; m < M; m++) {
-            rmsnorm(x + (size_t)m * dim, final_norm, dim, eps, h + (size_t)m * dim);
-            act_quantize(&a_dim, h, m, dim);
+        for (int i = 0; i < n_logits; i++) {
+            rmsnorm(x + (size_t)logit_rows[i] * dim, final_norm, dim, eps, h + (size_t)i * dim);
+            act_quantize(&a_dim, h, i, dim);
         }
         const size_t head_rb = (size_t)(dim / QK) * block_bytes(head_fmt);
 #pragma omp for schedule(static)
-        for (int n = 0; n < vocab; n++) dot_row(head_fmt, head + n * head_rb, &a_dim, M, logits + n, vocab);
+        for (int n = 0; n < vocab; n++) dot_row(head_fmt, head + n * head_rb, &a_dim, n_logits, logits + n, vocab);
     }
     free(h);
     free(qkv);
