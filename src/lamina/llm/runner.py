@@ -109,6 +109,16 @@ class ModelRunner:
                     return False
         return True
 
+    def _reserve(self, capacity: int) -> None:
+        """Room for every row at `capacity` positions. Rows grow by doubling (a burst of N arrivals copies the
+        cache log N times, not N times), but never past what the budget holds at that capacity."""
+        rows, capacity = len(self.rows), max(capacity, self.slots.capacity)
+        if self.slots.slots * capacity > self.budget_positions:  # longer rows: first drop the spare ones
+            self.slots.shrink(max(rows, 1), self.slots.capacity)
+        if rows > self.slots.slots:
+            rows = max(rows, min(2 * self.slots.slots, self.budget_positions // max(capacity, 1)))
+        self.slots.reserve(rows, capacity)
+
     def check_fits_alone(self, seq: Sequence) -> None:
         if _round(self.reservation(seq)) > self.budget_positions:
             raise InvalidRequestError(
@@ -130,7 +140,7 @@ class ModelRunner:
         self.rows.append(seq)
         seq.row = row
         seq.salt = salt
-        self.slots.reserve(len(self.rows), _round(len(seq.prompt_ids) + 1))
+        self._reserve(_round(len(seq.prompt_ids) + 1))
         self.slots.lengths[row] = 0
         self.prefix_queries += len(seq.prompt_ids)
         n, source = self._best_prefix(seq)
@@ -229,7 +239,7 @@ class ModelRunner:
         logits: dict[str, torch.Tensor] = {}
         if decode:
             d = self.decoding
-            self.slots.reserve(len(self.rows), _round(max(self.slots.lengths[:d]) + 1))
+            self._reserve(_round(max(self.slots.lengths[:d]) + 1))
             tokens = torch.zeros(d, 1, dtype=torch.long, device=self.device)
             for c in decode:
                 tokens[c.seq.row, 0] = c.token_ids[0]
@@ -251,7 +261,7 @@ class ModelRunner:
         fused = decode + short
         if fused:
             need = max(self.slots.lengths[c.seq.row] + len(c.token_ids) for c in fused)
-            self.slots.reserve(len(self.rows), _round(need))
+            self._reserve(_round(need))
             tokens: list[int] = []
             slots: list[int] = []
             positions: list[int] = []
