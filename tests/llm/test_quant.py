@@ -239,6 +239,16 @@ def test_native_kernels_can_be_switched_off(monkeypatch: pytest.MonkeyPatch) -> 
     assert native.unavailable_reason() == "disabled by LAMINA_NATIVE=0"
 
 
+def test_a_failing_compiler_falls_back_to_pytorch_kernels(monkeypatch: pytest.MonkeyPatch, tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    assert native.library(tmp_path) is None
+    assert "native kernels unavailable" in caplog.text
+    config = LlamaConfig(vocab_size=96, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=160)
+    _, seconds = choose_kernel("int8", torch.float32, torch.device("cpu"), tmp_path, config)
+    assert "int8-native" not in seconds and "int8-float32" in seconds  # the others are still measured
+    assert not list((tmp_path / "native").glob("*.so"))  # no half-written library left behind
+
+
 def test_quantising_on_a_gpu_is_refused() -> None:
     with pytest.raises(InvalidRequestError, match="CPU kernels"):
         choose_kernel("int8", torch.bfloat16, torch.device("cuda"))
