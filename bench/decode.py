@@ -7,6 +7,10 @@ llama.cpp is measured through its own `llama-server` (built by `python bench/pee
 cache off), from the `timings` it reports per request: `predicted_per_second` (decode) and
 `prompt_per_second` (prefill).
 
+The fp32 bandwidth limit is measured too, in its own process: the bytes of weights one fp32 token reads
+(every linear layer and the output head), over how fast this machine reads a 1 GiB buffer (and, for
+reference, how fast batch-1 `F.linear` streams the same weights).
+
 Each (engine, dtype) runs in its own process, so peak RSS is that engine's own; engines alternate within
 each round, and each figure is the median over rounds. Decode speed is (n - 1) / (t_n - t_1) over n greedy
 tokens with end-of-sequence ignored (the prefill is excluded); prefill is one forward over a 512-token
@@ -36,11 +40,47 @@ PREFILL_TEXT = (
 )
 
 
+def bandwidth(threads: int) -> dict:
+    """The memory-bandwidth limit of fp32 decoding here: bytes of weights one token reads, and how fast this
+    machine reads memory (a 1 GiB sum) and streams those weights through batch-1 `F.linear`."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(threads)
+    from lamina import LLM
+
+    config = LLM.load("smollm2-135m-instruct", device="cpu", dtype="float32").config
+    c = config
+    shapes = [(c.n_heads * c.head_dim, c.dim), (c.n_kv_heads * c.head_dim, c.dim), (c.n_kv_heads * c.head_dim, c.dim),
+              (c.dim, c.n_heads * c.head_dim), (c.hidden_dim, c.dim), (c.hidden_dim, c.dim), (c.dim, c.hidden_dim)]
+    weights = [torch.randn(o, i) for _ in range(c.n_layers) for o, i in shapes] + [torch.randn(c.vocab_size, c.dim)]
+    token_bytes = sum(w.numel() * 4 for w in weights)
+    buf = torch.ones(256 * 1024**2)  # 1 GiB of float32
+
+    def best(fn, n: int = 5) -> float:  # type: ignore[no-untyped-def]
+        fn()
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    read = buf.numel() * 4 / best(lambda: buf.sum())
+    with torch.inference_mode():
+        xs = {i: torch.randn(1, i) for _, i in shapes}
+        linear = token_bytes / best(lambda: [F.linear(xs[w.shape[1]], w) for w in weights])
+    return {"token_bytes": token_bytes, "read_gb_s": read / 1e9, "linear_gb_s": linear / 1e9,
+            "limit_tok_s": read / token_bytes, "linear_limit_tok_s": linear / token_bytes}
+
+
 def worker(engine: str, dtype: str, threads: int, new_tokens: int) -> dict:
     import resource
 
     import torch
 
+    if engine == "bandwidth":
+        return bandwidth(threads)
     torch.set_num_threads(threads)
     from lamina import LLM
     from lamina.llm import SamplingParams
@@ -213,6 +253,7 @@ def main() -> None:
         rows.append(row)
     by = {(r["engine"], r["dtype"]): r for r in rows}
     hf32 = by[("transformers", "float32")]
+    bw = _run("bandwidth", "float32", args)
     ratios = {
         "decode lamina fp32 / transformers fp32": by[("lamina", "float32")]["decode_tok_s"] / hf32["decode_tok_s"],
         "prefill lamina fp32 / transformers fp32": by[("lamina", "float32")]["prefill_tok_s"] / hf32["prefill_tok_s"],
@@ -242,11 +283,17 @@ def main() -> None:
     print(f"largest decode spread across rounds: {spread:.0%}")
     for name, value in ratios.items():
         print(f"  {name}: {value:.2f}x")
+    fp32 = by[("lamina", "float32")]["decode_tok_s"]
+    bw["lamina_fp32_share_of_limit"] = fp32 / bw["limit_tok_s"]
+    print(f"memory: a 1 GiB read runs at {bw['read_gb_s']:.1f} GB/s, batch-1 F.linear streams fp32 weights at "
+          f"{bw['linear_gb_s']:.1f} GB/s; one fp32 token reads {bw['token_bytes'] / 1e6:.0f} MB of weights, so the "
+          f"bandwidth limit is {bw['limit_tok_s']:.1f} tok/s (F.linear's: {bw['linear_limit_tok_s']:.1f}); Lamina fp32 "
+          f"decodes at {fp32:.1f} tok/s = {bw['lamina_fp32_share_of_limit']:.0%} of the limit")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "machine": {"cpu": _cpu(), "threads": args.threads, "python": platform.python_version()},
         "auto_dtype": auto, "new_tokens": args.new_tokens, "rounds": args.rounds,
-        "rows": rows, "ratios": ratios, "decode_spread": spread,
+        "rows": rows, "ratios": ratios, "decode_spread": spread, "bandwidth": bw,
     }, indent=2))
     print(f"wrote {args.out}")
 

@@ -215,7 +215,8 @@ def test_fused_decode_refuses_positions_outside_the_cache(tmp_path) -> None:  # 
 def test_fused_decode_applies_only_where_it_is_exact(tmp_path) -> None:  # type: ignore[no-untyped-def]
     torch.manual_seed(0)
     plain = Llama(LlamaConfig(vocab_size=96, dim=64, n_layers=2, n_heads=4, hidden_dim=160))
-    assert NativeDecoder.for_model(plain) is None  # float weights
+    float_decoder = NativeDecoder.for_model(plain)  # float weights are read as they are
+    assert float_decoder is not None and not float_decoder.quantized
     torch_kernels = copy.deepcopy(plain)
     _replace_linears(torch_kernels, Kernel("int8", torch.float32), Kernel("int8", torch.float32), tmp_path)
     assert NativeDecoder.for_model(torch_kernels) is None  # PyTorch's int8 kernel, not the native blocks
@@ -334,3 +335,44 @@ def test_engine_on_the_native_step_batches_like_batch_one_and_shares_prefixes(tm
     run(e, {"a": prompts["a"]})
     again, cached = run(e, {"b": prompts["b"]})  # starts from a's keys and values for the shared 8 tokens
     assert cached["b"] == len(shared) and again["b"] == together["b"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_step_on_float_weights_equals_the_pytorch_forward(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, hidden_dim=160, max_seq_len=128, qkv_bias=True)
+    model = Llama(config).to(dtype).eval()
+    for name, p in model.named_parameters():
+        if "norm" in name or name.endswith("bias"):
+            p.data += 0.2 * torch.randn_like(p)
+    decoder = NativeDecoder.for_model(model)
+    assert decoder is not None and not decoder.quantized
+    prompts = [[1, 5, 9, 2, 7, 3, 8], [4, 4, 6]]
+    native_cache = _prefill(model, prompts)
+    torch_cache = copy.deepcopy(native_cache)
+    tokens = torch.tensor([[21], [22]])
+    tol = 1e-4 if dtype == torch.float32 else 3e-2  # (bf16: PyTorch rounds activations to bf16 between ops; C keeps fp32)
+    for _ in range(3):
+        got = decoder.decode(tokens, native_cache, 2)
+        with torch.inference_mode():
+            want = model(tokens, torch_cache.decode(2))[:, -1].float()
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+        tokens = want.argmax(-1, keepdim=True)
+
+
+def test_float_models_use_the_native_step_only_where_measured_faster(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from lamina.infra.device import optimize_for_inference
+    from lamina.llm.native_decode import native_float_pays, native_step_for
+
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(vocab_size=96, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=160)).eval()
+    optimize_for_inference(model, torch.device("cpu"), tmp_path)  # may store fp32 weights input-major
+    reference = copy.deepcopy(model)
+    timing = native_float_pays(model, tmp_path)
+    assert timing["native_s"] > 0 and timing["pytorch_s"] > 0 and timing["use"] == (timing["native_s"] < timing["pytorch_s"])
+    decoder = native_step_for(model, tmp_path)
+    assert (decoder is not None) == timing["use"]
+    if decoder is not None:  # the weights were put back row-major for it, values unchanged
+        assert all(m.weight.is_contiguous() for m in model.modules() if isinstance(m, torch.nn.Linear))
+        for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+            assert torch.equal(a, b)

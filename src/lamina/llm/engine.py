@@ -19,6 +19,7 @@ import itertools
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from torch import nn
@@ -72,13 +73,15 @@ class Engine:
         max_seq_len: int,
         vocab_size: int,
         args: EngineArgs | None = None,
+        cache_dir: Path | None = None,
     ) -> None:
+        """`cache_dir`: where kernel measurements are kept (LAMINA_HOME/cache); None measures each time."""
         args = args or EngineArgs()
         self.eos_ids = frozenset(eos_ids)
         self.max_seq_len = max_seq_len
         self.vocab_size = vocab_size
         self.runner = ModelRunner(model, max_seq_len=max_seq_len, retained_caches=args.retained_caches,
-                                  kv_budget_bytes=int(args.kv_cache_gb * 1024**3))
+                                  kv_budget_bytes=int(args.kv_cache_gb * 1024**3), cache_dir=cache_dir)
         self.device = self.runner.device
         self.scheduler = Scheduler(max_running=args.max_running, max_waiting=args.max_waiting, prefill_chunk=args.prefill_chunk)
         self._ids = itertools.count()

@@ -62,6 +62,7 @@ class LLM:
         chat_template: str | None = None,
         entry: ModelEntry | None = None,
         engine_args: EngineArgs | None = None,
+        cache_dir: Path | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -70,7 +71,8 @@ class LLM:
         self.config = model.config
         self.chat_template = ChatTemplate(chat_template, tokenizer) if chat_template else None
         self.engine = Engine(
-            model, eos_ids=eos_ids, max_seq_len=self.config.max_seq_len, vocab_size=self.config.vocab_size, args=engine_args
+            model, eos_ids=eos_ids, max_seq_len=self.config.max_seq_len, vocab_size=self.config.vocab_size, args=engine_args,
+            cache_dir=cache_dir,
         )
         self._lock = threading.Lock()  # one generation at a time (the engine holds one sequence's cache)
 
@@ -106,7 +108,7 @@ class LLM:
         logger.info("loaded %s (%s) on %s in %s", entry.id, ckpt.config.family, dev, dt)
         return cls(
             net, ckpt.tokenizer, name=entry.id, eos_ids=ckpt.eos_ids, chat_template=ckpt.chat_template, entry=entry,
-            engine_args=engine_args,
+            engine_args=engine_args, cache_dir=home / "cache",
         )
 
     def load_adapter(self, name: str, path: str | Path) -> None:

@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "lamina_cpu.c"
 QK = 32
 Q4, Q8 = 4, 8
+BF16, F32 = 16, 32  # float weights (the fused step reads float32/bfloat16 `nn.Linear`s as they are)
 BLOCK_BYTES = {Q4: 20, Q8: 34}
 REQUIRED_FEATURES = ("avx2", "fma", "f16c")
 

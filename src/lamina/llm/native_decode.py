@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from lamina.arch.kv_cache import SlotCache
-from lamina.arch.llama import Llama
+from lamina.arch.llama import Llama, LlamaConfig
+from lamina.infra.device import cached_probe, device_key, optimize_for_inference
+from lamina.llm import native
 from lamina.llm.quant import QuantLinear
 
 logger = logging.getLogger(__name__)
@@ -28,17 +32,35 @@ logger = logging.getLogger(__name__)
 _PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
+_FLOAT_FMT = {torch.float32: native.F32, torch.bfloat16: native.BF16}
+
+
+def _weight(m: nn.Module) -> tuple[int, int]:
+    """(address, format) of a linear layer's weight as the C side reads it."""
+    if isinstance(m, QuantLinear):
+        return m.blocks.data_ptr(), m.fmt
+    assert isinstance(m, nn.Linear)
+    return m.weight.data_ptr(), _FLOAT_FMT[m.weight.dtype]
+
+
+def _native_weight(m: nn.Module) -> bool:
+    if isinstance(m, QuantLinear):
+        return m.lib is not None
+    return type(m) is nn.Linear and m.weight.dtype in _FLOAT_FMT and m.weight.is_contiguous() and m.in_features % native.QK == 0
+
+
 class NativeDecoder:
-    def __init__(self, model: Llama) -> None:
+    def __init__(self, model: Llama, lib: ctypes.CDLL) -> None:
         c = model.config
         assert c.head_dim is not None and c.n_kv_heads is not None
         self.model = model
-        self.lib = model.lm_head.lib  # type: ignore[union-attr]
+        self.lib = lib
         self._keep: list[torch.Tensor] = []  # float32 copies the C side points at
         rows = []
         for block in model.layers:
             mods = [block.get_submodule(name) for name in _PROJ]
-            ptrs = [m.blocks.data_ptr() for m in mods] + [m.fmt for m in mods]
+            weights = [_weight(m) for m in mods]
+            ptrs = [w[0] for w in weights] + [w[1] for w in weights]
             ptrs += [self._f32(block.input_layernorm.weight), self._f32(block.post_attention_layernorm.weight)]
             ptrs += [self._f32(m.bias) if m.bias is not None else 0 for m in mods[:3]]
             rows.append(ptrs)
@@ -49,9 +71,17 @@ class NativeDecoder:
         self.shape = [c.n_layers, c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.hidden_dim, c.vocab_size]
         self.window = c.sliding_window or 0
 
+    @property
+    def quantized(self) -> bool:
+        return isinstance(self.model.lm_head, QuantLinear)
+
     @classmethod
-    def for_model(cls, model: nn.Module) -> NativeDecoder | None:
-        """A decoder for `model`, or None where the native step does not apply (it then runs in PyTorch)."""
+    def for_model(cls, model: nn.Module, cache_dir: Path | None = None) -> NativeDecoder | None:
+        """A decoder for `model`, or None where the native step does not apply (it then runs in PyTorch).
+
+        Quantised models (native blocks) always qualify; float32/bfloat16 models qualify too, and the runner
+        uses the step for them where it was measured faster (`native_float_pays`).
+        """
         if not isinstance(model, Llama) or model.config.moe is not None:
             return None
         c = model.config
@@ -60,9 +90,11 @@ class NativeDecoder:
         if ref.device.type != "cpu" or ref.dtype not in (torch.float32, torch.bfloat16) or c.head_dim % 8 or c.dim % 32 or c.hidden_dim % 32:
             return None
         linears = [block.get_submodule(name) for block in model.layers for name in _PROJ] + [model.lm_head]
-        if not all(isinstance(m, QuantLinear) and m.lib is not None for m in linears):
+        if not all(_native_weight(m) for m in linears):
             return None
-        return cls(model)
+        quantised = [m for m in linears if isinstance(m, QuantLinear)]
+        lib = quantised[0].lib if quantised else native.library(cache_dir)
+        return None if lib is None else cls(model, lib)
 
     def _f32(self, t: torch.Tensor) -> int:
         t = t.detach().float().contiguous()
@@ -97,15 +129,15 @@ class NativeDecoder:
         pos_t = torch.tensor(positions, dtype=torch.int64)
         out_t = torch.tensor(logit_rows, dtype=torch.int64)
         logits = torch.empty(len(logit_rows), self.shape[-1], dtype=torch.float32)
-        head = self.model.lm_head
+        head_ptr, head_fmt = _weight(self.model.lm_head)
         cfg = torch.tensor(
-            [*self.shape, m, cache.slots, cache.capacity, int(cache.dtype == torch.bfloat16), self.window, head.fmt,
+            [*self.shape, m, cache.slots, cache.capacity, int(cache.dtype == torch.bfloat16), self.window, head_fmt,
              torch.get_num_threads(), len(logit_rows)],
             dtype=torch.int64,
         )
         assert cache.k.is_contiguous() and cache.v.is_contiguous()
         status = self.lib.lam_llama_decode(
-            _i64(cfg), ctypes.c_float(self.eps), _i64(self.layers), self.final_norm, head.blocks.data_ptr(),
+            _i64(cfg), ctypes.c_float(self.eps), _i64(self.layers), self.final_norm, head_ptr,
             self.inv_freq.data_ptr(), x.data_ptr(), slot_t.data_ptr(), pos_t.data_ptr(), out_t.data_ptr(),
             cache.k.data_ptr(), cache.v.data_ptr(), logits.data_ptr(),
         )
@@ -113,6 +145,67 @@ class NativeDecoder:
             raise ValueError(f"rows at slots {slots} and positions {positions} (logits for {logit_rows}) do not fit the KV "
                              f"cache ({cache.slots} rows of {cache.capacity} positions)")
         return logits
+
+
+def native_step_for(model: nn.Module, cache_dir: Path | None = None) -> NativeDecoder | None:
+    """The native step the engine should run `model`'s decoding on, or None for PyTorch's forward.
+
+    Quantised models (native blocks) take it whenever it applies; float models where it was measured faster
+    than PyTorch's forward, after their weights are put back in the row-major layout it reads.
+    """
+    if not isinstance(model, Llama):
+        return None
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        return NativeDecoder.for_model(model, cache_dir)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    ref = model.embed_tokens.weight
+    if ref.device.type != "cpu" or ref.dtype not in _FLOAT_FMT or any(type(m) is not nn.Linear for m in linears):
+        return None
+    if native.library(cache_dir) is None or not native_float_pays(model, cache_dir)["use"]:
+        return None
+    with torch.no_grad():
+        for m in linears:  # (optimize_for_inference may have stored fp32 weights input-major)
+            if not m.weight.is_contiguous():
+                m.weight.data = m.weight.data.contiguous()
+    return NativeDecoder.for_model(model, cache_dir)
+
+
+def native_float_pays(model: Llama, cache_dir: Path | None = None) -> dict:
+    """Time decode steps of a 4-layer model of `model`'s shape and dtype: PyTorch's forward against the
+    native step (cached per machine). {"native_s", "pytorch_s", "use": bool}."""
+    c = model.config
+    dtype = model.embed_tokens.weight.dtype
+    small = LlamaConfig(**(c.to_dict() | {"n_layers": 4, "vocab_size": 4096, "max_seq_len": 256, "rope_scaling": None}))
+
+    def measure() -> dict:
+        torch.manual_seed(0)
+        probe = Llama(small).to(dtype).eval()
+        decoder = NativeDecoder.for_model(probe, cache_dir)  # (reads the row-major weights as they are now)
+        if decoder is None:
+            return {"native_s": float("inf"), "pytorch_s": 0.0, "use": False}
+        optimize_for_inference(probe, torch.device("cpu"), cache_dir)  # PyTorch at its best layout
+        tokens = torch.tensor([[1]])
+
+        def run(use_native: bool) -> float:
+            best = float("inf")
+            with torch.inference_mode():
+                for _ in range(4):
+                    slots = SlotCache(small.n_layers, small.n_kv_heads, small.head_dim, dtype=dtype, device="cpu")  # type: ignore[arg-type]
+                    slots.reserve(1, 64)
+                    t = time.perf_counter()
+                    for _ in range(8):
+                        if use_native:
+                            decoder.decode(tokens, slots, 1)
+                        else:
+                            probe(tokens, slots.decode(1))
+                    best = min(best, time.perf_counter() - t)
+            return best
+
+        native_s, pytorch_s = run(True), run(False)
+        return {"native_s": native_s, "pytorch_s": pytorch_s, "use": native_s < pytorch_s}
+
+    key = f"native decode step, {c.dim}x{c.hidden_dim} {c.n_heads}/{c.n_kv_heads} heads {dtype} | {device_key(torch.device('cpu'))}"
+    return cached_probe(cache_dir, key, measure)
 
 
 def _i64(t: torch.Tensor) -> ctypes._Pointer:  # type: ignore[type-arg]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ from lamina.arch import KVCache
 from lamina.arch.kv_cache import SlotCache
 from lamina.arch.lora import adapter_names, route_adapters
 from lamina.errors import InvalidRequestError
-from lamina.llm.native_decode import NativeDecoder
+from lamina.llm.native_decode import NativeDecoder, native_step_for
 from lamina.llm.scheduler import ScheduledChunk, SchedulerOutput, Sequence
 
 CACHE_STEP = 256
@@ -45,7 +46,9 @@ class _Retained:
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, *, max_seq_len: int, kv_budget_bytes: int, retained_caches: int = 2) -> None:
+    def __init__(
+        self, model: nn.Module, *, max_seq_len: int, kv_budget_bytes: int, retained_caches: int = 2, cache_dir: Path | None = None
+    ) -> None:
         self.model = model
         self.max_seq_len = max_seq_len
         ref = next(model.parameters())
@@ -63,15 +66,21 @@ class ModelRunner:
         self.prefix_queries = 0
         self.prefix_hits = 0
         self.adapters: set[str] = set()
+        self.cache_dir = cache_dir
+        self.native: NativeDecoder | None = None
+        self.native_prefill_rows = 1
         self.refresh_adapters()
-        # Quantised Llama-family models run each step in one native call: the decoding rows and the prompt
-        # chunks shorter than the length from which the float GEMM is faster (longer ones run in PyTorch).
-        self.native = NativeDecoder.for_model(model)
-        self.native_prefill_rows = min((getattr(m, "gemm_rows", 1 << 30) for m in model.modules()), default=1 << 30)
 
     def refresh_adapters(self) -> None:
         """Take note of the LoRA adapters loaded into the model (call after loading or removing one)."""
         self.adapters = set(adapter_names(self.model))
+        # Llama-family models run each step in one native call where that applies (and, for float weights,
+        # was measured faster): the decoding rows, and for quantised models also the prompt chunks shorter
+        # than the length from which the float GEMM wins; the rest runs in PyTorch. Rebuilt here because
+        # adapters change the modules the step would read.
+        self.native = None if self.adapters else native_step_for(self.model, self.cache_dir)
+        quantised = self.native is not None and self.native.quantized
+        self.native_prefill_rows = min((getattr(m, "gemm_rows", 1 << 30) for m in self.model.modules()), default=1) if quantised else 1
 
     def _forward(self, seqs: list[Sequence], tokens: torch.Tensor, cache: object, **kw: object) -> torch.Tensor:
         """The model on a batch whose row i belongs to seqs[i], each row under its own adapter (or none)."""

@@ -22,9 +22,10 @@
 #include <omp.h>
 
 #define QK 32
-enum { FMT_Q4 = 4, FMT_Q8 = 8 };
+enum { FMT_Q4 = 4, FMT_Q8 = 8, FMT_BF16 = 16, FMT_F32 = 32 };
 
-static inline int block_bytes(int fmt) { return fmt == FMT_Q4 ? 20 : 34; }
+static inline int block_bytes(int fmt) { return fmt == FMT_Q4 ? 20 : fmt == FMT_Q8 ? 34 : fmt == FMT_BF16 ? 2 * QK : 4 * QK; }
+static inline size_t row_bytes_of(int fmt, int K) { return (size_t)(K / QK) * block_bytes(fmt); }
 
 static inline float f16_to_f32(const uint8_t *p) {
     uint16_t h;
@@ -37,6 +38,13 @@ static inline float hsum256(__m256 v) {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
+}
+
+/* 8 floats from float32 or bfloat16 memory. */
+static inline __m256 load8(const void *p, int bf16) {
+    if (!bf16) return _mm256_loadu_ps((const float *)p);
+    const __m128i h = _mm_loadu_si128((const __m128i *)p);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
 /* Sum of u[i] * s[i] over each group of 4 bytes: 8 int32 (u unsigned, s signed). */
@@ -86,6 +94,8 @@ typedef struct {
     float *d, *s;
     int K;
     size_t ld;
+    const float *f; /* the float rows themselves (row stride ldf), for float weights */
+    size_t ldf;
 } Act;
 
 #define MT 8 /* activation rows per pass over a weight row */
@@ -96,6 +106,8 @@ static void act_alloc(Act *a, int M, int K) {
     a->q = aligned_alloc(64, ((size_t)M * K + 63) / 64 * 64 + 64);
     a->d = calloc((size_t)(K / QK) * a->ld, sizeof(float));
     a->s = calloc((size_t)(K / QK) * a->ld, sizeof(float));
+    a->f = NULL;
+    a->ldf = (size_t)K;
 }
 
 static void act_free(Act *a) {
@@ -120,7 +132,26 @@ static inline __attribute__((always_inline)) void dot_tile(int fmt, const uint8_
     float accm1 = 0.0f;                /* (the same for a single row) */
     for (int t = 0; t < MTC; t++) acc[t] = _mm256_setzero_ps();
     const int8_t *xq = a->q + (size_t)m0 * a->K;
-    if (fmt == FMT_Q4) {
+    if (fmt == FMT_F32 || fmt == FMT_BF16) { /* float weights, float activations: plain FMAs */
+        const float *xf = a->f + (size_t)m0 * a->ldf;
+        const int bf = fmt == FMT_BF16;
+        if (MTC == 1) { /* one row: four independent chains hide the FMA latency */
+            __m256 c1 = _mm256_setzero_ps(), c2 = _mm256_setzero_ps(), c3 = _mm256_setzero_ps();
+            int k = 0;
+            for (; k + 32 <= a->K; k += 32) {
+                acc[0] = _mm256_fmadd_ps(load8(row + (size_t)k * (bf ? 2 : 4), bf), _mm256_loadu_ps(xf + k), acc[0]);
+                c1 = _mm256_fmadd_ps(load8(row + (size_t)(k + 8) * (bf ? 2 : 4), bf), _mm256_loadu_ps(xf + k + 8), c1);
+                c2 = _mm256_fmadd_ps(load8(row + (size_t)(k + 16) * (bf ? 2 : 4), bf), _mm256_loadu_ps(xf + k + 16), c2);
+                c3 = _mm256_fmadd_ps(load8(row + (size_t)(k + 24) * (bf ? 2 : 4), bf), _mm256_loadu_ps(xf + k + 24), c3);
+            }
+            acc[0] = _mm256_add_ps(_mm256_add_ps(acc[0], c1), _mm256_add_ps(c2, c3));
+        } else {
+            for (int k = 0; k < a->K; k += 8) {
+                const __m256 w = load8(row + (size_t)k * (bf ? 2 : 4), bf);
+                for (int t = 0; t < MTC; t++) acc[t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xf + (size_t)t * a->ldf + k), acc[t]);
+            }
+        }
+    } else if (fmt == FMT_Q4) {
         for (int b = 0; b < nb; b++) {
             const uint8_t *blk = row + (size_t)b * 20;
             const float d = f16_to_f32(blk);
@@ -181,7 +212,8 @@ static inline void dot_row(int fmt, const uint8_t *row, const Act *a, int M, flo
 void lam_matmul(int fmt, const uint8_t *w, int N, int K, const float *x, int M, float *y, int threads) {
     Act a;
     act_alloc(&a, M, K);
-    const size_t row_bytes = (size_t)(K / QK) * block_bytes(fmt);
+    const size_t row_bytes = row_bytes_of(fmt, K);
+    a.f = x;
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static)
@@ -233,11 +265,6 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
-static inline __m256 load8(const void *p, int bf16) {
-    if (!bf16) return _mm256_loadu_ps((const float *)p);
-    const __m128i h = _mm_loadu_si128((const __m128i *)p);
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
 
 static void rmsnorm(const float *x, const float *w, int n, float eps, float *out) {
     float ss = 0.0f;
@@ -294,6 +321,9 @@ int lam_llama_decode(const int64_t *cfg, float eps, const int64_t *layers, const
     act_alloc(&a_dim, M, dim);
     act_alloc(&a_att, M, nq);
     act_alloc(&a_ff, M, hidden);
+    a_dim.f = h; /* float weights read the float rows the quantised ones were made from */
+    a_att.f = att;
+    a_ff.f = ff;
 
 #pragma omp parallel num_threads(threads)
     {
@@ -307,7 +337,7 @@ int lam_llama_decode(const int64_t *cfg, float eps, const int64_t *layers, const
                 W[i] = (const uint8_t *)(intptr_t)L[L_WQ + i];
                 F[i] = (int)L[L_FQ + i];
             }
-            for (int i = 0; i < 7; i++) RB[i] = (size_t)((i == L_WO ? nq : i == L_WD ? hidden : dim) / QK) * block_bytes(F[i]);
+            for (int i = 0; i < 7; i++) RB[i] = row_bytes_of(F[i], i == L_WO ? nq : i == L_WD ? hidden : dim);
             const float *bias[3] = {(const float *)(intptr_t)L[L_BQ], (const float *)(intptr_t)L[L_BK], (const float *)(intptr_t)L[L_BV]};
             char *kl = (char *)kcache + (size_t)l * slots * nkv * cap * hd * esz;
             char *vl = (char *)vcache + (size_t)l * slots * nkv * cap * hd * esz;
@@ -427,7 +457,7 @@ int lam_llama_decode(const int64_t *cfg, float eps, const int64_t *layers, const
             rmsnorm(x + (size_t)logit_rows[i] * dim, final_norm, dim, eps, h + (size_t)i * dim);
             act_quantize(&a_dim, h, i, dim);
         }
-        const size_t head_rb = (size_t)(dim / QK) * block_bytes(head_fmt);
+        const size_t head_rb = row_bytes_of(head_fmt, dim);
 #pragma omp for schedule(static)
         for (int n = 0; n < vocab; n++) dot_row(head_fmt, head + n * head_rb, &a_dim, n_logits, logits + n, vocab);
     }
