@@ -235,6 +235,20 @@ def test_kernel_choice_is_measured_and_cached(tmp_path) -> None:  # type: ignore
     assert again == kernel and seconds_again == seconds  # read back, not re-measured
 
 
+@pytest.mark.parametrize("march", ["haswell", "native"])
+def test_the_avx2_build_computes_what_the_vnni_build_does(march: str, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`-march=haswell` compiles the AVX2 dot products (vpmaddubsw), the path of CPUs without AVX-VNNI."""
+    monkeypatch.setenv("LAMINA_NATIVE_MARCH", march)
+    lib = native.library(tmp_path / march)
+    assert lib is not None
+    torch.manual_seed(1)
+    for fmt, pack in ((native.Q4, native.pack_q4), (native.Q8, native.pack_q8)):
+        w, x = torch.randn(70, 96) * 0.1, torch.randn(11, 96)
+        blocks = pack(w)
+        ref = _fake_quant_activations(x) @ native.unpack(blocks, fmt, 96).double().t()
+        torch.testing.assert_close(native.matmul(lib, fmt, blocks, 96, x).double(), ref, rtol=1e-5, atol=1e-5)
+
+
 def test_native_kernels_can_be_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LAMINA_NATIVE", "0")
     assert native.unavailable_reason() == "disabled by LAMINA_NATIVE=0"
