@@ -597,6 +597,14 @@ def info() -> None:
     probe = probe_dtypes(device, settings.home / "cache")
     speeds = ", ".join(f"{k} {v:.0f}" for k, v in probe.gflops.items())
     click.echo(f"dtype auto on {device}: {probe.choice} (GEMM GFLOP/s: {speeds})")
+    from lamina.llm import native
+
+    reason = native.unavailable_reason()
+    lib = None if reason else native.library(settings.home / "cache")
+    if lib is not None:
+        click.echo(f"native CPU kernels: built ({lib._name})")
+    else:
+        click.echo(f"native CPU kernels: unavailable ({reason or 'compiling failed; see the log'}); PyTorch's kernels serve")
     click.echo("models:")
     for entry in Registry(settings.home).list():
         click.echo(f"  {entry.id:24} {entry.format:5} {_human(entry.size_bytes, 'B'):>8}  {entry.path}")

@@ -16,6 +16,7 @@ multi-turn chat). Copying is a memcpy; recomputing is a prefill. Sequences only 
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ from lamina.arch.lora import adapter_names, route_adapters
 from lamina.errors import InvalidRequestError
 from lamina.llm.native_decode import NativeDecoder, native_step_for
 from lamina.llm.scheduler import ScheduledChunk, SchedulerOutput, Sequence
+
+logger = logging.getLogger(__name__)
 
 CACHE_STEP = 256
 PREFIX_WAIT_TOKENS = 32
@@ -80,6 +83,8 @@ class ModelRunner:
         # adapters change the modules the step would read.
         self.native = None if self.adapters else native_step_for(self.model, self.cache_dir)
         quantised = self.native is not None and self.native.quantized
+        if self.native is not None:
+            logger.info("decoding through the native step (%s weights)", "quantised" if quantised else "float")
         self.native_prefill_rows = min((getattr(m, "gemm_rows", 1 << 30) for m in self.model.modules()), default=1) if quantised else 1
 
     def _forward(self, seqs: list[Sequence], tokens: torch.Tensor, cache: object, **kw: object) -> torch.Tensor:
