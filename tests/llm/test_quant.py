@@ -390,3 +390,32 @@ def test_float_models_use_the_native_step_only_where_measured_faster(tmp_path) -
         assert all(m.weight.is_contiguous() for m in model.modules() if isinstance(m, torch.nn.Linear))
         for a, b in zip(model.parameters(), reference.parameters(), strict=True):
             assert torch.equal(a, b)
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize(("qtype", "mode"), [("Q4_1", "int4"), ("Q8_0", "int8")])
+def test_gguf_blocks_are_served_as_they_are(tmp_path, qtype: str, mode: str) -> None:  # type: ignore[no-untyped-def]
+    """A Q4_1 (Q8_0) GGUF under --quantize int4 (int8): the file's own bytes, not floats re-packed."""
+    transformers = pytest.importorskip("transformers")
+    from lamina.llm import gguf
+    from tests.tiny import hf_llama_folder, write_llama_gguf
+
+    hf = hf_llama_folder(tmp_path / "hf", "llama")
+    path = write_llama_gguf(tmp_path / "tiny.gguf", hf, transformers.AutoTokenizer.from_pretrained(tmp_path / "hf"), qtype)
+    floats = LLM.load(str(path), device="cpu", dtype="float32", home=tmp_path / "home")
+    quant = LLM.load(str(path), device="cpu", dtype="float32", quantize=mode, home=tmp_path / "home")
+    stored = gguf.native_blocks(gguf.open_gguf(path), floats.config)
+    fmt = native.Q4 if mode == "int4" else native.Q8
+    checked = 0
+    for name, module in quant.model.named_modules():
+        if not isinstance(module, QuantLinear) or module.fmt != fmt:
+            continue  # (under int4 the head is int8, re-packed from the Q4_1 output weight's floats)
+        assert torch.equal(module.blocks, stored[f"{name}.weight"][1]), name  # the bytes, Q/K rows un-permuted
+        float_weight = floats.model.get_submodule(name).weight.float()
+        assert torch.equal(native.unpack(module.blocks, fmt, module.in_features), float_weight), name
+        checked += 1
+    assert checked == 2 * 7 + (mode == "int8")  # every projection of both layers, and the head under int8
+    ids = torch.randint(0, 400, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        a, b = floats.model(ids), quant.model(ids)
+    assert ((a - b).norm() / a.norm()).item() < 0.05  # only the int8 activations differ

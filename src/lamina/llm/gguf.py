@@ -361,6 +361,35 @@ def state_dict(
     return out
 
 
+NATIVE_BLOCK_TYPES = {"Q4_1": 4, "Q8_0": 8}
+"""GGUF block types whose bytes are Lamina's native block layouts as they are (`lamina.llm.native`):
+Q4_1 {fp16 d, fp16 m, 16 bytes of nibbles} is its int4 format, Q8_0 {fp16 d, 32 int8} its int8 one."""
+
+
+def native_blocks(g: GGUFFile, config: LlamaConfig | GPT2Config) -> dict[str, tuple[int, torch.Tensor]]:
+    """The 2-D weights stored as Q4_1 or Q8_0: name -> (native format, (rows, row bytes) uint8 blocks).
+
+    Serving `--quantize int4` (or int8) on such a file uses these bytes directly: no expansion to floats and
+    re-packing, so the served weights are exactly the file's. Q/K rows get the same un-permutation as the
+    float path (it moves whole rows, and a row's blocks stay together).
+    """
+    if not isinstance(config, LlamaConfig):
+        return {}
+    out: dict[str, tuple[int, torch.Tensor]] = {}
+    for tensor in g.tensors:
+        fmt = NATIVE_BLOCK_TYPES.get(tensor.type.name)
+        name = _rename(tensor.name, _LLAMA_NAMES, _LLAMA_BLOCK_NAMES, "layers")
+        if fmt is None or name is None or len(tensor.shape) != 2:
+            continue
+        raw = g.raw(tensor)  # (rows, row bytes)
+        if name.endswith("q_proj.weight"):
+            raw = unpermute_qk(raw, config.n_heads)
+        elif name.endswith("k_proj.weight"):
+            raw = unpermute_qk(raw, config.n_kv_heads)
+        out[name] = (fmt, torch.from_numpy(np.array(raw, dtype=np.uint8, order="C")))
+    return out
+
+
 def _rename(name: str, names: dict[str, str], block_names: dict[str, str], blocks: str) -> str | None:
     if name in names:
         return names[name]

@@ -27,6 +27,7 @@ from lamina.errors import InvalidRequestError
 from lamina.foundation.tokenizer import Tokenizer
 from lamina.infra.device import optimize_for_inference, resolve_device, resolve_dtype
 from lamina.infra.registry import ModelEntry, Registry
+from lamina.llm import gguf
 from lamina.llm.chat_template import ChatTemplate, Message
 from lamina.llm.engine import Engine, EngineArgs, FinishReason
 from lamina.llm.loader import read_checkpoint
@@ -104,7 +105,8 @@ class LLM:
         if quantize:
             if quantize not in ("int8", "int4"):
                 raise InvalidRequestError(f"unknown quantisation {quantize!r}; use int8 or int4", param="quantize")
-            quantize_model(net, quantize, home / "cache")  # type: ignore[arg-type]
+            stored = gguf.native_blocks(gguf.open_gguf(entry.path), ckpt.config) if entry.format == "gguf" else None
+            quantize_model(net, quantize, home / "cache", stored)  # type: ignore[arg-type]
         logger.info("loaded %s (%s) on %s in %s", entry.id, ckpt.config.family, dev, dt)
         return cls(
             net, ckpt.tokenizer, name=entry.id, eos_ids=ckpt.eos_ids, chat_template=ckpt.chat_template, entry=entry,

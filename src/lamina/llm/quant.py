@@ -90,7 +90,8 @@ class QuantLinear(nn.Module):
     gemm_rows: int = 1 << 30
     """Native kernels: inputs of at least this many rows expand the weight to floats and use the float GEMM."""
 
-    def __init__(self, linear: nn.Linear, kernel: Kernel, cache_dir: Path | None = None) -> None:
+    def __init__(self, linear: nn.Linear, kernel: Kernel, cache_dir: Path | None = None, blocks: torch.Tensor | None = None) -> None:
+        """`blocks`: the weight already in the native format (a GGUF's Q4_1/Q8_0 bytes), used as they are."""
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.mode, self.activation, self.backend = kernel.mode, kernel.activation, kernel.backend
@@ -101,7 +102,7 @@ class QuantLinear(nn.Module):
                 raise InvalidRequestError(f"native kernels unavailable: {native.unavailable_reason()}", param="quantize")
             self.fmt = native.Q4 if kernel.mode == "int4" else native.Q8
             pack = native.pack_q4 if kernel.mode == "int4" else native.pack_q8
-            self.register_buffer("blocks", pack(linear.weight))
+            self.register_buffer("blocks", blocks if blocks is not None else pack(linear.weight))
         elif kernel.mode == "int8":
             q, scale = quantize_int8(linear.weight)
             self.register_buffer("qweight", q)
@@ -248,8 +249,14 @@ def _best(fn, repeats: int = 5) -> float:  # type: ignore[no-untyped-def]
     return min(times)
 
 
-def quantize_model(model: nn.Module, mode: Mode, cache_dir: Path | None = None) -> dict:
-    """Replace every Linear (and the output head) with a QuantLinear using the measured-fastest kernel."""
+def quantize_model(
+    model: nn.Module, mode: Mode, cache_dir: Path | None = None, stored: dict[str, tuple[int, torch.Tensor]] | None = None
+) -> dict:
+    """Replace every Linear (and the output head) with a QuantLinear using the measured-fastest kernel.
+
+    `stored`: weights the checkpoint already holds in a native block format (`gguf.native_blocks`); where
+    the chosen kernel is native and the format matches, those bytes are used instead of re-packing.
+    """
     ref = next(model.parameters())
     config = model.config if isinstance(model, Llama) else None
     kernel, seconds = choose_kernel(mode, ref.dtype, ref.device, cache_dir, config)
@@ -261,19 +268,33 @@ def quantize_model(model: nn.Module, mode: Mode, cache_dir: Path | None = None) 
     head_kernel: Kernel | None = kernel
     if mode == "int4":  # the head in int8, with the same backend where it has one
         head_kernel = Kernel("int8", kernel.activation, kernel.backend)
-    replaced = _replace_linears(model, kernel, head_kernel, cache_dir, gemm_rows(kernel, ref.dtype, cache_dir))
-    logger.info("quantised %d linear layers to %s with the %s kernel (%s)", replaced, mode, kernel.name, shown)
-    return {"mode": mode, "kernel": kernel.name, "layers": replaced, "seconds": seconds}
+    if stored and isinstance(model, Llama) and model.config.tie_embeddings and "embed_tokens.weight" in stored:
+        stored = {**stored, "lm_head.weight": stored["embed_tokens.weight"]}
+    replaced, reused = _replace_linears(model, kernel, head_kernel, cache_dir, gemm_rows(kernel, ref.dtype, cache_dir), stored or {})
+    logger.info("quantised %d linear layers to %s with the %s kernel, %d from the checkpoint's own blocks (%s)",
+                replaced, mode, kernel.name, reused, shown)
+    return {"mode": mode, "kernel": kernel.name, "layers": replaced, "from_checkpoint": reused, "seconds": seconds}
 
 
-def _replace_linears(model: nn.Module, kernel: Kernel, head_kernel: Kernel, cache_dir: Path | None, rows: int = 1 << 30) -> int:
-    replaced = 0
-    for _, module in list(model.named_modules()):
+def _replace_linears(
+    model: nn.Module, kernel: Kernel, head_kernel: Kernel, cache_dir: Path | None, rows: int = 1 << 30,
+    stored: dict[str, tuple[int, torch.Tensor]] | None = None,
+) -> tuple[int, int]:
+    """(layers replaced, of which built from `stored` blocks)."""
+    replaced = reused = 0
+    for module_name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if not isinstance(child, nn.Linear) or child.in_features % GROUP:
                 continue
-            layer = QuantLinear(child, head_kernel if child_name == "lm_head" else kernel, cache_dir)
+            chosen = head_kernel if child_name == "lm_head" else kernel
+            fmt = native.Q4 if chosen.mode == "int4" else native.Q8
+            name = f"{module_name}.{child_name}.weight" if module_name else f"{child_name}.weight"
+            have = (stored or {}).get(name)
+            expected = (child.out_features, child.in_features // GROUP * native.BLOCK_BYTES[fmt])
+            blocks = have[1] if have and chosen.backend == "native" and have[0] == fmt and tuple(have[1].shape) == expected else None
+            layer = QuantLinear(child, chosen, cache_dir, blocks=blocks)
             layer.gemm_rows = rows
             setattr(module, child_name, layer)
             replaced += 1
-    return replaced
+            reused += blocks is not None
+    return replaced, reused
