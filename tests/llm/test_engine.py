@@ -94,12 +94,29 @@ def test_kv_budget_queues_then_refuses(smollm) -> None:
     assert len(engine.runner.rows) == 2 and engine.num_waiting == 1  # the third waits for memory
     done = set()
     while engine.has_unfinished():
+        assert engine.runner.slots.nbytes <= engine.runner.kv_budget_bytes  # rows grow by doubling, never past it
         for event in engine.step():
             if event.finish_reason:
                 done.add(event.request_id)
     assert done == {"r0", "r1", "r2"}
     with pytest.raises(InvalidRequestError, match="more than the whole budget"):
         engine.add_request("big", smollm.tokenizer.encode("hi"), SamplingParams(max_tokens=2000))
+
+
+def test_slot_rows_grow_by_doubling_within_the_budget(smollm) -> None:
+    engine = _engine(smollm, retained_caches=0, max_running=64)
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)  # (all 20 still running at the end)
+    sizes = []
+    for i in range(20):  # arrivals one by one: the cache is reallocated log2(20) times, not 20
+        engine.add_request(f"r{i}", smollm.tokenizer.encode(PROMPTS[i % len(PROMPTS)]), params)
+        engine.step()
+        sizes.append(engine.runner.slots.slots)
+    assert sorted(set(sizes)) == [1, 2, 4, 8, 16, 32] and len(engine.runner.rows) == 20
+    tight = _engine(smollm, retained_caches=0, max_running=64, kv_cache_gb=5 * 256 * engine.runner.slots.bytes_per_position / 1024**3)
+    for i in range(5):
+        tight.add_request(f"t{i}", smollm.tokenizer.encode(PROMPTS[i]), params)
+        tight.step()
+        assert tight.runner.slots.nbytes <= tight.runner.kv_budget_bytes  # doubling stops at what the budget holds
 
 
 def test_shared_prefix_is_copied_not_recomputed(smollm) -> None:

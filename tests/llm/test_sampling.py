@@ -95,3 +95,17 @@ def test_logprobs_are_the_raw_distribution() -> None:
     assert sample.token_id == 0
     assert sample.logprob == pytest.approx(float(torch.log(torch.tensor(0.5))), abs=1e-6)
     assert [t for t, _ in sample.top_logprobs] == [0, 1, 2]
+
+
+def test_inverse_cdf_draws_follow_the_distribution_and_never_a_zero() -> None:
+    from lamina.llm.sampling import _draw
+
+    probs = torch.tensor([0.0, 0.1, 0.0, 0.2, 0.7, 0.0])
+    g = torch.Generator().manual_seed(0)
+    counts = torch.bincount(torch.tensor([_draw(probs, g) for _ in range(20000)]), minlength=6).float() / 20000
+    assert counts[[0, 2, 5]].sum() == 0  # zero-probability tokens, first and last included, are never drawn
+    torch.testing.assert_close(counts, probs, atol=0.015, rtol=0)
+    unnormalised = probs * 7.0  # the same distribution without normalising
+    g = torch.Generator().manual_seed(1)
+    counts = torch.bincount(torch.tensor([_draw(unnormalised, g) for _ in range(20000)]), minlength=6).float() / 20000
+    torch.testing.assert_close(counts, probs, atol=0.015, rtol=0)
