@@ -32,26 +32,6 @@ CHAT = [{"role": "user", "content": "Write a long story about a lighthouse keepe
 CONFIGS = [("float32", None), ("auto", None), ("auto", "int8"), ("auto", "int4"), ("float32", "int8"), ("float32", "int4")]
 
 
-def _decode_perplexity(llm, ids: list[int]) -> float:  # type: ignore[no-untyped-def]
-    import torch
-    import torch.nn.functional as F
-
-    from lamina.arch.kv_cache import SlotCache
-
-    c = llm.model.config
-    slots = SlotCache(c.n_layers, c.n_kv_heads, c.head_dim, dtype=llm.dtype, device="cpu")
-    slots.reserve(1, len(ids) + 8)
-    decoder = llm.engine.runner.native
-    nll = 0.0
-    with torch.inference_mode():
-        llm.model(torch.tensor([ids[:1]]), slots.row(0))
-        for i in range(1, len(ids) - 1):
-            tok = torch.tensor([[ids[i]]])
-            logits = decoder.decode(tok, slots, 1) if decoder is not None else llm.model(tok, slots.decode(1))[:, -1].float()
-            nll += F.cross_entropy(logits, torch.tensor([ids[i + 1]]), reduction="sum").item()
-    return math.exp(nll / (len(ids) - 2))
-
-
 def worker(dtype: str, quantize: str | None, tokens: int, threads: int, decode_tokens: int) -> dict:
     import resource
 
@@ -80,7 +60,7 @@ def worker(dtype: str, quantize: str | None, tokens: int, threads: int, decode_t
             logits = llm.model(x).float()[0]
             nll += F.cross_entropy(logits, y, reduction="sum").item()
             count += len(chunk) - 1
-    decode_ppl = _decode_perplexity(llm, ids[: decode_tokens + 1])
+    decode_ppl = llm.decode_perplexity(ids[: decode_tokens + 1])
     chat_ids = llm.encode_chat(CHAT)
     params = SamplingParams(max_tokens=128, temperature=0, ignore_eos=True)
     speeds = []

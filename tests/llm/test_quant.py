@@ -8,7 +8,6 @@ the fused decode step is checked against PyTorch's layer-by-layer forward over t
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
@@ -269,22 +268,6 @@ def test_quantising_on_a_gpu_is_refused() -> None:
         choose_kernel("int8", torch.bfloat16, torch.device("cuda"))
 
 
-def _decode_perplexity(llm, ids: list[int]) -> float:  # type: ignore[no-untyped-def]
-    """Teacher-forced perplexity through the decode path generation uses (the fused step where it applies)."""
-    c = llm.model.config
-    slots = SlotCache(c.n_layers, c.n_kv_heads, c.head_dim, dtype=llm.dtype, device="cpu")
-    slots.reserve(1, len(ids) + 8)
-    decoder = llm.engine.runner.native
-    nll = 0.0
-    with torch.inference_mode():
-        llm.model(torch.tensor([ids[:1]]), slots.row(0))
-        for i in range(1, len(ids) - 1):
-            tok = torch.tensor([[ids[i]]])
-            logits = decoder.decode(tok, slots, 1) if decoder is not None else llm.model(tok, slots.decode(1))[:, -1].float()
-            nll += torch.nn.functional.cross_entropy(logits, torch.tensor([ids[i + 1]])).item()
-    return math.exp(nll / (len(ids) - 2))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(("mode", "limit"), [("int4", 0.05), ("int8", 0.01)])
 def test_smollm2_quantised_quality_and_batching(smollm, mode: str, limit: float, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -293,7 +276,7 @@ def test_smollm2_quantised_quality_and_batching(smollm, mode: str, limit: float,
     assert llm.engine.runner.native is not None, "the native kernels were measured slower than PyTorch's here"
     topics = pydoc_topics()
     ids = llm.tokenizer.encode("\n\n".join(topics[k] for k in sorted(topics)[::4]))[:400]
-    base, quantised = _decode_perplexity(smollm, ids), _decode_perplexity(llm, ids)
+    base, quantised = smollm.decode_perplexity(ids), llm.decode_perplexity(ids)
     assert quantised / base - 1 < limit, (base, quantised)
     # (the chat question "What is the capital of France?" is a near tie for fp32 itself between "The capital..."
     # and "L'..." (logits 25.33 and 25.24), so which one a quantised model picks says nothing)

@@ -13,6 +13,7 @@ underneath sees token ids only.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from lamina.arch import build_model
+from lamina.arch.kv_cache import SlotCache
 from lamina.errors import InvalidRequestError
 from lamina.foundation.tokenizer import Tokenizer
 from lamina.infra.device import optimize_for_inference, resolve_device, resolve_dtype
@@ -171,6 +173,22 @@ class LLM:
         return self.chat_template
 
     # --- generation --------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def decode_perplexity(self, ids: Sequence[int]) -> float:
+        """Teacher-forced perplexity of `ids`, fed one token at a time through the step generation decodes with
+        (the engine's native step where it applies, so int8-quantised activations are scored too)."""
+        c = self.model.config
+        slots = SlotCache(c.n_layers, c.n_kv_heads, c.head_dim, dtype=self.dtype, device=self.model.embed_tokens.weight.device)
+        slots.reserve(1, len(ids) + 8)
+        decoder = self.engine.runner.native
+        nll = 0.0
+        self.model(torch.tensor([ids[:1]]), slots.row(0))
+        for i in range(1, len(ids) - 1):
+            tok = torch.tensor([[ids[i]]])
+            logits = decoder.decode(tok, slots, 1) if decoder is not None else self.model(tok, slots.decode(1))[:, -1].float()
+            nll += torch.nn.functional.cross_entropy(logits, torch.tensor([ids[i + 1]]), reduction="sum").item()
+        return math.exp(nll / (len(ids) - 2))
 
     def generate(self, prompt: str, params: SamplingParams | None = None, *, adapter: str | None = None,
                  **overrides: Any) -> Completion:

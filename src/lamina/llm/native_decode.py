@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from lamina.arch.kv_cache import SlotCache
-from lamina.arch.llama import Llama, LlamaConfig
-from lamina.infra.device import cached_probe, device_key, optimize_for_inference
+from lamina.arch.llama import Llama
+from lamina.infra.device import cached_probe, device_key
 from lamina.llm import native
-from lamina.llm.quant import QuantLinear
+from lamina.llm.quant import QuantLinear, probe_config, time_decode
 
 logger = logging.getLogger(__name__)
 
@@ -171,37 +170,15 @@ def native_step_for(model: nn.Module, cache_dir: Path | None = None) -> NativeDe
 
 
 def native_float_pays(model: Llama, cache_dir: Path | None = None) -> dict:
-    """Time decode steps of a 4-layer model of `model`'s shape and dtype: PyTorch's forward against the
-    native step (cached per machine). {"native_s", "pytorch_s", "use": bool}."""
+    """Time decode steps of a 4-layer model of `model`'s shape and dtype: PyTorch's forward (at its best weight
+    layout) against the native step (cached per machine). {"native_s", "pytorch_s", "use": bool}."""
     c = model.config
     dtype = model.embed_tokens.weight.dtype
-    small = LlamaConfig(**(c.to_dict() | {"n_layers": 4, "vocab_size": 4096, "max_seq_len": 256, "rope_scaling": None}))
+    small = probe_config(c)
 
     def measure() -> dict:
-        torch.manual_seed(0)
-        probe = Llama(small).to(dtype).eval()
-        decoder = NativeDecoder.for_model(probe, cache_dir)  # (reads the row-major weights as they are now)
-        if decoder is None:
-            return {"native_s": float("inf"), "pytorch_s": 0.0, "use": False}
-        optimize_for_inference(probe, torch.device("cpu"), cache_dir)  # PyTorch at its best layout
-        tokens = torch.tensor([[1]])
-
-        def run(use_native: bool) -> float:
-            best = float("inf")
-            with torch.inference_mode():
-                for _ in range(4):
-                    slots = SlotCache(small.n_layers, small.n_kv_heads, small.head_dim, dtype=dtype, device="cpu")  # type: ignore[arg-type]
-                    slots.reserve(1, 64)
-                    t = time.perf_counter()
-                    for _ in range(8):
-                        if use_native:
-                            decoder.decode(tokens, slots, 1)
-                        else:
-                            probe(tokens, slots.decode(1))
-                    best = min(best, time.perf_counter() - t)
-            return best
-
-        native_s, pytorch_s = run(True), run(False)
+        native_s = time_decode(small, dtype, None, cache_dir, native_step=True)
+        pytorch_s = time_decode(small, dtype, None, cache_dir)
         return {"native_s": native_s, "pytorch_s": pytorch_s, "use": native_s < pytorch_s}
 
     key = f"native decode step, {c.dim}x{c.hidden_dim} {c.n_heads}/{c.n_kv_heads} heads {dtype} | {device_key(torch.device('cpu'))}"

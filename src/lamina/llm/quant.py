@@ -35,7 +35,7 @@ from torch import nn
 from lamina.arch.kv_cache import SlotCache
 from lamina.arch.llama import Llama, LlamaConfig
 from lamina.errors import InvalidRequestError
-from lamina.infra.device import cached_probe, device_key
+from lamina.infra.device import cached_probe, device_key, optimize_for_inference
 from lamina.llm import native
 
 logger = logging.getLogger(__name__)
@@ -148,13 +148,13 @@ def choose_kernel(
     if config is not None and (config.moe is not None or config.dim % GROUP or config.hidden_dim % GROUP):
         config = None
     if config is not None:
-        config = replace(config, n_layers=4, vocab_size=4096, max_seq_len=256, tie_embeddings=False, rope_scaling=None)
+        config = probe_config(config)
 
     def measure() -> dict:
         if config is not None:
-            times = {"float": _time_decode(config, float_dtype, None, cache_dir)}
+            times = {"float": time_decode(config, float_dtype, None, cache_dir)}
             for kernel in candidates:
-                times[kernel.name] = _time_decode(config, float_dtype, kernel, cache_dir)
+                times[kernel.name] = time_decode(config, float_dtype, kernel, cache_dir)
             return {"seconds": times, "workload": "8 decode steps of a 4-layer model"}
         shapes = [(1536, 576), (576, 1536), (576, 576)] * 8  # several MB each: streamed, like a decoder's weights
         times = {"float": _time_float(shapes, float_dtype)}
@@ -196,7 +196,17 @@ def gemm_rows(kernel: Kernel, float_dtype: torch.dtype, cache_dir: Path | None =
     return int(cached_probe(cache_dir, key, measure)["rows"])
 
 
-def _time_decode(config: LlamaConfig, dtype: torch.dtype, kernel: Kernel | None, cache_dir: Path | None) -> float:
+def probe_config(config: LlamaConfig) -> LlamaConfig:
+    """A 4-layer, small-vocabulary model of `config`'s width: what kernel probes time decode steps on."""
+    return replace(config, n_layers=4, vocab_size=4096, max_seq_len=256, tie_embeddings=False, rope_scaling=None)
+
+
+def time_decode(
+    config: LlamaConfig, dtype: torch.dtype, kernel: Kernel | None, cache_dir: Path | None, native_step: bool = False
+) -> float:
+    """Seconds for 8 batch-1 decode steps of a random model of `config`: with `kernel`'s QuantLinears (None:
+    float weights, in PyTorch's best layout unless `native_step`), through the native step where the kernel is
+    native or `native_step` asks for it (inf where that does not apply), else PyTorch's forward."""
     from lamina.llm.native_decode import NativeDecoder  # (it builds on QuantLinear)
 
     torch.manual_seed(0)
@@ -207,7 +217,13 @@ def _time_decode(config: LlamaConfig, dtype: torch.dtype, kernel: Kernel | None,
     except (RuntimeError, NotImplementedError) as e:  # a kernel this build of torch does not have
         logger.info("quantised kernel %s unavailable: %s", kernel, e)
         return float("inf")
-    decoder = NativeDecoder.for_model(model) if kernel is not None and kernel.backend == "native" else None
+    decoder = None
+    if native_step or (kernel is not None and kernel.backend == "native"):
+        decoder = NativeDecoder.for_model(model, cache_dir)
+        if decoder is None:
+            return float("inf")
+    elif kernel is None:
+        optimize_for_inference(model, torch.device("cpu"), cache_dir)
     tokens = torch.tensor([[1]])
 
     def steps() -> None:

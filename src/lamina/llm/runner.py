@@ -262,8 +262,7 @@ class ModelRunner:
                 c.seq.num_computed += 1
                 logits[c.seq.request_id] = out[c.seq.row]
         for c in prefill:
-            self._prefill_chunk(c, self._forward([c.seq], torch.tensor([c.token_ids], dtype=torch.long, device=self.device),
-                                                 self.slots.row(c.seq.row), last_only=True)[0, -1], logits)
+            self._prefill_in_pytorch(c, logits)
         return logits
 
     def _execute_native(self, decode: list[ScheduledChunk], prefill: list[ScheduledChunk]) -> dict[str, torch.Tensor]:
@@ -299,9 +298,13 @@ class ModelRunner:
             for c in short:
                 self._prefill_chunk(c, sampled.get(id(c)), logits)
         for c in long:
-            self._prefill_chunk(c, self._forward([c.seq], torch.tensor([c.token_ids], dtype=torch.long, device=self.device),
-                                                 self.slots.row(c.seq.row), last_only=True)[0, -1], logits)
+            self._prefill_in_pytorch(c, logits)
         return logits
+
+    def _prefill_in_pytorch(self, c: ScheduledChunk, logits: dict[str, torch.Tensor]) -> None:
+        tokens = torch.tensor([c.token_ids], dtype=torch.long, device=self.device)
+        out = self._forward([c.seq], tokens, self.slots.row(c.seq.row), last_only=True)
+        self._prefill_chunk(c, out[0, -1], logits)
 
     def _prefill_chunk(self, c: ScheduledChunk, last: torch.Tensor | None, logits: dict[str, torch.Tensor]) -> None:
         """Book a fed prompt chunk; one that ends the prompt samples and joins the decoding rows."""
