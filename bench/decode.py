@@ -2,7 +2,7 @@
 
 Question: how fast does Lamina's own model code generate, relative to transformers on the same GGUF
 weights and to llama.cpp on the same GGUF file (Q4_1), the same threads, in the same run? Lamina runs in
-float32, in the dtype `auto` picks, and with `--quantize int8` / `int4` (weight-only, `lamina.llm.quant`).
+float32, in the dtype `auto` picks, and with `--quantize int8` / `int4` (weight-only, `lamina.llm.kernels.quant`).
 llama.cpp is measured through its own `llama-server` (built by `python bench/peers.py`, one slot, prompt
 cache off), from the `timings` it reports per request: `predicted_per_second` (decode) and
 `prompt_per_second` (prefill).

@@ -57,7 +57,7 @@ def test_info_and_models(lamina_home) -> None:
     assert info.returncode == 0, info.stderr
     for expected in ("torch 2.13.0", "threads", "dtype auto on cpu", str(lamina_home), "smollm2-135m-instruct"):
         assert expected in info.stdout
-    from lamina.llm import native
+    from lamina.llm.kernels import native
 
     if native.unavailable_reason() is None:  # built into this LAMINA_HOME, and says where
         assert f"native CPU kernels: built ({lamina_home / 'cache' / 'native'}" in info.stdout

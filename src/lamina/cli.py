@@ -177,7 +177,7 @@ def serve(host: str | None, port: int | None, api_key: str | None, insecure: boo
     from lamina.errors import InvalidRequestError
     from lamina.infra.db import Database
     from lamina.infra.device import set_threads
-    from lamina.llm.engine import EngineArgs
+    from lamina.llm.engine.core import EngineArgs
 
     settings = get_settings()
     set_threads(settings.threads)
@@ -548,7 +548,7 @@ def models() -> None:
     from rich.table import Table
 
     from lamina.infra.registry import Registry
-    from lamina.llm.loader import summarize
+    from lamina.llm.formats.loader import summarize
 
     table = Table(box=None, header_style="bold")
     for column in ("id", "task", "family", "params", "context", "format", "size", "source"):
@@ -597,7 +597,7 @@ def info() -> None:
     probe = probe_dtypes(device, settings.home / "cache")
     speeds = ", ".join(f"{k} {v:.0f}" for k, v in probe.gflops.items())
     click.echo(f"dtype auto on {device}: {probe.choice} (GEMM GFLOP/s: {speeds})")
-    from lamina.llm import native
+    from lamina.llm.kernels import native
 
     reason = native.unavailable_reason()
     lib = None if reason else native.library(settings.home / "cache")
@@ -777,7 +777,7 @@ def lora_merge(model_name: str | None, adapter: str, out: str, dtype: str, force
 
     from lamina.infra.device import DTYPES, set_threads
     from lamina.infra.registry import Registry
-    from lamina.llm.adapters import merge_adapter
+    from lamina.llm.tuning.adapters import merge_adapter
 
     settings = get_settings()
     set_threads(settings.threads)

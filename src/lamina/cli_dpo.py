@@ -1,4 +1,4 @@
-"""`lamina finetune dpo` and `lamina finetune classify`: thin verbs over lamina.llm.dpo and lamina.llm.classify.
+"""`lamina finetune dpo` and `lamina finetune classify`: thin verbs over lamina.llm.tuning.dpo and lamina.llm.classify.
 
 Importing this module registers both commands on the `finetune` group (lamina.cli does it at start-up).
 """
@@ -68,9 +68,9 @@ def dpo(model_name: str | None, data: str, lora: bool, rank: int, alpha: float |
 
     Writes LoRA adapters (PEFT layout) or a full model folder, metrics.jsonl and loss.png to the run folder.
     """
-    from lamina.llm.datasets import read_jsonl
-    from lamina.llm.dpo import DPOArgs, run_dpo
     from lamina.llm.llm import LLM
+    from lamina.llm.tuning.datasets import read_jsonl
+    from lamina.llm.tuning.dpo import DPOArgs, run_dpo
 
     _setup_threads()
     args = DPOArgs(beta=beta, max_len=max_len, eval_fraction=eval_split, split_seed=seed)
@@ -136,8 +136,8 @@ def classify(model_name: str, data: str, lora: bool, head_only: bool, scratch: b
     The classifier is saved to RUN/classifier (load it with lamina.llm.classify.TextClassifier.load).
     """
     from lamina.errors import ConfigError
-    from lamina.llm.classify import ClassifyArgs, train_classifier
-    from lamina.llm.datasets import read_jsonl
+    from lamina.llm.tuning.classify import ClassifyArgs, train_classifier
+    from lamina.llm.tuning.datasets import read_jsonl
 
     if lora and head_only:
         raise ConfigError("--lora and --head-only exclude each other: pick one (or neither, to train every weight)")

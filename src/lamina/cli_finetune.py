@@ -53,7 +53,7 @@ def _run_dir(kind: str, out: str | None, model: str, data: str) -> Path:
 
 def _tune_args(steps: int, lr: float, batch_size: int, grad_accum: int, eval_every: int, seed: int,
                dtype: str) -> Any:
-    from lamina.llm.tuning import TuneArgs
+    from lamina.llm.tuning.base import TuneArgs
 
     return TuneArgs(steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, warmup=max(1, steps // 20),
                     eval_every=eval_every, save_every=eval_every, seed=seed, dtype=dtype)
@@ -111,7 +111,7 @@ def sft(model: str | None, data: str, out: str | None, lora: bool, rank: int, al
     """
     from lamina.infra.device import set_threads
     from lamina.llm import LLM
-    from lamina.llm.sft import default_lora, describe, load_sft_data, run_sft
+    from lamina.llm.tuning.sft import default_lora, describe, load_sft_data, run_sft
     settings = get_settings()
     set_threads(settings.threads)
     llm = LLM.load(model, dtype="float32")

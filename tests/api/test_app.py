@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from lamina.api.app import ServeArgs, create_app
 from lamina.llm import LLM
-from lamina.llm.engine import EngineArgs
+from lamina.llm.engine.core import EngineArgs
 from tests.tiny import hf_llama_folder
 
 pytest.importorskip("transformers")

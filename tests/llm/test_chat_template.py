@@ -6,7 +6,7 @@ import pytest
 
 from lamina.errors import InvalidRequestError
 from lamina.foundation.tokenizer import Tokenizer
-from lamina.llm.chat_template import ChatTemplate
+from lamina.llm.text.chat_template import ChatTemplate
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"}],

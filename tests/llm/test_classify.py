@@ -12,10 +12,10 @@ from click.testing import CliRunner
 
 from lamina.arch.lora import lora_layers
 from lamina.cli import cli
-from lamina.llm.adapters import AdapterMismatchError
-from lamina.llm.classify import ClassifierModel, ClassifyArgs, TextClassifier, train_classifier
-from lamina.llm.datasets import DatasetError, read_jsonl, split
-from lamina.llm.tuning import TuneArgs
+from lamina.llm.tuning.adapters import AdapterMismatchError
+from lamina.llm.tuning.base import TuneArgs
+from lamina.llm.tuning.classify import ClassifierModel, ClassifyArgs, TextClassifier, train_classifier
+from lamina.llm.tuning.datasets import DatasetError, read_jsonl, split
 from tests.llm.test_dpo import tiny_folder
 
 DOCS = Path(__file__).parents[1] / "data" / "stdlib_docs.jsonl"

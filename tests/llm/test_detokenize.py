@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lamina.llm.detokenize import IncrementalDetokenizer, StopStrings
+from lamina.llm.text.detokenize import IncrementalDetokenizer, StopStrings
 
 TEXTS = ["Emoji 🙂🚀👩‍👩‍👧 and 東京タワー, naïve café", "plain ascii text", "🏳️‍🌈" * 5, "Ελληνικά и русский"]
 

@@ -16,10 +16,18 @@ from lamina.arch import LlamaConfig, build_model
 from lamina.arch.lora import LoRAConfig, apply_lora
 from lamina.cli import cli
 from lamina.foundation.tokenizer import Tokenizer
-from lamina.llm.adapters import AdapterMismatchError, load_adapter, save_adapter, save_model_folder
-from lamina.llm.datasets import DatasetError, read_jsonl
-from lamina.llm.dpo import DPOArgs, EncodedPair, collate, dpo_loss, encode_pair, run_dpo, sequence_logps
-from lamina.llm.tuning import TuneArgs
+from lamina.llm.tuning.adapters import AdapterMismatchError, load_adapter, save_adapter, save_model_folder
+from lamina.llm.tuning.base import TuneArgs
+from lamina.llm.tuning.datasets import DatasetError, read_jsonl
+from lamina.llm.tuning.dpo import (
+    DPOArgs,
+    EncodedPair,
+    collate,
+    dpo_loss,
+    encode_pair,
+    run_dpo,
+    sequence_logps,
+)
 from tests.tiny import CHAT_TEMPLATE, train_tokenizer
 
 PREFS = Path(__file__).parents[1] / "data" / "prefs.jsonl"

@@ -6,7 +6,7 @@ import pytest
 
 from lamina.errors import InvalidRequestError
 from lamina.llm import SamplingParams
-from lamina.llm.engine import Engine, EngineArgs
+from lamina.llm.engine.core import Engine, EngineArgs
 
 PROMPTS = [
     "The capital of France is",

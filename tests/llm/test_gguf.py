@@ -11,7 +11,7 @@ import torch
 
 from lamina import LLM
 from lamina.errors import ModelFormatError
-from lamina.llm.gguf import open_gguf, unpermute_qk
+from lamina.llm.formats.gguf import open_gguf, unpermute_qk
 from tests.tiny import (
     hf_gpt2_folder,
     hf_llama_folder,
@@ -135,7 +135,7 @@ def test_cli_reports_a_truncated_gguf_in_one_line(tmp_path, tiny_gguf: bytes) ->
 def test_gguf_tokenizer_roundtrip(tmp_path, tiny_gguf: bytes) -> None:
     path = tmp_path / "t.gguf"
     path.write_bytes(tiny_gguf)
-    from lamina.llm import gguf
+    from lamina.llm.formats import gguf
 
     tok = gguf.tokenizer(open_gguf(path))
     ref = train_tokenizer()

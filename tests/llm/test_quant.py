@@ -18,8 +18,8 @@ from lamina.arch.llama import Llama, LlamaConfig
 from lamina.errors import InvalidRequestError
 from lamina.foundation.corpora import pydoc_topics
 from lamina.llm import SamplingParams, native
-from lamina.llm.native_decode import NativeDecoder
-from lamina.llm.quant import Kernel, QuantLinear, _replace_linears, choose_kernel
+from lamina.llm.kernels.native_decode import NativeDecoder
+from lamina.llm.kernels.quant import Kernel, QuantLinear, _replace_linears, choose_kernel
 
 pytestmark = pytest.mark.skipif(native.unavailable_reason() is not None, reason=f"native kernels: {native.unavailable_reason()}")
 
@@ -301,7 +301,7 @@ def test_smollm2_quantised_quality_and_batching(smollm, mode: str, limit: float,
 
 
 def test_engine_on_the_native_step_batches_like_batch_one_and_shares_prefixes(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from lamina.llm.engine import Engine, EngineArgs
+    from lamina.llm.engine.core import Engine, EngineArgs
 
     model = _tiny("int4", torch.float32, tmp_path)
 
@@ -359,7 +359,7 @@ def test_fused_step_on_float_weights_equals_the_pytorch_forward(dtype: torch.dty
 
 def test_float_models_use_the_native_step_only_where_measured_faster(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from lamina.infra.device import optimize_for_inference
-    from lamina.llm.native_decode import native_float_pays, native_step_for
+    from lamina.llm.kernels.native_decode import native_float_pays, native_step_for
 
     torch.manual_seed(0)
     model = Llama(LlamaConfig(vocab_size=96, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=160)).eval()
@@ -380,7 +380,7 @@ def test_float_models_use_the_native_step_only_where_measured_faster(tmp_path) -
 def test_gguf_blocks_are_served_as_they_are(tmp_path, qtype: str, mode: str) -> None:  # type: ignore[no-untyped-def]
     """A Q4_1 (Q8_0) GGUF under --quantize int4 (int8): the file's own bytes, not floats re-packed."""
     transformers = pytest.importorskip("transformers")
-    from lamina.llm import gguf
+    from lamina.llm.formats import gguf
     from tests.tiny import hf_llama_folder, write_llama_gguf
 
     hf = hf_llama_folder(tmp_path / "hf", "llama")

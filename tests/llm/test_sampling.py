@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lamina.errors import InvalidRequestError
-from lamina.llm.sampling import Sampler, SamplingParams
+from lamina.llm.engine.sampling import Sampler, SamplingParams
 
 
 @pytest.mark.parametrize(
@@ -98,7 +98,7 @@ def test_logprobs_are_the_raw_distribution() -> None:
 
 
 def test_inverse_cdf_draws_follow_the_distribution_and_never_a_zero() -> None:
-    from lamina.llm.sampling import _draw
+    from lamina.llm.engine.sampling import _draw
 
     probs = torch.tensor([0.0, 0.1, 0.0, 0.2, 0.7, 0.0])
     g = torch.Generator().manual_seed(0)

@@ -14,7 +14,7 @@ from lamina.api.app import ServeArgs, create_app
 from lamina.arch.lora import LoRAConfig, apply_lora, lora_layers
 from lamina.errors import InvalidRequestError
 from lamina.llm import SamplingParams
-from lamina.llm.adapters import save_adapter
+from lamina.llm.tuning.adapters import save_adapter
 from tests.tiny import hf_llama_folder
 
 pytest.importorskip("transformers")

@@ -12,10 +12,10 @@ import torch
 
 from lamina import LLM
 from lamina.errors import InvalidRequestError
-from lamina.llm.chat_template import ChatTemplate
-from lamina.llm.datasets import DatasetError, read_jsonl, split
-from lamina.llm.sft import Example, collate, encode_record, load_sft_data, pack, run_sft
-from lamina.llm.tuning import TuneArgs
+from lamina.llm.text.chat_template import ChatTemplate
+from lamina.llm.tuning.base import TuneArgs
+from lamina.llm.tuning.datasets import DatasetError, read_jsonl, split
+from lamina.llm.tuning.sft import Example, collate, encode_record, load_sft_data, pack, run_sft
 from tests.tiny import hf_llama_folder
 
 CHAT = [
@@ -146,7 +146,7 @@ def _texts(path: Path, n: int = 24) -> Path:
 
 def _train(folder: Path, data: Path, out: Path, steps: int, resume: bool = False, stop_at: int | None = None,
            lora: bool = True) -> tuple[LLM, object]:
-    from lamina.llm.sft import default_lora
+    from lamina.llm.tuning.sft import default_lora
 
     llm = LLM.load(str(folder), device="cpu", dtype="float32")
     dataset = load_sft_data(llm, data, eval_split=0.25)

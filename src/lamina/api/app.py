@@ -17,20 +17,22 @@ from pathlib import Path
 from fastapi import FastAPI
 
 import lamina
-from lamina.api import errors, rag_routes, routes
+from lamina.api import errors
 from lamina.api.deps import Services
 from lamina.api.keys import KeyStore
 from lamina.api.middleware import LimitBody, RecordRequests
-from lamina.api.rag_service import RagService
-from lamina.api.serving import OpenAIService
+from lamina.api.openai import routes
+from lamina.api.openai.serving import OpenAIService
+from lamina.api.rag import routes as rag_routes
+from lamina.api.rag.service import RagService
 from lamina.api.usage import UsageLog
 from lamina.foundation.embeddings import Embedder
 from lamina.infra.db import Database
 from lamina.infra.registry import Registry
 from lamina.infra.telemetry import Metrics
 from lamina.llm import LLM
-from lamina.llm.async_engine import AsyncLLM
-from lamina.llm.engine import Engine, EngineArgs
+from lamina.llm.engine.async_engine import AsyncLLM
+from lamina.llm.engine.core import Engine, EngineArgs
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +149,7 @@ def _load(args: ServeArgs) -> LLM:
 def _check_adapters(args: ServeArgs, served: str) -> None:
     """Refuse a bad --lora before the server starts: a clash of names, a missing folder, a quantised base."""
     from lamina.errors import InvalidRequestError
-    from lamina.llm.adapters import read_adapter_config
+    from lamina.llm.tuning.adapters import read_adapter_config
 
     names = [name for name, _ in args.lora]
     for name in names:

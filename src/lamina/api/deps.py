@@ -9,8 +9,8 @@ from fastapi import Depends, Request
 
 from lamina.api.errors import APIError
 from lamina.api.keys import APIKey, KeyStore
-from lamina.api.rag_service import RagService
-from lamina.api.serving import OpenAIService
+from lamina.api.openai.serving import OpenAIService
+from lamina.api.rag.service import RagService
 from lamina.api.usage import UsageLog
 from lamina.infra.db import Database
 from lamina.infra.telemetry import Metrics

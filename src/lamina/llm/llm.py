@@ -29,13 +29,13 @@ from lamina.errors import InvalidRequestError
 from lamina.foundation.tokenizer import Tokenizer
 from lamina.infra.device import optimize_for_inference, resolve_device, resolve_dtype
 from lamina.infra.registry import ModelEntry, Registry
-from lamina.llm import gguf
-from lamina.llm.chat_template import ChatTemplate, Message
-from lamina.llm.engine import Engine, EngineArgs, FinishReason
-from lamina.llm.loader import read_checkpoint
-from lamina.llm.quant import QuantLinear, quantize_model
-from lamina.llm.sampling import SamplingParams
-from lamina.llm.text import Delta, TextStream, TokenLogprob
+from lamina.llm.engine.core import Engine, EngineArgs, FinishReason
+from lamina.llm.engine.sampling import SamplingParams
+from lamina.llm.formats import gguf
+from lamina.llm.formats.loader import read_checkpoint
+from lamina.llm.kernels.quant import QuantLinear, quantize_model
+from lamina.llm.text.chat_template import ChatTemplate, Message
+from lamina.llm.text.stream import Delta, TextStream, TokenLogprob
 from lamina.settings import get_settings
 
 logger = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ class LLM:
         for different adapters share one batch. An adapter trained for another base model is refused.
         """
         from lamina.arch.lora import set_active_adapter
-        from lamina.llm.adapters import load_adapter
+        from lamina.llm.tuning.adapters import load_adapter
 
         if any(isinstance(m, QuantLinear) for m in self.model.modules()):
             raise InvalidRequestError("LoRA adapters cannot be served on a quantised model; serve without --quantize "

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from lamina.api.errors import APIError
-from lamina.api.rag_protocol import (
+from lamina.api.rag.protocol import (
     ChunkingStrategy,
     EmbeddingRequest,
     SearchRequest,

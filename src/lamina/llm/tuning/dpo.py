@@ -48,10 +48,10 @@ from lamina.arch.lora import (
 )
 from lamina.errors import ConfigError
 from lamina.infra.fs import atomic_write_text
-from lamina.llm.adapters import load_adapter, save_adapter, save_model_folder
-from lamina.llm.datasets import DatasetError, batch_indices, split
 from lamina.llm.llm import LLM
-from lamina.llm.tuning import StepRecord, TuneArgs, TuneLoop, TuneResult
+from lamina.llm.tuning.adapters import load_adapter, save_adapter, save_model_folder
+from lamina.llm.tuning.base import StepRecord, TuneArgs, TuneLoop, TuneResult
+from lamina.llm.tuning.datasets import DatasetError, batch_indices, split
 from lamina.settings import get_settings
 
 logger = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from enum import Enum
 
 from lamina.arch import KVCache
 from lamina.errors import LaminaError
-from lamina.llm.sampling import Sampler, SamplingParams
+from lamina.llm.engine.sampling import Sampler, SamplingParams
 
 
 class OverloadedError(LaminaError):

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lamina.foundation.tokenizer import Tokenizer
-from lamina.llm.detokenize import IncrementalDetokenizer, StopStrings
-from lamina.llm.engine import FinishReason, TokenEvent
+from lamina.llm.engine.core import FinishReason, TokenEvent
+from lamina.llm.text.detokenize import IncrementalDetokenizer, StopStrings
 
 
 @dataclass(frozen=True)

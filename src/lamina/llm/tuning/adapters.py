@@ -57,7 +57,7 @@ from lamina.foundation.tokenizer_train import save_tokenizer
 from lamina.infra.checkpoint import read_json
 from lamina.infra.fs import atomic_write_text
 from lamina.infra.registry import ModelEntry
-from lamina.llm.loader import Checkpoint, read_checkpoint
+from lamina.llm.formats.loader import Checkpoint, read_checkpoint
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -11,7 +11,7 @@ from lamina.errors import InvalidRequestError, ModelFormatError
 from lamina.foundation.tokenizer import Tokenizer
 from lamina.infra.checkpoint import read_json
 from lamina.infra.registry import ModelEntry
-from lamina.llm import gguf, hf
+from lamina.llm.formats import gguf, hf
 
 
 @dataclass

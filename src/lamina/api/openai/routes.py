@@ -1,4 +1,4 @@
-"""The HTTP routes: thin, each hands its validated request to a service (`lamina.api.serving`)."""
+"""The HTTP routes: thin, each hands its validated request to a service (`lamina.api.openai.serving`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from fastapi.responses import Response
 
 from lamina.api.deps import KeyDep, OpenAIDep, ServicesDep, authenticate
 from lamina.api.errors import APIError
-from lamina.api.protocol import (
+from lamina.api.openai.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
     Completion,

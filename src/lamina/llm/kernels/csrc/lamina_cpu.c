@@ -1,6 +1,6 @@
 /* Lamina's CPU kernels for quantised decoding: block-quantised matrix products and a fused Llama decode step.
  *
- * Built on first use by lamina.llm.native (cc -O3 -march=native -fopenmp) and loaded with ctypes; no
+ * Built on first use by lamina.llm.kernels.native (cc -O3 -march=native -fopenmp) and loaded with ctypes; no
  * Python or PyTorch headers, so it compiles in about a second. OpenMP is the same libgomp PyTorch loads
  * (one thread pool, sized by torch.set_num_threads).
  *

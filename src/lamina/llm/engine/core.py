@@ -9,7 +9,7 @@
 `step()` is schedule -> execute -> sample (vLLM's split): the `Scheduler` picks the chunks, the
 `ModelRunner` runs them and owns the KV caches, and the engine samples, checks end tokens and limits, and
 reports `TokenEvent`s. The engine knows nothing of text, tokenizers or chat templates; those live above it
-(`lamina.llm.text`, `lamina.llm.llm`). It is not thread-safe: one thread drives it (the caller for the
+(`lamina.llm.text.stream`, `lamina.llm.llm`). It is not thread-safe: one thread drives it (the caller for the
 Python API, `AsyncEngine`'s worker thread for the server).
 """
 
@@ -25,10 +25,10 @@ from typing import Literal
 from torch import nn
 
 from lamina.errors import ContextLengthError, InvalidRequestError
-from lamina.llm.runner import ModelRunner
-from lamina.llm.sampling import Sampler, SamplingParams
-from lamina.llm.scheduler import Scheduler, Status
-from lamina.llm.scheduler import Sequence as Seq
+from lamina.llm.engine.runner import ModelRunner
+from lamina.llm.engine.sampling import Sampler, SamplingParams
+from lamina.llm.engine.scheduler import Scheduler, Status
+from lamina.llm.engine.scheduler import Sequence as Seq
 
 logger = logging.getLogger(__name__)
 

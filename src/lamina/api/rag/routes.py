@@ -13,15 +13,15 @@ from fastapi.responses import Response
 
 from lamina.api.deps import KeyDep, authenticate
 from lamina.api.errors import APIError
-from lamina.api.rag_protocol import (
+from lamina.api.openai.routes import ERRORS
+from lamina.api.rag.protocol import (
     EmbeddingRequest,
     SearchRequest,
     VectorStoreCreate,
     VectorStoreFileCreate,
     VectorStoreUpdate,
 )
-from lamina.api.rag_service import RagService
-from lamina.api.routes import ERRORS
+from lamina.api.rag.service import RagService
 
 
 def _rag(request: Request) -> RagService:

@@ -10,7 +10,7 @@ the last real token, the one position that has seen the whole text (transformers
 `LlamaForSequenceClassification` does the same). A decoder's `lm_head` is replaced by the identity, so the
 forward returns final hidden states and skips the vocabulary projection. On top sits one `nn.Linear`
 (hidden width -> number of labels), trained with cross-entropy in the shared fine-tuning loop
-(`lamina.llm.tuning`).
+(`lamina.llm.tuning.base`).
 
 What is trained: every weight (`full`), LoRA adapters plus the head (`lora`), or the head alone on frozen
 features (`head`, a linear probe). `scratch=True` re-initialises the backbone at random first: the same
@@ -43,9 +43,9 @@ from lamina.foundation.tokenizer import Tokenizer
 from lamina.infra.checkpoint import read_json
 from lamina.infra.fs import atomic_write_text
 from lamina.infra.registry import Registry
-from lamina.llm.adapters import SHAPE_KEYS, AdapterMismatchError
-from lamina.llm.datasets import DatasetError, batch_indices, split
-from lamina.llm.tuning import StepRecord, TuneArgs, TuneLoop, TuneResult
+from lamina.llm.tuning.adapters import SHAPE_KEYS, AdapterMismatchError
+from lamina.llm.tuning.base import StepRecord, TuneArgs, TuneLoop, TuneResult
+from lamina.llm.tuning.datasets import DatasetError, batch_indices, split
 from lamina.settings import get_settings
 
 logger = logging.getLogger(__name__)

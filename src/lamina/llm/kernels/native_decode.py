@@ -23,8 +23,8 @@ from torch import nn
 from lamina.arch.kv_cache import SlotCache
 from lamina.arch.llama import Llama
 from lamina.infra.device import cached_probe, device_key
-from lamina.llm import native
-from lamina.llm.quant import QuantLinear, probe_config, time_decode
+from lamina.llm.kernels import native
+from lamina.llm.kernels.quant import QuantLinear, probe_config, time_decode
 
 logger = logging.getLogger(__name__)
 

@@ -24,16 +24,21 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from lamina.api.errors import APIError
 from lamina.api.keys import APIKey
-from lamina.api.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from lamina.api.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 from lamina.api.usage import UsageLog
 from lamina.errors import InvalidRequestError, LaminaError
 from lamina.infra.telemetry import Metrics
-from lamina.llm.async_engine import AsyncLLM
-from lamina.llm.sampling import SamplingParams
-from lamina.llm.text import Delta, TokenLogprob
+from lamina.llm.engine.async_engine import AsyncLLM
+from lamina.llm.engine.sampling import SamplingParams
+from lamina.llm.text.stream import Delta, TokenLogprob
 
 if TYPE_CHECKING:
-    from lamina.api.rag_service import RagService
+    from lamina.api.rag.service import RagService
 
 logger = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ from lamina.arch import KVCache
 from lamina.arch.kv_cache import SlotCache
 from lamina.arch.lora import adapter_names, route_adapters
 from lamina.errors import InvalidRequestError
-from lamina.llm.native_decode import NativeDecoder, native_step_for
-from lamina.llm.scheduler import ScheduledChunk, SchedulerOutput, Sequence
+from lamina.llm.engine.scheduler import ScheduledChunk, SchedulerOutput, Sequence
+from lamina.llm.kernels.native_decode import NativeDecoder, native_step_for
 
 logger = logging.getLogger(__name__)
 

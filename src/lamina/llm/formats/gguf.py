@@ -362,7 +362,7 @@ def state_dict(
 
 
 NATIVE_BLOCK_TYPES = {"Q4_1": 4, "Q8_0": 8}
-"""GGUF block types whose bytes are Lamina's native block layouts as they are (`lamina.llm.native`):
+"""GGUF block types whose bytes are Lamina's native block layouts as they are (`lamina.llm.kernels.native`):
 Q4_1 {fp16 d, fp16 m, 16 bytes of nibbles} is its int4 format, Q8_0 {fp16 d, 32 int8} its int8 one."""
 
 

@@ -9,7 +9,7 @@ including plain float `linear` (in which case quantising is refused with the num
 slower). The choice is cached per machine in LAMINA_HOME.
 
 Candidates:
-- native (`lamina.llm.native`, compiled on first use): llama.cpp-style blocks of 32 weights with an fp16
+- native (`lamina.llm.kernels.native`, compiled on first use): llama.cpp-style blocks of 32 weights with an fp16
   scale, int4 with an offset (like Q4_1) or int8 (like Q8_0), and int8-quantised activations, so every
   block is an integer dot product; also the only one the fused decode step (`native_decode`) runs on;
 - PyTorch's own CPU kernels: `torch._weight_int8pack_mm` (int8 per output channel) and
@@ -36,7 +36,7 @@ from lamina.arch.kv_cache import SlotCache
 from lamina.arch.llama import Llama, LlamaConfig
 from lamina.errors import InvalidRequestError
 from lamina.infra.device import cached_probe, device_key, optimize_for_inference
-from lamina.llm import native
+from lamina.llm.kernels import native
 
 logger = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ def time_decode(
     """Seconds for 8 batch-1 decode steps of a random model of `config`: with `kernel`'s QuantLinears (None:
     float weights, in PyTorch's best layout unless `native_step`), through the native step where the kernel is
     native or `native_step` asks for it (inf where that does not apply), else PyTorch's forward."""
-    from lamina.llm.native_decode import NativeDecoder  # (it builds on QuantLinear)
+    from lamina.llm.kernels.native_decode import NativeDecoder  # (it builds on QuantLinear)
 
     torch.manual_seed(0)
     model = Llama(config).to(dtype).eval()

@@ -21,11 +21,11 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from lamina.llm.engine import Engine, TokenEvent
+from lamina.llm.engine.core import Engine, TokenEvent
+from lamina.llm.engine.sampling import SamplingParams
+from lamina.llm.engine.scheduler import OverloadedError
 from lamina.llm.llm import LLM
-from lamina.llm.sampling import SamplingParams
-from lamina.llm.scheduler import OverloadedError
-from lamina.llm.text import Delta, TextStream
+from lamina.llm.text.stream import Delta, TextStream
 
 logger = logging.getLogger(__name__)
 

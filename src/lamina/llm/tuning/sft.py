@@ -1,13 +1,13 @@
 """Supervised fine-tuning (SFT) of a pretrained model on chat or text examples, fully or with LoRA.
 
 TRL's `SFTTrainer` conventions, on Lamina's own model code:
-- data in TRL's formats (`lamina.llm.datasets`): `messages`, `prompt`/`completion`, `text`;
+- data in TRL's formats (`lamina.llm.tuning.datasets`): `messages`, `prompt`/`completion`, `text`;
 - conversations rendered with the model's own chat template, and the loss on assistant tokens only
   (`ChatTemplate.encode_with_mask`; the end-of-turn token is trained too, so the model learns to stop);
   prompt/completion pairs train on the completion only; plain text on every token plus end-of-sequence;
 - optional packing (examples concatenated into full `max_length` rows, no padding), else batches padded
   to their longest example; a seeded hold-out eval split scored by loss on its trained tokens;
-- the loop, checkpoints and resume, metrics and loss plot of `lamina.llm.tuning`;
+- the loop, checkpoints and resume, metrics and loss plot of `lamina.llm.tuning.base`;
 - the result: a PEFT-layout adapter (`<out>/adapter`, servable with `lamina serve --lora`) or, for a full
   fine-tune, a model folder (`<out>/model`, servable with `--model`).
 """
@@ -27,9 +27,9 @@ import torch.nn.functional as F
 
 from lamina.arch.lora import ALL_LINEAR, LoRAConfig, apply_lora, mark_only_lora_trainable
 from lamina.errors import ConfigError
-from lamina.llm.datasets import DatasetError, read_jsonl, split
 from lamina.llm.llm import LLM
-from lamina.llm.tuning import StepRecord, TuneArgs, TuneLoop
+from lamina.llm.tuning.base import StepRecord, TuneArgs, TuneLoop
+from lamina.llm.tuning.datasets import DatasetError, read_jsonl, split
 
 logger = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ def run_sft(
 
 
 def _save(llm: LLM, out: Path, is_lora: bool) -> Path:
-    from lamina.llm.adapters import save_adapter, save_model_folder
+    from lamina.llm.tuning.adapters import save_adapter, save_model_folder
 
     if is_lora:
         return save_adapter(llm.model, out / "adapter", base_model_id=llm.name)

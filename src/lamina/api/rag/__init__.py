@@ -1,0 +1,1 @@
+"""The RAG surface: files, vector stores, search, in OpenAI's shapes."""
