@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from lamina.cli_common import _fail_cleanly
+from lamina.cli.common import _fail_cleanly
 from lamina.settings import get_settings
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from lamina.cli_common import CONTEXT_SETTINGS, _fail_cleanly
+from lamina.cli.common import CONTEXT_SETTINGS, _fail_cleanly
 from lamina.errors import LaminaError
 from lamina.settings import get_settings
 
@@ -801,9 +801,9 @@ def _human(n: int | None, unit: str = "") -> str:
     return str(n)
 
 def _register() -> None:
-    import lamina.cli_dpo  # noqa: F401 (registers `finetune dpo` and `finetune classify` on the group)
-    from lamina.cli_finetune import finetune
-    from lamina.cli_gan import experiment, gan
+    import lamina.cli.dpo  # noqa: F401 (registers `finetune dpo` and `finetune classify` on the group)
+    from lamina.cli.finetune import finetune
+    from lamina.cli.gan import experiment, gan
 
     cli.add_command(finetune)
     cli.add_command(gan)

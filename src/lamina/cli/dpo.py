@@ -11,8 +11,8 @@ from typing import Any
 
 import click
 
-from lamina.cli_common import _fail_cleanly
-from lamina.cli_finetune import _Progress, _run_dir, _tune_args, finetune
+from lamina.cli.common import _fail_cleanly
+from lamina.cli.finetune import _Progress, _run_dir, _tune_args, finetune
 from lamina.settings import get_settings
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from lamina.cli_common import CONTEXT_SETTINGS, _fail_cleanly
+from lamina.cli.common import CONTEXT_SETTINGS, _fail_cleanly
 from lamina.settings import get_settings
 
 MAX_GRID = 4096  # images in one PNG grid from `lamina gan sample`
