@@ -150,6 +150,17 @@ def test_csv_rows(tmp_path: Path) -> None:
     assert [d.text for d in load_sources([str(other)], text_field="message")] == ["hello"]
 
 
+def test_csv_fields_beyond_the_csv_modules_cap_load_and_the_cap_is_put_back(tmp_path: Path) -> None:
+    import csv
+
+    before = csv.field_size_limit()
+    long_text = "word " * (before // 5 + 1000)  # longer than the csv module's cap on one field
+    path = tmp_path / "long.csv"
+    path.write_text(f'id,text\n1,"{long_text}"\n')
+    assert [d.text for d in load_sources([str(path)])] == [long_text]
+    assert csv.field_size_limit() == before  # the cap is process-wide: lifted for the read only
+
+
 def test_pydoc_corpus() -> None:
     docs = load_sources(["pydoc"])
     topics = pydoc_topics()

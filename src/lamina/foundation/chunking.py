@@ -267,3 +267,6 @@ def _end_after(text: str, prev_end: int, next_start: int) -> int:
     """Where a chunk whose last token ends at `prev_end` ends: past any characters between it and the next
     token that no token covers (a stripped accent, say), but not past trailing whitespace."""
     return prev_end + len(text[prev_end:next_start].rstrip())
+
+
+__all__ = ["MIN_MAX_TOKENS", "Chunk", "chunk_document", "content_hash", "dedupe_chunks"]

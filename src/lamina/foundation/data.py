@@ -45,12 +45,8 @@ Steps (each reports documents removed and kept, and characters before and after)
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
-import json
 import re
-import sys
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -59,7 +55,8 @@ from typing import TYPE_CHECKING, Any
 
 from lamina.errors import InvalidRequestError
 from lamina.foundation.corpora import pydoc_topics
-from lamina.foundation.documents import CSV_TEXT_COLUMNS, TEXT_KEYS, DocumentError, clean_text
+from lamina.foundation.documents import CSV_TEXT_COLUMNS, TEXT_KEYS, clean_text
+from lamina.foundation.readers import CsvTable, DocumentError, decode_text, jsonl_values, read_bytes
 
 if TYPE_CHECKING:
     # Only for annotations: importing this module stays light (no pyarrow), so the CLI can read
@@ -135,10 +132,22 @@ class CleaningOptions:
             raise InvalidRequestError(f"shingle_words must be at least 1 (got {self.shingle_words!r})", param="shingle_words")
 
 
+# The `lamina data ingest` flag of each option. Messages quote the flag next to (or instead of) the field
+# name, so that a user of the command reads what to type; this table is the one place that knows them.
+_CLI_FLAGS = {
+    "text_field": "--text-field",
+    "min_chars": "--min-chars",
+    "max_chars": "--max-chars",
+    "min_words": "--min-words",
+    "max_words": "--max-words",
+    "max_symbol_ratio": "--max-symbol-ratio",
+    "max_repeated_line_ratio": "--max-repeated-lines",
+}
+
+
 def _flag(name: str) -> str:
     """An option as both callers know it: the field name and the `lamina data ingest` flag."""
-    flag = "max-repeated-lines" if name == "max_repeated_line_ratio" else name.replace("_", "-")
-    return f"{name} (--{flag})"
+    return f"{name} ({_CLI_FLAGS[name]})"
 
 
 @dataclass(frozen=True)
@@ -227,7 +236,7 @@ def load_sources(sources: Sequence[str | Path], *, text_field: str | None = None
 
 
 def _read_file(path: Path, shown: str, text_field: str | None) -> list[TextDocument]:
-    text = _decode(path, shown)
+    text = decode_text(read_bytes(path, shown, param="sources"), shown, param="sources", advice=", or leave it out")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         return _jsonl_documents(text, shown, text_field)
@@ -236,38 +245,10 @@ def _read_file(path: Path, shown: str, text_field: str | None) -> list[TextDocum
     return [TextDocument(shown, text, shown)]
 
 
-def _decode(path: Path, shown: str) -> str:
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise DocumentError(f"{shown!r}: cannot read the file: {e.strerror or e}", param="sources") from None
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        try:
-            return data.decode("utf-16")
-        except UnicodeDecodeError as e:
-            raise DocumentError(f"{shown!r} starts with a UTF-16 mark but is not valid UTF-16 ({e.reason})", param="sources") from None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DocumentError(
-            f"{shown!r} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); re-save it as UTF-8, "
-            f"e.g. `iconv -f latin1 -t utf-8 {shown} > out`, or leave it out",
-            param="sources",
-        ) from None
-
-
 def _jsonl_documents(text: str, shown: str, text_field: str | None) -> list[TextDocument]:
     docs = []
     keys = (text_field,) if text_field else TEXT_KEYS
-    # split("\n"), not splitlines(): JSON strings may hold a raw U+2028, which splitlines() breaks on.
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DocumentError(f"{shown!r} line {number} is not valid JSON ({e.msg} at column {e.colno}); fix or remove that line",
-                                param="sources") from None
+    for number, record in jsonl_values(text, shown, param="sources"):
         if isinstance(record, str) and text_field is None:
             docs.append(TextDocument(f"{shown}:{number}", record, shown))
             continue
@@ -277,7 +258,7 @@ def _jsonl_documents(text: str, shown: str, text_field: str | None) -> list[Text
             expected = repr(text_field) if text_field else f"one of {list(TEXT_KEYS)}"
             raise DocumentError(
                 f"{shown!r} line {number} has no text: expected a string under {expected}, found {found}; "
-                "pass --text-field KEY",
+                f"pass {_CLI_FLAGS['text_field']} KEY",
                 param="text_field",
             )
         docs.append(TextDocument(f"{shown}:{number}", value, shown))
@@ -286,28 +267,18 @@ def _jsonl_documents(text: str, shown: str, text_field: str | None) -> list[Text
 
 def _csv_documents(text: str, shown: str, text_field: str | None) -> list[TextDocument]:
     # Documents are long; the csv module's default cap on a field (128 KiB) would reject them.
-    csv.field_size_limit(max(csv.field_size_limit(), min(sys.maxsize, 2**31 - 1)))
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    columns = [c for c in reader.fieldnames or [] if c is not None]
-    by_lower = {c.strip().lower(): c for c in reversed(columns)}  # reversed: the first spelling wins
-    if text_field is not None and text_field in columns:
+    table = CsvTable(text, shown, param="sources", large_fields=True)
+    if text_field is not None and text_field in table.columns:
         column: str | None = text_field
     else:
-        wanted = (text_field,) if text_field else CSV_TEXT_COLUMNS
-        column = next((by_lower[c.lower()] for c in wanted if c.lower() in by_lower), None)
+        column = table.column((text_field,) if text_field else CSV_TEXT_COLUMNS)
     if column is None:
         raise DocumentError(
             f"{shown!r} has no text column {repr(text_field) if text_field else 'text/content/body'}; its columns: "
-            f"{columns}; pass --text-field COLUMN",
+            f"{table.columns}; pass {_CLI_FLAGS['text_field']} COLUMN",
             param="text_field",
         )
-    docs, row = [], 0
-    try:
-        for row, record in enumerate(reader, start=1):
-            docs.append(TextDocument(f"{shown}:{row}", record.get(column) or "", shown))
-    except csv.Error as e:
-        raise DocumentError(f"{shown!r} is not valid CSV near data row {row + 1} ({e}); fix that row", param="sources") from None
-    return docs
+    return [TextDocument(f"{shown}:{row}", values[column], shown) for row, values in table.rows()]
 
 
 # --- quality signals ------------------------------------------------------------------------------------
@@ -390,13 +361,14 @@ def scrub_pii(text: str) -> tuple[str, Counter[str]]:
 
 # For the empty-dataset error: what to change when a step removed the last documents.
 _HINTS = {
-    "normalize": "the documents hold no text after normalisation (only whitespace or control characters); check the sources and --text-field",
-    "min_chars": "lower --min-chars",
-    "max_chars": "raise --max-chars",
-    "min_words": "lower --min-words",
-    "max_words": "raise --max-words",
-    "symbol_ratio": "raise --max-symbol-ratio (1 turns the filter off)",
-    "repeated_lines": "raise --max-repeated-lines (1 turns the filter off)",
+    "normalize": "the documents hold no text after normalisation (only whitespace or control characters); "
+                 f"check the sources and {_CLI_FLAGS['text_field']}",
+    "min_chars": f"lower {_CLI_FLAGS['min_chars']}",
+    "max_chars": f"raise {_CLI_FLAGS['max_chars']}",
+    "min_words": f"lower {_CLI_FLAGS['min_words']}",
+    "max_words": f"raise {_CLI_FLAGS['max_words']}",
+    "symbol_ratio": f"raise {_CLI_FLAGS['max_symbol_ratio']} (1 turns the filter off)",
+    "repeated_lines": f"raise {_CLI_FLAGS['max_repeated_line_ratio']} (1 turns the filter off)",
 }
 _EXAMPLES = 5
 

@@ -24,28 +24,23 @@ Readers, by suffix:
   columns become attributes), otherwise "column: value" lines of every column; `row` = the 1-based data
   row (the header is not counted; quoted newlines mean this is not a line number).
 
-Chunking lives in `lamina.foundation.chunking`; its names can be imported from here too.
+Bytes become text, and JSONL/CSV become records, in `lamina.foundation.readers`, which the training-data
+loader (`lamina.foundation.data`) shares. Chunking lives in `lamina.foundation.chunking`.
 """
 
 from __future__ import annotations
 
-import codecs
-import csv
 import hashlib
 import io
-import json
 import logging
 import re
 import unicodedata
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from lamina.errors import InvalidRequestError
-
-if TYPE_CHECKING:
-    from lamina.foundation.chunking import Chunk, chunk_document, dedupe_chunks
+from lamina.foundation.readers import CsvTable, DocumentError, decode_text, jsonl_values, read_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -68,16 +63,6 @@ TEXT_KEYS: tuple[str, ...] = ("text", "content", "body", "page_content")
 CSV_TEXT_COLUMNS: tuple[str, ...] = ("text", "content", "body")
 
 SECTION_SEPARATOR = "\n\n"
-
-
-class DocumentError(InvalidRequestError):
-    """A file that cannot be ingested: an unsupported type, or content that cannot be read as text.
-
-    A subclass of `InvalidRequestError` (HTTP 400, `invalid_request_error`): the fix is always on the
-    caller's side (convert, decrypt, re-encode or repair the file).
-    """
-
-    code = "unreadable_document"
 
 
 @dataclass(frozen=True)
@@ -183,10 +168,7 @@ def load_document(path: str | Path, *, data: bytes | None = None, filename: str 
             code="unsupported_document",
         )
     if data is None:
-        try:
-            data = Path(path).read_bytes()
-        except OSError as e:
-            raise DocumentError(f"{str(path)!r}: cannot read the file: {e.strerror or e}", param="file") from None
+        data = read_bytes(Path(path), str(path), param="file")
     if not data:
         raise DocumentError(f"{name!r} is empty (0 bytes); upload a file with text in it", param="file")
 
@@ -229,20 +211,7 @@ def _place(pieces: list[_Piece]) -> list[Section]:
 
 
 def _decode(data: bytes, name: str) -> str:
-    """UTF-8 (with or without a BOM), or UTF-16 with a BOM (what Windows editors save as "Unicode")."""
-    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        try:
-            return data.decode("utf-16")
-        except UnicodeDecodeError as e:
-            raise DocumentError(f"{name!r} starts with a UTF-16 mark but is not valid UTF-16 ({e.reason})", param="file") from None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DocumentError(
-            f"{name!r} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
-            f"re-save it as UTF-8, e.g. `iconv -f latin1 -t utf-8 {name} > out`",
-            param="file",
-        ) from None
+    return decode_text(data, name, param="file")
 
 
 def _read_plain(data: bytes, name: str) -> list[_Piece]:
@@ -466,17 +435,7 @@ def _scalar_attributes(record: dict[str, Any], skip: str | None) -> dict[str, At
 
 def _read_jsonl(data: bytes, name: str) -> list[_Piece]:
     pieces: list[_Piece] = []
-    # split("\n"), not splitlines(): JSON strings may hold a raw U+2028, which splitlines() breaks on.
-    for number, line in enumerate(_decode(data, name).split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DocumentError(
-                f"{name!r} line {number} is not valid JSON ({e.msg} at column {e.colno}); fix or remove that line",
-                param="file",
-            ) from None
+    for number, record in jsonl_values(_decode(data, name), name, param="file"):
         if isinstance(record, str):  # a bare string per line is a record that is all text
             pieces.append(_Piece(record, attributes={"row": number}))
             continue
@@ -498,50 +457,27 @@ def _read_jsonl(data: bytes, name: str) -> list[_Piece]:
 
 
 def _read_csv(data: bytes, name: str) -> list[_Piece]:
-    reader = csv.DictReader(io.StringIO(_decode(data, name), newline=""))
-    columns = [c for c in reader.fieldnames or [] if c is not None]
-    by_lower = {c.strip().lower(): c for c in reversed(columns)}  # reversed: the first spelling wins
-    text_column = next((by_lower[c] for c in CSV_TEXT_COLUMNS if c in by_lower), None)
+    table = CsvTable(_decode(data, name), name, param="file")
+    text_column = table.column(CSV_TEXT_COLUMNS)
     pieces: list[_Piece] = []
-    row = 0
-    try:
-        for row, record in enumerate(reader, start=1):
-            # Short rows give None for missing columns; extra cells (under the None key) are ignored.
-            values = {k: v or "" for k, v in record.items() if k is not None}
-            if text_column is not None:
-                attributes: dict[str, Attribute] = {k: v for k, v in values.items() if k != text_column}
-                pieces.append(_Piece(values.get(text_column, ""), attributes={**attributes, "row": row}))
-            else:
-                lines = [f"{k}: {v}" for k, v in values.items() if v.strip()]
-                pieces.append(_Piece("\n".join(lines), attributes={"row": row}))
-    except csv.Error as e:
-        raise DocumentError(f"{name!r} is not valid CSV near data row {row + 1} ({e}); fix that row", param="file") from None
+    for row, values in table.rows():
+        if text_column is not None:
+            attributes: dict[str, Attribute] = {k: v for k, v in values.items() if k != text_column}
+            pieces.append(_Piece(values.get(text_column, ""), attributes={**attributes, "row": row}))
+        else:
+            lines = [f"{k}: {v}" for k, v in values.items() if v.strip()]
+            pieces.append(_Piece("\n".join(lines), attributes={"row": row}))
     return pieces
 
 
-# Chunking lives in its own module (it imports this one); a lazy re-export keeps one import point for
-# callers without an import cycle.
-_CHUNKING_NAMES = frozenset({"Chunk", "chunk_document", "dedupe_chunks"})
-
-
-def __getattr__(name: str) -> Any:
-    if name in _CHUNKING_NAMES:
-        from lamina.foundation import chunking
-
-        return getattr(chunking, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = [
+    "CSV_TEXT_COLUMNS",
     "SUPPORTED_SUFFIXES",
     "TEXT_KEYS",
-    "Chunk",
     "Document",
     "DocumentError",
     "Section",
-    "chunk_document",
     "clean_text",
-    "dedupe_chunks",
     "document_text",
     "load_document",
 ]

@@ -18,14 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from lamina.errors import InvalidRequestError
-from lamina.foundation.documents import (
-    SUPPORTED_SUFFIXES,
-    DocumentError,
-    chunk_document,
-    dedupe_chunks,
-    load_document,
-)
+from lamina.foundation.chunking import chunk_document, dedupe_chunks
+from lamina.foundation.documents import SUPPORTED_SUFFIXES, load_document
 from lamina.foundation.embeddings import Embedder
+from lamina.foundation.readers import DocumentError
 from lamina.infra.vectorstore import ChunkRecord, FileRecord, Scalar, StoreInfo, VectorStores
 
 logger = logging.getLogger(__name__)
