@@ -23,7 +23,7 @@ from lamina.foundation.experiments import (
     results_markdown,
     run_digits_experiment,
     self_train,
-    train_classifier,
+    train_digit_classifier,
 )
 from lamina.foundation.gan import GanTrainArgs, load_digits_split, load_generator
 
@@ -116,8 +116,8 @@ def test_the_synthetic_share_of_batches_is_what_trains() -> None:
     wrong = LabelledSet(d.train_images[200:400], (d.train_labels[200:400] + 1) % 10)  # every label wrong
     test = LabelledSet(d.test_images, d.test_labels)
     args = ClassifierArgs(steps=150)
-    mostly_real = accuracy(train_classifier(real, args, 0, extra=wrong, extra_share=0.1), test)
-    mostly_wrong = accuracy(train_classifier(real, args, 0, extra=wrong, extra_share=0.9), test)
+    mostly_real = accuracy(train_digit_classifier(real, args, 0, extra=wrong, extra_share=0.1), test)
+    mostly_wrong = accuracy(train_digit_classifier(real, args, 0, extra=wrong, extra_share=0.9), test)
     assert mostly_real > 0.8 > 0.5 > mostly_wrong
 
 

@@ -31,11 +31,11 @@ import torch.nn.functional as F
 
 from lamina.arch import Bert, BertConfig, build_model
 from lamina.errors import ConfigError, InvalidRequestError, ModelFormatError
-from lamina.foundation.tokenizer import Tokenizer
+from lamina.foundation.tokenizer import Tokenizer, read_tokenizer_config
 from lamina.infra.checkpoint import iter_safetensors, read_json
 from lamina.infra.device import resolve_device, resolve_dtype
 from lamina.infra.registry import ModelEntry, Registry
-from lamina.settings import get_settings
+from lamina.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -145,8 +145,12 @@ class Embedder:
         device: auto|cpu|cuda|cuda:N|mps; dtype: auto|float32|bfloat16|float16. A plain BERT folder with
         no sentence-transformers files embeds by mean pooling without normalisation, up to the model's
         maximum length.
+
+        home: Lamina's home folder, where registered models are found and the dtype probe is cached. When
+        it is not given, `Settings()` is built here, so LAMINA_HOME (or ~/.lamina) is read at this call:
+        the process-wide cached settings are never consulted, and callers that know the home pass it.
         """
-        home = Path(home).expanduser() if home else get_settings().home
+        home = Path(home).expanduser() if home else Settings().home
         entry = Registry(home).resolve(model)
         if entry.format != "hf" or entry.task != "embed":
             raise InvalidRequestError(
@@ -157,7 +161,7 @@ class Embedder:
         folder = entry.path
         config = bert_config(read_json(folder / "config.json"), folder)
         st = _sentence_transformers_files(folder, config)  # refuse unsupported pipelines before reading weights
-        tokenizer = Tokenizer.from_file(_tokenizer_path(folder), _tokenizer_config(folder))
+        tokenizer = Tokenizer.from_folder(folder)
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev, home / "cache")
         net = build_model(config, bert_state_dict(folder), device=dev, dtype=dt).eval()
@@ -316,7 +320,7 @@ def _sentence_transformers_files(folder: Path, config: BertConfig) -> dict[str, 
 
     st_file = folder / "sentence_bert_config.json"
     st = read_json(st_file) if st_file.exists() else {}
-    tok_max = _tokenizer_config(folder).get("model_max_length")
+    tok_max = read_tokenizer_config(folder).get("model_max_length")
     # sentence-transformers' order: its own max_seq_length, else the tokenizer's; never beyond the positions.
     max_tokens = st.get("max_seq_length") or (tok_max if isinstance(tok_max, int) else None) or config.max_positions
     return {
@@ -346,21 +350,3 @@ def _read_json_list(path: Path) -> list[dict[str, Any]]:
     if not isinstance(data, list) or not all(isinstance(m, dict) for m in data):
         raise ModelFormatError(f"{path}: expected a JSON list of module objects")
     return data
-
-
-def _tokenizer_path(folder: Path) -> Path:
-    path = folder / "tokenizer.json"
-    if not path.exists():
-        raise ModelFormatError(
-            f"{folder}: no tokenizer.json (Lamina needs the fast-tokenizer file; save it with "
-            "tokenizer.save_pretrained from transformers)"
-        )
-    return path
-
-
-def _tokenizer_config(folder: Path) -> dict[str, Any]:
-    config: dict[str, Any] = {}
-    for name in ("special_tokens_map.json", "tokenizer_config.json"):
-        if (folder / name).exists():
-            config.update(read_json(folder / name))
-    return config

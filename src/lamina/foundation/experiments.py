@@ -79,10 +79,13 @@ class ClassifierArgs:
                               f"{self.weight_decay})")
 
 
-def train_classifier(data: LabelledSet, args: ClassifierArgs, seed: int, extra: LabelledSet | None = None,
-                     extra_share: float | None = None,
-                     config: DigitClassifierConfig | None = None) -> DigitClassifier:
-    """A `DigitClassifier` trained with AdamW on `data`, in eval mode.
+def train_digit_classifier(data: LabelledSet, args: ClassifierArgs, seed: int, extra: LabelledSet | None = None,
+                           extra_share: float | None = None,
+                           config: DigitClassifierConfig | None = None) -> DigitClassifier:
+    """A `DigitClassifier` trained from scratch with AdamW on `data`, in eval mode.
+
+    Not `lamina.llm.tuning.classify.train_classifier`, which fine-tunes a pretrained model on texts:
+    this one is a plain loop over 8x8 images for the digits experiment.
 
     `extra` adds more labelled images: pooled with `data` when `extra_share` is None, otherwise a fixed
     `extra_share` of every batch comes from `extra` (so a large synthetic set cannot drown the real one).
@@ -144,7 +147,7 @@ def self_train(labelled: LabelledSet, unlabelled: LabelledSet, args: ClassifierA
                confidence: float) -> tuple[DigitClassifier, list[PseudoLabelRound]]:
     """Pseudo-label self-training. `unlabelled.labels` are used only to report how right the pseudo-labels
     were, never to train. Each round starts a fresh classifier on labelled + confident pseudo-labelled."""
-    model = train_classifier(labelled, args, seed)
+    model = train_digit_classifier(labelled, args, seed)
     history = []
     for r in range(1, rounds + 1):
         probs = predict_proba(model, unlabelled.images)
@@ -152,7 +155,7 @@ def self_train(labelled: LabelledSet, unlabelled: LabelledSet, args: ClassifierA
         pseudo = LabelledSet(unlabelled.images[keep], probs.argmax(1)[keep])
         correct = float((pseudo.labels == unlabelled.labels[keep]).mean()) if keep.any() else float("nan")
         history.append(PseudoLabelRound(r, int(keep.sum()), correct))
-        model = train_classifier(labelled, args, seed + r, extra=pseudo)
+        model = train_digit_classifier(labelled, args, seed + r, extra=pseudo)
     return model, history
 
 
@@ -279,11 +282,11 @@ def run_digits_experiment(args: DigitsExperimentArgs, out_dir: Path | None = Non
 
         accuracies: dict[str, float] = {}
         phase(f"seed {seed}: supervised on {len(labelled)} labels")
-        accuracies["supervised"] = accuracy(train_classifier(labelled, args.classifier, seed), test)
+        accuracies["supervised"] = accuracy(train_digit_classifier(labelled, args.classifier, seed), test)
 
         phase(f"seed {seed}: supervised + {args.synthetic_per_class * n_classes} GAN samples")
         synthetic = LabelledSet(*sample_per_class(generator, args.synthetic_per_class, seed=seed))
-        augmented = train_classifier(labelled, args.classifier, seed, extra=synthetic,
+        augmented = train_digit_classifier(labelled, args.classifier, seed, extra=synthetic,
                                      extra_share=args.synthetic_share)
         accuracies["augmented"] = accuracy(augmented, test)
 
@@ -293,7 +296,7 @@ def run_digits_experiment(args: DigitsExperimentArgs, out_dir: Path | None = Non
         accuracies["self_training"] = accuracy(model, test)
 
         phase(f"seed {seed}: supervised on all {len(train)} labels, and the GAN's scores")
-        judge = train_classifier(train, args.classifier, seed)
+        judge = train_digit_classifier(train, args.classifier, seed)
         accuracies["full"] = accuracy(judge, test)
         quality = generator_quality(judge, generator, train, test, args.quality_per_class, seed)
         seeds.append(SeedResult(seed, len(labelled), accuracies, quality, pseudo, gan.seconds,

@@ -5,6 +5,10 @@ how text is split before BPE. `byte_level_bpe` rebuilds the tokenizer from those
 llama.cpp uses for each name (llama.cpp's `llama-vocab.cpp` is the reference: a GGUF's tokenizer means
 what llama.cpp does with it). Special (control) tokens are matched whole in text, and the BOS rule is a
 post-processor, so `encode(text)` adds BOS exactly when the model wants it.
+
+A Hugging Face folder (an LLM's or an embedding model's) keeps its tokenizer in `tokenizer.json`, with the
+special tokens named in `special_tokens_map.json` / `tokenizer_config.json`: `Tokenizer.from_folder` reads
+the three, and `read_tokenizer_config` the last two, for every loader that meets such a folder.
 """
 
 from __future__ import annotations
@@ -99,6 +103,18 @@ def _unicode_to_bytes() -> dict[str, int]:
     return _UNICODE_TO_BYTES
 
 
+def read_tokenizer_config(folder: Path) -> dict[str, Any]:
+    """special_tokens_map.json updated by tokenizer_config.json, as transformers merges them; {} if neither."""
+    # Imported here: lamina.infra.checkpoint loads torch, and this module stays light without it.
+    from lamina.infra.checkpoint import read_json
+
+    config: dict[str, Any] = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        if (folder / name).exists():
+            config.update(read_json(folder / name))
+    return config
+
+
 class Tokenizer:
     """Text <-> token ids, with the model's special tokens."""
 
@@ -143,6 +159,17 @@ class Tokenizer:
         if config.get("add_bos_token") or config.get("add_eos_token"):
             tokenizer._set_template(bool(config.get("add_bos_token")), bool(config.get("add_eos_token")))
         return tokenizer
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> Tokenizer:
+        """From a Hugging Face folder: its tokenizer.json, special tokens from its tokenizer config files."""
+        path = folder / "tokenizer.json"
+        if not path.exists():
+            raise ModelFormatError(
+                f"{folder}: no tokenizer.json (Lamina needs the fast-tokenizer file; save it with "
+                "tokenizer.save_pretrained from transformers)"
+            )
+        return cls.from_file(path, read_tokenizer_config(folder))
 
     @classmethod
     def byte_level_bpe(
