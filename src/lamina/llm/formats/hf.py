@@ -15,7 +15,7 @@ from lamina.arch import config_from_dict as lamina_config_from_dict
 from lamina.arch.gpt2 import GPT2Config
 from lamina.arch.llama import LlamaConfig, RopeScaling
 from lamina.errors import ModelFormatError
-from lamina.foundation.tokenizer import Tokenizer
+from lamina.foundation.tokenizer import Tokenizer, read_tokenizer_config
 from lamina.infra.checkpoint import iter_safetensors, read_json
 
 LLAMA_TYPES = {"llama", "mistral", "qwen2"}
@@ -127,29 +127,16 @@ def _rename_gpt2(key: str) -> str | None:
     return key.removeprefix("transformer.")
 
 
-def tokenizer_config(folder: Path) -> dict[str, Any]:
-    config: dict[str, Any] = {}
-    for name in ("special_tokens_map.json", "tokenizer_config.json"):
-        if (folder / name).exists():
-            config.update(read_json(folder / name))
-    return config
-
-
 def tokenizer(folder: Path) -> Tokenizer:
-    path = folder / "tokenizer.json"
-    if not path.exists():
-        raise ModelFormatError(
-            f"{folder}: no tokenizer.json (Lamina needs the fast-tokenizer file; save it with "
-            "tokenizer.save_pretrained from transformers)"
-        )
-    return Tokenizer.from_file(path, tokenizer_config(folder))
+    """The folder's tokenizer; the reading is foundation's, shared with the embedding models' folders."""
+    return Tokenizer.from_folder(folder)
 
 
 def chat_template(folder: Path) -> str | None:
     jinja = folder / "chat_template.jinja"
     if jinja.exists():
         return jinja.read_text()
-    template = tokenizer_config(folder).get("chat_template")
+    template = read_tokenizer_config(folder).get("chat_template")
     if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")
