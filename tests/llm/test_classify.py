@@ -13,9 +13,10 @@ from click.testing import CliRunner
 from lamina.arch.lora import lora_layers
 from lamina.cli import cli
 from lamina.llm.tuning.adapters import AdapterMismatchError
-from lamina.llm.tuning.base import TuneArgs
+from lamina.llm.tuning.base import TuneArgs, TuneRun
 from lamina.llm.tuning.classify import ClassifierModel, ClassifyArgs, TextClassifier, train_classifier
 from lamina.llm.tuning.datasets import DatasetError, read_jsonl, split
+from lamina.settings import get_settings
 from tests.llm.test_dpo import tiny_folder
 
 DOCS = Path(__file__).parents[1] / "data" / "stdlib_docs.jsonl"
@@ -37,7 +38,11 @@ def _toy_records(n: int = 120) -> list[dict]:
 
 
 def _tune(**kw) -> TuneArgs:  # type: ignore[no-untyped-def]
-    return TuneArgs(**{"steps": 30, "lr": 3e-3, "batch_size": 16, "dtype": "float32", "eval_every": 30, **kw})
+    return TuneArgs(**{"max_steps": 30, "lr": 3e-3, "micro_batch_size": 16, "dtype": "float32", "eval_interval": 30, **kw})
+
+
+def _run(folder: Path) -> TuneRun:
+    return TuneRun(folder, get_settings().home)
 
 
 def test_pooling_takes_the_last_real_token_or_the_mean_over_real_tokens() -> None:
@@ -57,12 +62,12 @@ def test_pooling_takes_the_last_real_token_or_the_mean_over_real_tokens() -> Non
 
 
 def test_a_head_learns_and_the_saved_classifier_predicts_the_same(tiny: Path, tmp_path: Path) -> None:
-    clf, result = train_classifier(str(tiny), _toy_records(), ClassifyArgs(train="lora"), _tune(), tmp_path / "run")
+    clf, result = train_classifier(str(tiny), _toy_records(), ClassifyArgs(train="lora"), _tune(), _run(tmp_path / "run"))
     assert result.final["accuracy"] == 1.0 and result.before["accuracy"] <= 0.75
     assert lora_layers(clf.net.backbone)  # LoRA adapters inside, the head on top
     spec = json.loads((result.output / "classifier.json").read_text())
     assert spec["labels"] == ["digit", "fruit"] and spec["pooling"] == "last" and spec["train"] == "lora"
-    loaded = TextClassifier.load(result.output)
+    loaded = TextClassifier.load(result.output, home=get_settings().home)
     texts = ["banana apple cherry", "two three one two"]
     assert [p.label for p in loaded.predict(texts)] == ["fruit", "digit"]
     for a, b in zip(loaded.predict(texts), clf.predict(texts), strict=True):
@@ -75,10 +80,11 @@ def test_a_head_learns_and_the_saved_classifier_predicts_the_same(tiny: Path, tm
 
 
 def test_head_only_freezes_the_backbone_and_scratch_reinitialises_it(tiny: Path) -> None:
-    head = TextClassifier.create(str(tiny), ["a", "b"], ClassifyArgs(train="head"))
+    head = TextClassifier.create(str(tiny), ["a", "b"], ClassifyArgs(train="head"), home=get_settings().home)
     assert [n for n, p in head.net.named_parameters() if p.requires_grad] == ["head.weight", "head.bias"]
-    pretrained = TextClassifier.create(str(tiny), ["a", "b"], ClassifyArgs(train="full"))
-    scratch = TextClassifier.create(str(tiny), ["a", "b"], ClassifyArgs(train="full", scratch=True))
+    pretrained = TextClassifier.create(str(tiny), ["a", "b"], ClassifyArgs(train="full"), home=get_settings().home)
+    scratch = TextClassifier.create(str(tiny), ["a", "b"], ClassifyArgs(train="full", scratch=True),
+                                    home=get_settings().home)
     w1 = pretrained.net.backbone.layers[0].mlp.up_proj.weight
     w2 = scratch.net.backbone.layers[0].mlp.up_proj.weight
     assert not torch.allclose(w1, w2)
@@ -86,11 +92,11 @@ def test_head_only_freezes_the_backbone_and_scratch_reinitialises_it(tiny: Path)
 
 
 def test_a_classifier_is_refused_on_a_base_of_another_shape(tiny: Path, tmp_path: Path) -> None:
-    clf = TextClassifier.create(str(tiny), ["a", "b"], ClassifyArgs(train="head"))
+    clf = TextClassifier.create(str(tiny), ["a", "b"], ClassifyArgs(train="head"), home=get_settings().home)
     clf.save(tmp_path / "clf")
     other = tiny_folder(tmp_path / "other", dim=48)
     with pytest.raises(AdapterMismatchError, match=r"dim 32, .*dim 48, .*: dim, head_dim, hidden_dim differ"):
-        TextClassifier.load(tmp_path / "clf", base_model=str(other))
+        TextClassifier.load(tmp_path / "clf", base_model=str(other), home=get_settings().home)
 
 
 def test_bad_lines_are_named(tmp_path: Path) -> None:
@@ -104,7 +110,7 @@ def test_bad_lines_are_named(tmp_path: Path) -> None:
     path.write_text('{"text": "a", "label": "x"}\n{"text": "a", "label": "x"}\n')
     with pytest.raises(DatasetError, match="at least two labels"):
         train_classifier("unused", read_jsonl(path, formats=("classification",))[1], ClassifyArgs(), _tune(),
-                         tmp_path / "run")
+                         _run(tmp_path / "run"))
 
 
 def test_cli_trains_saves_and_reports_hold_out_accuracy(tiny: Path, tmp_path: Path) -> None:
@@ -128,11 +134,12 @@ def test_cli_trains_saves_and_reports_hold_out_accuracy(tiny: Path, tmp_path: Pa
 def test_minilm_transfers_to_stdlib_docstrings_better_than_scratch_and_bag_of_words(tmp_path: Path) -> None:
     """6 labels (chance 1/6): pretrained MiniLM fine-tuned beats the same network from random weights and TF-IDF."""
     records = read_jsonl(DOCS, formats=("classification",))[1]
-    tune = TuneArgs(steps=100, lr=1e-4, batch_size=16, dtype="float32", eval_every=100, warmup=5)
-    _, pretrained = train_classifier("all-minilm-l6-v2", records, ClassifyArgs(max_len=64), tune, tmp_path / "pretrained")
+    tune = TuneArgs(max_steps=100, lr=1e-4, micro_batch_size=16, dtype="float32", eval_interval=100, warmup_steps=5)
+    _, pretrained = train_classifier("all-minilm-l6-v2", records, ClassifyArgs(max_len=64), tune,
+                                   _run(tmp_path / "pretrained"))
     # the baseline gets its own, higher learning rate (measured best of 1e-4 and 5e-4)
     _, scratch = train_classifier("all-minilm-l6-v2", records, ClassifyArgs(max_len=64, scratch=True),
-                                  dataclasses.replace(tune, lr=5e-4), tmp_path / "scratch")
+                                  dataclasses.replace(tune, lr=5e-4), _run(tmp_path / "scratch"))
     pytest.importorskip("sklearn")  # the lexical baseline, on the same split
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression

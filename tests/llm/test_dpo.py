@@ -17,7 +17,7 @@ from lamina.arch.lora import LoRAConfig, apply_lora
 from lamina.cli import cli
 from lamina.foundation.tokenizer import Tokenizer
 from lamina.llm.tuning.adapters import AdapterMismatchError, load_adapter, save_adapter, save_model_folder
-from lamina.llm.tuning.base import TuneArgs
+from lamina.llm.tuning.base import TuneArgs, TuneRun
 from lamina.llm.tuning.datasets import DatasetError, read_jsonl
 from lamina.llm.tuning.dpo import (
     DPOArgs,
@@ -28,6 +28,7 @@ from lamina.llm.tuning.dpo import (
     run_dpo,
     sequence_logps,
 )
+from lamina.settings import get_settings
 from tests.tiny import CHAT_TEMPLATE, train_tokenizer
 
 PREFS = Path(__file__).parents[1] / "data" / "prefs.jsonl"
@@ -59,7 +60,11 @@ def _records() -> list[dict]:
 
 
 def _tune(**kw) -> TuneArgs:  # type: ignore[no-untyped-def]
-    return TuneArgs(**{"steps": 40, "lr": 1e-3, "batch_size": 8, "dtype": "float32", "eval_every": 20, **kw})
+    return TuneArgs(**{"max_steps": 40, "lr": 1e-3, "micro_batch_size": 8, "dtype": "float32", "eval_interval": 20, **kw})
+
+
+def _run(folder: Path, **kw) -> TuneRun:  # type: ignore[no-untyped-def]
+    return TuneRun(folder, get_settings().home, **kw)
 
 
 # --- the pieces -----------------------------------------------------------------------------------------
@@ -121,7 +126,7 @@ def test_a_line_missing_a_field_is_named_with_its_line(tmp_path: Path) -> None:
 
 def test_lora_dpo_starts_at_zero_rewards_and_gains_on_held_out_pairs(tiny: Path, tmp_path: Path) -> None:
     llm = _load(tiny)
-    result = run_dpo(llm, _records(), DPOArgs(), _tune(), tmp_path / "run", lora=LORA)
+    result = run_dpo(llm, _records(), DPOArgs(), _tune(), _run(tmp_path / "run"), lora=LORA)
     ref, final = result.reference, result.final
     assert (result.train_pairs, result.eval_pairs) == (120, 30)
     # before training the policy is the reference: every implicit reward is exactly 0
@@ -142,7 +147,7 @@ def test_lora_dpo_starts_at_zero_rewards_and_gains_on_held_out_pairs(tiny: Path,
 
 def test_full_dpo_needs_no_adapter_and_saves_a_servable_model(tiny: Path, tmp_path: Path) -> None:
     llm = _load(tiny)
-    result = run_dpo(llm, _records(), DPOArgs(), _tune(steps=20, lr=3e-4), tmp_path / "run")
+    result = run_dpo(llm, _records(), DPOArgs(), _tune(max_steps=20, lr=3e-4), _run(tmp_path / "run"))
     assert result.reference["reward_margin"] == 0.0
     assert result.final["reward_accuracy"] > 0.5 and result.final["reward_margin"] > 0
     tuned = _load(result.output)
@@ -152,8 +157,8 @@ def test_full_dpo_needs_no_adapter_and_saves_a_servable_model(tiny: Path, tmp_pa
 
 
 def test_resume_continues_exactly(tiny: Path, tmp_path: Path) -> None:
-    tune = _tune(steps=6, save_every=3, eval_every=6)
-    run_dpo(_load(tiny), _records(), DPOArgs(), tune, tmp_path / "whole", lora=LORA)
+    tune = _tune(max_steps=6, save_interval=3, eval_interval=6)
+    run_dpo(_load(tiny), _records(), DPOArgs(), tune, _run(tmp_path / "whole"), lora=LORA)
 
     class Stop(Exception):
         pass
@@ -163,8 +168,8 @@ def test_resume_continues_exactly(tiny: Path, tmp_path: Path) -> None:
             raise Stop
 
     with pytest.raises(Stop):
-        run_dpo(_load(tiny), _records(), DPOArgs(), tune, tmp_path / "cut", lora=LORA, on_step=stop_at_4)
-    run_dpo(_load(tiny), _records(), DPOArgs(), tune, tmp_path / "cut", lora=LORA, resume=True)
+        run_dpo(_load(tiny), _records(), DPOArgs(), tune, _run(tmp_path / "cut", on_step=stop_at_4), lora=LORA)
+    run_dpo(_load(tiny), _records(), DPOArgs(), tune, _run(tmp_path / "cut", resume=True), lora=LORA)
 
     def losses(run: str) -> list[float]:
         return [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
@@ -202,7 +207,8 @@ def test_cli_names_the_bad_line_and_refuses_an_adapter_for_another_base(tiny: Pa
     apply_lora(other.model, LORA)
     save_adapter(other.model, tmp_path / "adapter", base_model_id="other")
     with pytest.raises(AdapterMismatchError):
-        run_dpo(_load(tiny), _records(), DPOArgs(), _tune(steps=1), tmp_path / "run", adapter=tmp_path / "adapter")
+        run_dpo(_load(tiny), _records(), DPOArgs(), _tune(max_steps=1), _run(tmp_path / "run"),
+                adapter=tmp_path / "adapter")
     result = CliRunner().invoke(cli, ["finetune", "dpo", "--model", str(tiny), "--data", str(PREFS), "--lora",
                                       "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "run2")])
     assert result.exit_code == 2 and "was trained for" in result.output, result.output
@@ -217,7 +223,8 @@ def test_dpo_from_an_adapter_trains_it_further_against_the_model_with_it(tiny: P
                 p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
     save_adapter(start.model, tmp_path / "sft", base_model_id=start.name)
     llm = _load(tiny)
-    result = run_dpo(llm, _records(), DPOArgs(), _tune(steps=10), tmp_path / "run", lora=LORA, adapter=tmp_path / "sft")
+    result = run_dpo(llm, _records(), DPOArgs(), _tune(max_steps=10), _run(tmp_path / "run"), lora=LORA,
+                     adapter=tmp_path / "sft")
     assert result.reference["reward_margin"] == 0.0  # the reference is base + SFT adapter, as training starts
     assert result.final["reward_margin"] > 0
 

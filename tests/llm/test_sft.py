@@ -150,7 +150,8 @@ def _train(folder: Path, data: Path, out: Path, steps: int, resume: bool = False
 
     llm = LLM.load(str(folder), device="cpu", dtype="float32")
     dataset = load_sft_data(llm, data, eval_split=0.25)
-    args = TuneArgs(steps=steps, lr=5e-3, batch_size=4, eval_every=3, save_every=3, dtype="float32", warmup=1)
+    args = TuneArgs(max_steps=steps, lr=5e-3, micro_batch_size=4, eval_interval=3, save_interval=3, dtype="float32",
+                    warmup_steps=1)
 
     def stop(record) -> None:  # type: ignore[no-untyped-def]
         if stop_at is not None and record.step == stop_at:

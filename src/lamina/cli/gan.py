@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from lamina.cli.common import CONTEXT_SETTINGS, _fail_cleanly
+from lamina.cli.common import CONTEXT_SETTINGS, StepProgress, fail_cleanly, progress_bar, use_thread_setting
 from lamina.settings import get_settings
 
 MAX_GRID = 4096  # images in one PNG grid from `lamina gan sample`
@@ -23,12 +23,6 @@ def _run_dir(run: str) -> Path:
     if "/" in run or run.startswith((".", "~")):
         return Path(run).expanduser()
     return get_settings().home / "runs" / "gan" / run
-
-
-def _set_threads() -> None:
-    from lamina.infra.device import set_threads
-
-    set_threads(get_settings().threads)
 
 
 @click.group(context_settings=CONTEXT_SETTINGS)
@@ -45,7 +39,7 @@ def gan() -> None:
 @click.option("--loss", type=click.Choice(["hinge", "nonsaturating"]), default="hinge", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="initial weights, batches and noise")
 @click.option("--resume", is_flag=True, help="continue the run's latest checkpoint (to a larger --steps)")
-@_fail_cleanly
+@fail_cleanly
 def gan_train(run: str, steps: int, batch_size: int, lr: float, loss: str, seed: int, resume: bool) -> None:
     """Train the GAN on the digits' training split.
 
@@ -64,9 +58,9 @@ def gan_train(run: str, steps: int, batch_size: int, lr: float, loss: str, seed:
         raise InvalidRequestError(f"{folder} already holds a GAN trained for {existing.step} steps: pass "
                                   "--resume to continue it (with a larger --steps), or choose another --run",
                                   param="run")
-    _set_threads()
+    use_thread_setting()
     digits = load_digits_split()
-    with _GanProgress(steps) as progress:
+    with StepProgress(steps, _describe_step) as progress:
         trainer = GanTrainer(GANConfig(), args, digits.train_images, digits.train_labels, folder,
                              on_step=progress.update)
         params = trainer.generator.num_params() + trainer.discriminator.num_params()
@@ -87,7 +81,7 @@ def gan_train(run: str, steps: int, batch_size: int, lr: float, loss: str, seed:
 @click.option("--seed", type=int, default=0, show_default=True, help="the same seed draws the same images")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="PNG file to write [default: <run folder>/digit-<digit>.png]")
-@_fail_cleanly
+@fail_cleanly
 def gan_sample(digit: int, n: int, run: str, seed: int, out: Path | None) -> None:
     """Draw n images of one digit as a PNG grid, from a trained GAN."""
     from lamina.errors import InvalidRequestError
@@ -100,7 +94,7 @@ def gan_sample(digit: int, n: int, run: str, seed: int, out: Path | None) -> Non
     if latest_checkpoint(folder / "checkpoints") is None:
         raise InvalidRequestError(f"no trained generator in {folder}: run `lamina gan train --run {run}` "
                                   "first", param="run")
-    _set_threads()
+    use_thread_setting()
     generator = load_generator(folder)
     images = sample(generator, digit, n, seed=seed)
     path = save_grid_png(out or folder / f"digit-{digit}.png", images,
@@ -130,7 +124,7 @@ def experiment() -> None:
               help="least probability for a pseudo-label to be kept")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="report folder [default: LAMINA_HOME/experiments/digits]")
-@_fail_cleanly
+@fail_cleanly
 def experiment_digits(label_fraction: float, seeds: int, gan_steps: int, classifier_steps: int,
                       synthetic_per_class: int, synthetic_share: float, rounds: int, confidence: float,
                       out: Path | None) -> None:
@@ -150,7 +144,7 @@ def experiment_digits(label_fraction: float, seeds: int, gan_steps: int, classif
         classifier=ClassifierArgs(steps=classifier_steps),
     )
     folder = out or get_settings().home / "experiments" / "digits"
-    _set_threads()
+    use_thread_setting()
     with _PhaseProgress() as progress:
         result = run_digits_experiment(args, folder, on_phase=progress.update)
     click.echo((folder / "results.md").read_text())
@@ -159,64 +153,29 @@ def experiment_digits(label_fraction: float, seeds: int, gan_steps: int, classif
                f"`lamina gan sample --run {folder}/gan-seed0 --digit 7`")
 
 
-class _GanProgress:
-    """A rich progress bar with the GAN's losses, on a terminal only."""
-
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.progress = None
-
-    def __enter__(self) -> _GanProgress:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        console = Console(stderr=True)
-        if console.is_terminal:
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeRemainingColumn(), console=console, transient=True)
-            self.progress.__enter__()
-            self.task = self.progress.add_task("training", total=self.total)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.progress is not None:
-            self.progress.__exit__(None, None, None)
-
-    def update(self, stats) -> None:  # type: ignore[no-untyped-def]
-        if self.progress is not None:
-            text = f"D {stats.d_loss:.3f} | G {stats.g_loss:.3f} | {stats.steps_per_s:.0f} steps/s"
-            self.progress.update(self.task, completed=stats.step, description=text)
+def _describe_step(stats) -> str:  # type: ignore[no-untyped-def]
+    return f"D {stats.d_loss:.3f} | G {stats.g_loss:.3f} | {stats.steps_per_s:.0f} steps/s"
 
 
 class _PhaseProgress:
     """The experiment's phases: a progress bar on a terminal, otherwise one line each on stderr."""
 
-    def __init__(self) -> None:
-        self.progress = None
-
     def __enter__(self) -> _PhaseProgress:
         import time
 
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
         self.began = time.perf_counter()
-        console = Console(stderr=True)
-        if console.is_terminal:
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeElapsedColumn(), console=console, transient=True)
-            self.progress.__enter__()
-            self.task = self.progress.add_task("starting", total=None)
+        self.progress = progress_bar(elapsed=True)
+        self.progress.__enter__()
+        self.task = self.progress.add_task("starting", total=None)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.progress is not None:
-            self.progress.__exit__(None, None, None)
+        self.progress.__exit__(None, None, None)
 
     def update(self, done: int, total: int, text: str) -> None:
         import time
 
-        if self.progress is not None:
+        if not self.progress.disable:
             self.progress.update(self.task, completed=done, total=total, description=text)
         elif text != "done":
             click.echo(f"[{time.perf_counter() - self.began:5.0f} s] {text}", err=True)

@@ -157,7 +157,7 @@ class Trainer:
                 logger.info("resuming %s from step %d", self.run_dir.name, start)
         if d.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            _truncate_metrics(self.metrics_path, start)
+            truncate_metrics(self.metrics_path, start)
         width = getattr(self.model_config, "dim", None) or self.model_config.n_embd
         layers = getattr(self.model_config, "n_layers", None) or self.model_config.n_layer
         fpt = flops_per_token(raw, layers, width, t.block_size)
@@ -302,8 +302,10 @@ def _set_rng(state: dict[str, Any], rank: int) -> None:
         torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop records past the checkpoint, so the curve continues the interrupted run."""
+def truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop metrics.jsonl records past the checkpoint, so the curve continues the interrupted run.
+
+    Pretraining and fine-tuning (`lamina.llm.tuning.base`) both resume through this."""
     if not path.exists():
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from lamina.arch import ModelConfig, config_from_dict
 from lamina.arch.config import config_from_dict as dataclass_from_dict
@@ -56,39 +56,78 @@ class TokenizerArgs:
 
 
 @dataclass
-class TrainArgs:
+class OptimArgs:
+    """What every training loop shares: steps and batches, AdamW with linear warmup then cosine decay, evaluation,
+    checkpoints and logging. Pretraining (`TrainArgs`) and fine-tuning (`lamina.llm.tuning.base.TuneArgs`) build
+    on it with their own defaults, so one name means one thing in both."""
+
+    _section: ClassVar[str] = ""  # prefix for error messages: "train." where the fields sit in a run YAML
+
     max_steps: int = 1000
+    """Optimizer steps."""
     micro_batch_size: int = 12
+    """Examples per micro-step (per process)."""
     grad_accum: int = 1
     """Micro-steps per optimizer step (per process): global batch = micro_batch_size * grad_accum * processes."""
-    block_size: int = 256
-    """Context length of training windows."""
     lr: float = 1e-3
-    min_lr: float = 1e-4
+    """Peak learning rate, reached after warmup_steps."""
+    min_lr: float | None = None
+    """Where the cosine decay ends; None: a tenth of lr."""
     warmup_steps: int = 100
     weight_decay: float = 0.1
+    """AdamW's decoupled weight decay, on matrices only."""
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0: off)."""
     eval_interval: int = 250
-    eval_iters: int = 20
     save_interval: int = 250
     log_interval: int = 10
     seed: int = 1337
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Autocast dtype for forward passes; `auto` uses a half type only where it was measured fast."""
+
+    def __post_init__(self) -> None:
+        where = self._section
+        for name in ("max_steps", "micro_batch_size", "grad_accum", "eval_interval", "save_interval", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}{name} must be >= 1 (got {getattr(self, name)})", param=name)
+        if not self.lr > 0:
+            raise ConfigError(f"{where}lr must be > 0 (got {self.lr})", param="lr")
+        if self.min_lr is not None and not 0 < self.min_lr <= self.lr:
+            raise ConfigError(f"{where}min_lr must be in (0, lr={self.lr}] (got {self.min_lr})", param="min_lr")
+
+    @property
+    def final_lr(self) -> float:
+        """The learning rate the cosine decay ends at: min_lr, or a tenth of lr when min_lr is None."""
+        return self.lr * 0.1 if self.min_lr is None else self.min_lr
+
+
+@dataclass
+class TrainArgs(OptimArgs):
+    """Pretraining: `OptimArgs` with pretraining's defaults, and what only pretraining has (windows, eval batches,
+    torch.compile)."""
+
+    _section: ClassVar[str] = "train."
+
+    min_lr: float = 1e-4
+    block_size: int = 256
+    """Context length of training windows."""
+    eval_iters: int = 20
+    """Validation batches per evaluation (the same ones every time)."""
     compile: bool = False
     """torch.compile the model (pays off on long runs; the first steps are slower)."""
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "micro_batch_size", "grad_accum", "block_size", "eval_iters", "log_interval"):
+        if self.min_lr is None:  # the loop decays to min_lr itself; a YAML `null` would only fail later
+            raise ConfigError("train.min_lr must be a number in (0, lr], e.g. a tenth of lr (got null)", param="min_lr")
+        super().__post_init__()
+        for name in ("block_size", "eval_iters"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name} must be >= 1 (got {getattr(self, name)})")
-        if not 0 < self.min_lr <= self.lr:
-            raise ConfigError(f"train.min_lr must be in (0, lr={self.lr}] (got {self.min_lr})")
+                raise ConfigError(f"train.{name} must be >= 1 (got {getattr(self, name)})", param=name)
         if self.warmup_steps < 0 or self.warmup_steps >= self.max_steps:
-            raise ConfigError(f"train.warmup_steps must be in [0, max_steps) (got {self.warmup_steps})")
+            raise ConfigError(f"train.warmup_steps must be in [0, max_steps) (got {self.warmup_steps})",
+                              param="warmup_steps")
 
 
 @dataclass

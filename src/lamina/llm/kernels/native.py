@@ -53,6 +53,12 @@ def library(cache_dir: Path | None = None) -> ctypes.CDLL | None:
         return _loaded[key]
 
 
+def library_path(cache_dir: Path | None = None) -> str | None:
+    """Where the compiled kernels were loaded from (building them first if needed); None if they cannot be."""
+    lib = library(cache_dir)
+    return None if lib is None else lib._name
+
+
 def unavailable_reason() -> str | None:
     """Why the native kernels cannot run here, or None."""
     if os.environ.get("LAMINA_NATIVE", "1") == "0":

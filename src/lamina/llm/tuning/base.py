@@ -26,36 +26,77 @@ from typing import Any
 import torch
 from torch import nn
 
+from lamina.arch.config import config_from_dict
 from lamina.errors import ConfigError
 from lamina.foundation.checkpoint import latest_checkpoint, save_checkpoint
-from lamina.foundation.train import lr_at, plot_losses
-from lamina.infra.fs import atomic_write_bytes
+from lamina.foundation.train import lr_at, plot_losses, truncate_metrics
+from lamina.foundation.train_config import OptimArgs
+from lamina.llm.tuning.datasets import split
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class TuneArgs:
-    steps: int = 100
-    lr: float = 2e-4
-    batch_size: int = 4
-    grad_accum: int = 1
-    warmup: int = 5
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    log_every: int = 1
-    eval_every: int = 50
-    save_every: int = 50
-    seed: int = 0
-    dtype: str = "auto"
+class TuneArgs(OptimArgs):
+    """Fine-tuning: the optimisation fields every training loop shares (`OptimArgs`, the names pretraining's
+    `TrainArgs` uses too), with fine-tuning's defaults; `min_lr` None decays to a tenth of `lr`."""
 
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "save_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}", param=name)
-        if self.lr <= 0:
-            raise ConfigError(f"learning rate must be positive, got {self.lr}", param="lr")
+    max_steps: int = 100
+    micro_batch_size: int = 4
+    lr: float = 2e-4
+    min_lr: float | None = None
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    beta2: float = 0.999
+    eval_interval: int = 50
+    save_interval: int = 50
+    log_interval: int = 1
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TuneArgs:
+        """TuneArgs from a saved run (checkpoint state, dpo.json, classify.json), old key names included."""
+        data = dict(data)
+        for old, new in LEGACY_KEYS.items():
+            if old in data:
+                if new in data:
+                    raise ConfigError(f"run arguments give both {old!r} and its new name {new!r}; keep {new!r}",
+                                      param=new)
+                data[new] = data.pop(old)
+        if "min_lr_ratio" in data:  # the old relative floor, as the absolute one
+            ratio = data.pop("min_lr_ratio")
+            data.setdefault("min_lr", data.get("lr", cls.lr) * ratio)
+        return config_from_dict(cls, data)
+
+
+# Before fine-tuning and pretraining shared one vocabulary, TuneArgs said these; saved runs may still say them.
+LEGACY_KEYS = {"steps": "max_steps", "batch_size": "micro_batch_size", "warmup": "warmup_steps",
+               "eval_every": "eval_interval", "save_every": "save_interval", "log_every": "log_interval"}
+
+
+@dataclass
+class TuneRun:
+    """Where a fine-tuning run lives and who hears how it goes: what `run_dpo` and `train_classifier` share.
+
+    `home` is LAMINA_HOME, given by the caller (the CLI reads it from the settings; library code never does):
+    models resolve there, and the dtype measurements behind `dtype="auto"` are cached in `home/cache`.
+    """
+
+    run_dir: Path
+    home: Path
+    resume: bool = False
+    """Continue the run in run_dir from its last checkpoint."""
+    on_step: Callable[[StepRecord], None] | None = None
+    on_stage: Callable[[str], None] | None = None
+    """Told what the run is doing before training starts (loading, encoding, scoring the baseline)."""
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
+
+    def stage(self, text: str) -> None:
+        if self.on_stage is not None:
+            self.on_stage(text)
 
 
 @dataclass
@@ -117,7 +158,7 @@ class TuneLoop:
         decay = [p for p in self.trainable.values() if p.dim() >= 2]
         no_decay = [p for p in self.trainable.values() if p.dim() < 2]
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=a.lr, betas=(0.9, 0.999))
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=a.lr, betas=(a.beta1, a.beta2))
         start = 0
         if resume and (ckpt := latest_checkpoint(self.checkpoints)) is not None:
             self._restore(ckpt.weights(), optimizer, ckpt.optimizer(), ckpt.state)
@@ -127,14 +168,14 @@ class TuneLoop:
             raise ConfigError(f"{self.run_dir} already holds a run: pass --resume to continue it or choose another --out",
                               param="out")
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        _truncate(self.metrics_path, start)
+        truncate_metrics(self.metrics_path, start)
         history = _read(self.metrics_path)
         eval_metrics: dict[str, float] = {}
         loss_value = float("nan")
         self.model.train()
-        for step in range(start, a.steps):
+        for step in range(start, a.max_steps):
             t0 = time.perf_counter()
-            lr = lr_at(step, a.steps, a.lr, a.lr * a.min_lr_ratio, a.warmup)
+            lr = lr_at(step, a.max_steps, a.lr, a.final_lr, a.warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             total, sums = 0.0, {}  # type: ignore[var-annotated]
@@ -153,21 +194,21 @@ class TuneLoop:
             loss_value = total / a.grad_accum
             done = step + 1
             evaluated = None
-            if self.evaluate_fn is not None and (done % a.eval_every == 0 or done == a.steps):
+            if self.evaluate_fn is not None and (done % a.eval_interval == 0 or done == a.max_steps):
                 self.model.eval()
                 with torch.no_grad(), self.autocast():
                     evaluated = eval_metrics = self.evaluate_fn()
                 self.model.train()
-            record = StepRecord(done, a.steps, loss_value, lr, sums, evaluated, time.perf_counter() - t0)
-            if done % a.log_every == 0 or evaluated is not None or done == a.steps:
+            record = StepRecord(done, a.max_steps, loss_value, lr, sums, evaluated, time.perf_counter() - t0)
+            if done % a.log_interval == 0 or evaluated is not None or done == a.max_steps:
                 history.append(self._log(record))
             if self.on_step is not None:
                 self.on_step(record)
-            if done % a.save_every == 0 or done == a.steps:
+            if done % a.save_interval == 0 or done == a.max_steps:
                 self._save(optimizer, done)
         self.model.eval()
         self._plot(history)
-        return TuneResult(a.steps, loss_value, eval_metrics or _last_eval(history), self.run_dir, history)
+        return TuneResult(a.max_steps, loss_value, eval_metrics or _last_eval(history), self.run_dir, history)
 
     # --- checkpoints ------------------------------------------------------------------------------------
 
@@ -205,17 +246,32 @@ class TuneLoop:
         keys = sorted({k for r in history for k in r if k.startswith("eval_") and k.endswith("loss")})
         plot_losses(self.run_dir / "loss.png", history, self.title, {k: k.replace("_", " ") for k in keys})
 
+
+def held_out_split(records: list[dict[str, Any]], fraction: float, seed: int,
+                   who: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train, held-out) records, for a method that reports held-out figures and so needs some held out."""
+    train, held = split(records, fraction, seed)
+    if not held:
+        raise ConfigError(f"{who} needs a held-out split to report on; use an eval fraction above 0",
+                          param="eval_split")
+    return train, held
+
+
+def score_then_train(loop: TuneLoop, evaluate: Callable[[], dict[str, float]], run: TuneRun,
+                     baseline: str) -> tuple[dict[str, float], TuneResult]:
+    """The held-out figures before the first step (what the run is judged against), then the run itself."""
+    run.stage(baseline)
+    loop.model.eval()
+    with torch.no_grad(), loop.autocast():
+        before = evaluate()
+    run.stage("training")
+    return before, loop.run(run.resume)
+
+
 def _read(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _truncate(path: Path, step: int) -> None:
-    """On resume, drop records past the checkpoint, so the curve continues the interrupted run."""
-    kept = [r for r in _read(path) if r["step"] <= step]
-    if path.exists() or kept:
-        atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
 
 def _last_eval(history: list[dict[str, Any]]) -> dict[str, float]:

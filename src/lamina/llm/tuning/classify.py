@@ -1,7 +1,8 @@
 """Text classification by transfer learning: a linear head on a pretrained model, trained with labels.
 
-    clf, result = train_classifier("all-minilm-l6-v2", records, ClassifyArgs(), TuneArgs(steps=200), run_dir)
-    clf = TextClassifier.load(run_dir / "classifier")
+    run = TuneRun(run_dir, home)  # home: LAMINA_HOME, where models resolve
+    clf, result = train_classifier("all-minilm-l6-v2", records, ClassifyArgs(), TuneArgs(max_steps=200), run)
+    clf = TextClassifier.load(run_dir / "classifier", home=home)
     clf.predict(["Return the square root of x."])[0].label  # 'math'
 
 The backbone is any model Lamina loads: an encoder (BERT family, e.g. all-minilm-l6-v2) pooled by the mean
@@ -28,7 +29,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -44,9 +45,8 @@ from lamina.infra.checkpoint import read_json
 from lamina.infra.fs import atomic_write_text
 from lamina.infra.registry import Registry
 from lamina.llm.tuning.adapters import SHAPE_KEYS, AdapterMismatchError
-from lamina.llm.tuning.base import StepRecord, TuneArgs, TuneLoop, TuneResult
-from lamina.llm.tuning.datasets import DatasetError, batch_indices, split
-from lamina.settings import get_settings
+from lamina.llm.tuning.base import TuneArgs, TuneLoop, TuneResult, TuneRun, held_out_split, score_then_train
+from lamina.llm.tuning.datasets import DatasetError, batch_indices
 
 logger = logging.getLogger(__name__)
 
@@ -185,11 +185,14 @@ class TextClassifier:
 
     @classmethod
     def create(cls, model_id: str, labels: Sequence[str], args: ClassifyArgs, lora: LoRAConfig | None = None, *,
-               seed: int = 0, device: str = "cpu", home: Path | None = None) -> TextClassifier:
-        """A new classifier on pretrained `model_id` (random backbone if args.scratch), head untrained."""
+               home: Path, seed: int = 0, device: str = "cpu") -> TextClassifier:
+        """A new classifier on pretrained `model_id` (random backbone if args.scratch), head untrained.
+
+        `home` is LAMINA_HOME, where `model_id` is resolved.
+        """
         if args.train == "lora" and lora is None:
             lora = LoRAConfig(target_modules="all-linear")
-        backbone = _load_backbone(model_id, device, home or get_settings().home)
+        backbone = _load_backbone(model_id, device, home)
         config = backbone.model.config
         torch.manual_seed(seed)
         if args.scratch:
@@ -270,9 +273,12 @@ class TextClassifier:
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path, *, base_model: str | None = None, device: str = "cpu",
-             home: Path | None = None) -> TextClassifier:
-        """A saved classifier, on its recorded base (or `base_model`: the same base under another name or path)."""
+    def load(cls, folder: str | Path, *, home: Path, base_model: str | None = None,
+             device: str = "cpu") -> TextClassifier:
+        """A saved classifier, on its recorded base (or `base_model`: the same base under another name or path).
+
+        `home` is LAMINA_HOME, where the base is resolved.
+        """
         from safetensors.torch import load_file
 
         folder = Path(folder)
@@ -283,7 +289,7 @@ class TextClassifier:
             spec = ClassifierSpec(**read_json(folder / SPEC_FILE))
         except TypeError as e:
             raise ModelFormatError(f"{folder / SPEC_FILE}: {e}") from None
-        backbone = _load_backbone(base_model or spec.base_model, device, home or get_settings().home)
+        backbone = _load_backbone(base_model or spec.base_model, device, home)
         shape = _shape(backbone.model.config)
         if shape != spec.shape:
             differ = sorted(k for k in spec.shape if spec.shape.get(k) != shape.get(k))
@@ -328,28 +334,20 @@ def train_classifier(
     records: list[dict[str, Any]],
     args: ClassifyArgs,
     tune: TuneArgs,
-    run_dir: Path,
+    run: TuneRun,
     *,
     lora: LoRAConfig | None = None,
-    resume: bool = False,
     device: str = "cpu",
-    home: Path | None = None,
-    on_step: Callable[[StepRecord], None] | None = None,
-    on_stage: Callable[[str], None] | None = None,
 ) -> tuple[TextClassifier, ClassifyResult]:
     """Train a classifier on `records` ({"text", "label"}), report hold-out accuracy, save it to run_dir/classifier."""
     t0 = time.perf_counter()
-    stage = on_stage or (lambda _: None)
-    home = home or get_settings().home
+    run_dir = run.run_dir
     labels = labels_of(records)
-    train_records, held_records = split(records, args.eval_fraction, args.split_seed)
-    if not held_records:
-        raise ConfigError("a classifier needs a held-out split to report on; use an eval fraction above 0",
-                          param="eval_split")
-    stage(f"loading {model_id}")
-    clf = TextClassifier.create(model_id, labels, args, lora, seed=tune.seed, device=device, home=home)
+    train_records, held_records = held_out_split(records, args.eval_fraction, args.split_seed, "a classifier")
+    run.stage(f"loading {model_id}")
+    clf = TextClassifier.create(model_id, labels, args, lora, seed=tune.seed, device=device, home=run.home)
     index = {label: i for i, label in enumerate(labels)}
-    stage(f"tokenizing {len(records)} texts")
+    run.stage(f"tokenizing {len(records)} texts")
 
     def encode(part: list[dict[str, Any]]) -> tuple[list[list[int]], torch.Tensor]:
         return [clf.encode(r["text"]) for r in part], torch.tensor([index[str(r["label"])] for r in part])
@@ -360,7 +358,7 @@ def train_classifier(
     majority = float((held_y == common).float().mean())
 
     def batch(step: int, micro: int) -> list[int]:
-        return batch_indices(len(train_ids), step, micro, tune.batch_size, tune.grad_accum, tune.seed)
+        return batch_indices(len(train_ids), step, micro, tune.micro_batch_size, tune.grad_accum, tune.seed)
 
     def loss(rows: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         logits = clf.net(*clf.collate([train_ids[i] for i in rows])).float()
@@ -369,22 +367,18 @@ def train_classifier(
 
     def evaluate() -> dict[str, float]:
         total, correct = 0.0, 0
-        for start in range(0, len(held_ids), tune.batch_size):
-            logits = clf.net(*clf.collate(held_ids[start : start + tune.batch_size])).float()
-            y = held_y[start : start + tune.batch_size].to(clf.device)
+        size = tune.micro_batch_size
+        for start in range(0, len(held_ids), size):
+            logits = clf.net(*clf.collate(held_ids[start : start + size])).float()
+            y = held_y[start : start + size].to(clf.device)
             total += F.cross_entropy(logits, y, reduction="sum").item()
             correct += int((logits.argmax(-1) == y).sum())
         return {"loss": total / len(held_ids), "accuracy": correct / len(held_ids)}
 
     loop = TuneLoop(clf.net, tune, run_dir, batch=batch, loss=loss, evaluate=evaluate,
-                    title=f"{len(labels)}-way classifier on {model_id} ({args.train})", on_step=on_step,
-                    cache_dir=home / "cache")
-    stage("held-out accuracy of the untrained head")
-    clf.net.eval()
-    with torch.no_grad(), loop.autocast():
-        before = evaluate()
-    stage("training")
-    result = loop.run(resume)
+                    title=f"{len(labels)}-way classifier on {model_id} ({args.train})", on_step=run.on_step,
+                    cache_dir=run.cache_dir)
+    before, result = score_then_train(loop, evaluate, run, "held-out accuracy of the untrained head")
     clf.net.requires_grad_(False).eval()
     output = clf.save(run_dir / "classifier")
     summary = {"model": model_id, "labels": labels, "args": asdict(args), "tune": asdict(tune),

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,9 +50,8 @@ from lamina.errors import ConfigError
 from lamina.infra.fs import atomic_write_text
 from lamina.llm.llm import LLM
 from lamina.llm.tuning.adapters import load_adapter, save_adapter, save_model_folder
-from lamina.llm.tuning.base import StepRecord, TuneArgs, TuneLoop, TuneResult
-from lamina.llm.tuning.datasets import DatasetError, batch_indices, split
-from lamina.settings import get_settings
+from lamina.llm.tuning.base import TuneArgs, TuneLoop, TuneResult, TuneRun, held_out_split, score_then_train
+from lamina.llm.tuning.datasets import DatasetError, batch_indices
 
 logger = logging.getLogger(__name__)
 
@@ -221,7 +220,7 @@ class _DPO:
 
     def chunks(self, pairs: list[EncodedPair]) -> list[list[int]]:
         """Fixed chunks in file order: the reference and every evaluation see the very same batches."""
-        size = self.tune.batch_size
+        size = self.tune.micro_batch_size
         return [list(range(i, min(i + size, len(pairs)))) for i in range(0, len(pairs), size)]
 
     def logps(self, pairs: list[EncodedPair], index: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,7 +239,8 @@ class _DPO:
         self.model.train(was_training)
 
     def batch(self, step: int, micro: int) -> list[int]:
-        return batch_indices(len(self.train), step, micro, self.tune.batch_size, self.tune.grad_accum, self.tune.seed)
+        return batch_indices(len(self.train), step, micro, self.tune.micro_batch_size, self.tune.grad_accum,
+                             self.tune.seed)
 
     def loss(self, index: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         chosen, rejected = self.logps(self.train, index)
@@ -264,33 +264,27 @@ def run_dpo(
     records: list[dict[str, Any]],
     args: DPOArgs,
     tune: TuneArgs,
-    run_dir: Path,
+    run: TuneRun,
     *,
     lora: LoRAConfig | None = None,
     adapter: Path | None = None,
-    resume: bool = False,
-    on_step: Callable[[StepRecord], None] | None = None,
-    on_stage: Callable[[str], None] | None = None,
 ) -> DPOResult:
-    """DPO-tune `llm.model` in place on preference `records`; writes the adapter (LoRA) or model folder to run_dir.
+    """DPO-tune `llm.model` in place on preference `records`; writes the adapter (LoRA) or model folder to run.run_dir.
 
     lora: train a new LoRA adapter (the base stays frozen), else every weight. adapter: start from this PEFT
     adapter (an SFT run's, for the same base: another base is refused); with `lora` it is the adapter trained
     further, without, it is merged into the weights first. Either way the reference is the model as it starts.
     """
     t0 = time.perf_counter()
-    stage = on_stage or (lambda _: None)
-    model = llm.model
+    model, run_dir = llm.model, run.run_dir
     if next(model.parameters()).dtype != torch.float32:
         raise ConfigError(f"the model is in {next(model.parameters()).dtype}: load it in float32 for training "
                           "(autocast still runs the matmuls in a faster dtype)", param="dtype")
     if lora_layers(model):
         raise ConfigError("the model already carries LoRA adapters; pass a fresh model "
                           "(and an adapter to start from as adapter=)")
-    train_records, held_records = split(records, args.eval_fraction, args.split_seed)
-    if not held_records:
-        raise ConfigError("DPO needs a held-out split to report on; use an eval fraction above 0", param="eval_split")
-    stage(f"encoding {len(records)} pairs")
+    train_records, held_records = held_out_split(records, args.eval_fraction, args.split_seed, "DPO")
+    run.stage(f"encoding {len(records)} pairs")
     number = {id(r): i + 1 for i, r in enumerate(records)}
     train, held = ([encode_pair(llm, r, args.max_len, f"record {number[id(r)]}") for r in part]
                    for part in (train_records, held_records))
@@ -309,16 +303,11 @@ def run_dpo(
     pad_id = llm.tokenizer.eos_id if llm.tokenizer.eos_id is not None else 0
     dpo = _DPO(model, train, held, args, tune, pad_id)
     loop = TuneLoop(model, tune, run_dir, batch=dpo.batch, loss=dpo.loss, evaluate=dpo.evaluate,
-                    title=f"DPO of {llm.name} (beta {args.beta})", on_step=on_step,
-                    cache_dir=get_settings().home / "cache")
-    stage("reference log-probs")
+                    title=f"DPO of {llm.name} (beta {args.beta})", on_step=run.on_step, cache_dir=run.cache_dir)
+    run.stage("reference log-probs")
     dpo.compute_reference(loop.autocast(), adapters_off=lora is not None and adapter is None)
-    stage("held-out reference")
-    model.eval()
-    with torch.no_grad(), loop.autocast():
-        reference = dpo.evaluate()  # the policy is still the reference: every reward is 0
-    stage("training")
-    result = loop.run(resume)
+    # the policy is still the reference: every reward is 0
+    reference, result = score_then_train(loop, dpo.evaluate, run, "held-out reference")
     final = result.eval
     model.requires_grad_(False)
     if lora is not None:

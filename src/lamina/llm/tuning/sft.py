@@ -213,7 +213,7 @@ def run_sft(
     train = pack(data.train, max_length, args.seed) if packing else data.train
     device = next(model.parameters()).device
     pad = _eos(llm)
-    batches = Batches(train, args.batch_size, args.grad_accum, args.seed)
+    batches = Batches(train, args.micro_batch_size, args.grad_accum, args.seed)
 
     def batch(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         return collate(batches(step, micro), pad, device)
@@ -224,8 +224,8 @@ def run_sft(
 
     def evaluate() -> dict[str, float]:
         total, count = 0.0, 0
-        for i in range(0, len(data.eval), args.batch_size):
-            value, n = token_loss(model, *collate(data.eval[i : i + args.batch_size], pad, device))
+        for i in range(0, len(data.eval), args.micro_batch_size):
+            value, n = token_loss(model, *collate(data.eval[i : i + args.micro_batch_size], pad, device))
             total += value.item() * n
             count += n
         return {"loss": total / max(count, 1)}

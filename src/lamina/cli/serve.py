@@ -1,0 +1,142 @@
+"""`lamina serve`, `lamina keys` and `lamina usage`: the API server, its keys, and what was served."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from lamina.cli.common import fail_cleanly, model_options, use_thread_setting
+from lamina.settings import get_settings
+
+
+class EngineDefault(click.Option):
+    """An option whose default is the `EngineArgs` field of the same name, so the engine alone owns it.
+
+    Read when the command runs or shows its help, not at start-up: importing the engine takes seconds.
+    """
+
+    def get_default(self, ctx: click.Context, call: bool = True) -> Any:
+        from lamina.llm.engine.core import EngineArgs
+
+        return getattr(EngineArgs, self.name or "")
+
+
+@click.command()
+@click.option("--host", default=None, help="address to listen on [LAMINA_HOST, default 127.0.0.1]")
+@click.option("--port", type=int, default=None, help="port [LAMINA_PORT, default 8000]")
+@click.option("--api-key", default=None, help="require this key (Authorization: Bearer KEY) [LAMINA_API_KEY]")
+@click.option("--insecure", is_flag=True, help="allow a non-loopback address with no API key at all")
+@click.option("--max-running", cls=EngineDefault, type=int, show_default=True, help="requests decoded at once; more wait")
+@click.option("--max-upload-mb", type=float, default=64, show_default=True, help="largest file POST /v1/files accepts")
+@click.option("--kv-cache-gb", cls=EngineDefault, type=float, show_default=True,
+              help="memory for keys/values of running requests; requests that do not fit wait")
+@click.option("--quantize", type=click.Choice(["int8", "int4"]), default=None,
+              help="weight-only quantisation (faster decoding where the kernels are; refused where they are not)")
+@click.option("--lora", multiple=True, metavar="NAME=PATH",
+              help="serve a LoRA adapter (PEFT folder) as model NAME beside the base model (repeatable)")
+@model_options
+@fail_cleanly
+def serve(host: str | None, port: int | None, api_key: str | None, insecure: bool, max_running: int, max_upload_mb: float,
+          kv_cache_gb: float, quantize: str | None, lora: tuple[str, ...], model: str | None, device: str | None,
+          dtype: str | None) -> None:
+    """Serve the OpenAI-compatible API and the web chat (http://HOST:PORT/)."""
+    import logging
+
+    import uvicorn
+
+    from lamina.api.app import ServeArgs
+    from lamina.api.security import check_exposure
+    from lamina.apps.server import build_app
+    from lamina.llm.engine.core import EngineArgs
+
+    settings = get_settings()
+    use_thread_setting()
+    args = ServeArgs(
+        model=model or settings.model, host=host or settings.host, port=port or settings.port,
+        api_key=api_key or settings.api_key, insecure=insecure, device=device or settings.device,
+        dtype=dtype or settings.dtype, home=settings.home,
+        engine=EngineArgs(max_running=max_running, kv_cache_gb=kv_cache_gb),
+        max_upload_bytes=int(max_upload_mb * 1024 * 1024), quantize=quantize, lora=tuple(_pairs(lora, "--lora")),
+    )
+    check_exposure(args.host, insecure=insecure, database=args.database, api_key=args.api_key)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    app = build_app(args)
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    click.echo(f"Lamina serving {args.model} at http://{shown}:{args.port}/  (API: http://{shown}:{args.port}/v1)", err=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10)
+
+
+def _pairs(values: tuple[str, ...], flag: str) -> list[tuple[str, str]]:
+    from lamina.errors import InvalidRequestError
+
+    out = []
+    for value in values:
+        name, sep, rest = value.partition("=")
+        if not sep or not name.strip() or not rest.strip():
+            raise InvalidRequestError(f"{flag} takes NAME=PATH, got {value!r}")
+        out.append((name.strip(), rest.strip()))
+    return out
+
+
+# --- keys and usage ----------------------------------------------------------------------------------------
+
+
+@click.group()
+def keys() -> None:
+    """Manage API keys (stored hashed in LAMINA_HOME/lamina.db)."""
+
+
+def _key_store() -> Any:
+    from lamina.api.keys import KeyStore
+    from lamina.infra.db import Database
+
+    return KeyStore(Database(get_settings().home / "lamina.db"))
+
+
+@keys.command("create")
+@click.option("--name", required=True, help="a label for the key")
+@click.option("--rpm", type=int, default=None, help="requests per minute allowed")
+@click.option("--tpm", type=int, default=None, help="tokens (prompt + completion) per minute allowed")
+@click.option("--models", default=None, help="comma-separated model ids the key may use (default: all)")
+@fail_cleanly
+def keys_create(name: str, rpm: int | None, tpm: int | None, models: str | None) -> None:
+    """Create a key; it is printed once and cannot be shown again."""
+    key, secret = _key_store().create(name, rpm=rpm, tpm=tpm, models=[m.strip() for m in (models or "").split(",") if m.strip()])
+    click.echo(secret)
+    click.echo(f"created key {key.name!r} ({key.prefix}...); store it now, it is not shown again", err=True)
+
+
+@keys.command("list")
+@fail_cleanly
+def keys_list() -> None:
+    """List keys (never the secrets)."""
+    import datetime
+
+    for k in _key_store().list():
+        state = "active" if k.active else f"revoked {datetime.datetime.fromtimestamp(k.revoked_at or 0):%Y-%m-%d %H:%M}"
+        limits = f"rpm={k.rpm or '-'} tpm={k.tpm or '-'} models={','.join(k.models) or 'all'}"
+        click.echo(f"{k.name:20} {k.prefix}...  {limits:40} {state}")
+
+
+@keys.command("revoke")
+@click.argument("name")
+@fail_cleanly
+def keys_revoke(name: str) -> None:
+    """Revoke a key by name or prefix; it stops working at once."""
+    key = _key_store().revoke(name)
+    click.echo(f"revoked key {key.name!r} ({key.prefix}...)")
+
+
+@click.command()
+@fail_cleanly
+def usage() -> None:
+    """Requests and tokens per key and model, from the usage log."""
+    from lamina.api.usage import UsageLog
+    from lamina.infra.db import Database
+
+    rows = UsageLog(Database(get_settings().home / "lamina.db")).totals()
+    click.echo(f"{'key':20} {'model':24} {'requests':>8} {'errors':>6} {'prompt':>9} {'completion':>10} {'mean ms':>8}")
+    for r in rows:
+        click.echo(f"{r['key']:20} {r['model']:24} {r['requests']:8} {r['errors']:6} {r['prompt_tokens']:9} "
+                   f"{r['completion_tokens']:10} {r['mean_latency_ms'] or 0:8.0f}")
