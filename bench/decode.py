@@ -121,7 +121,7 @@ def worker(engine: str, dtype: str, threads: int, new_tokens: int) -> dict:
         decode = []
         for _ in range(3):
             lamina.engine.reset()
-            stamps = [time.perf_counter() for _ in lamina.engine.generate(chat_ids, params)]
+            stamps = [time.perf_counter() for _ in lamina.generate_ids(chat_ids, params)]
             decode.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
         decode = statistics.median(decode)
     return {

@@ -65,7 +65,7 @@ def ttft(llm, messages: list[dict]) -> tuple[float, int, int]:  # type: ignore[n
     ids = llm.encode_chat(messages)
     params = SamplingParams(max_tokens=1, temperature=0)
     start = time.perf_counter()
-    for event in llm.engine.generate(ids, params):
+    for event in llm.generate_ids(ids, params):
         return time.perf_counter() - start, len(ids), event.cached_prompt_tokens
     raise RuntimeError("no token")
 

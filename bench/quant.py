@@ -66,7 +66,7 @@ def worker(dtype: str, quantize: str | None, tokens: int, threads: int, decode_t
     speeds = []
     for _ in range(3):
         llm.engine.reset()
-        stamps = [time.perf_counter() for _ in llm.engine.generate(chat_ids, params)]
+        stamps = [time.perf_counter() for _ in llm.generate_ids(chat_ids, params)]
         speeds.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
     return {
         "precision": quantize or str(llm.dtype).removeprefix("torch."),
@@ -75,7 +75,7 @@ def worker(dtype: str, quantize: str | None, tokens: int, threads: int, decode_t
         "tokens_scored": count,
         "decode_perplexity": decode_ppl,
         "decode_tokens_scored": min(decode_tokens, len(ids) - 1) - 1,
-        "decode_step": "native" if llm.engine.runner.native is not None else "pytorch",
+        "decode_step": "native" if llm.engine.native_step else "pytorch",
         "decode_tok_s": statistics.median(speeds),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }

@@ -118,7 +118,7 @@ def lamina_run(data: np.ndarray, steps: int, warmup: int, home: Path, cache: Pat
 
     config = RunConfig.from_dict({
         "name": "bench",
-        "model": {"family": "gpt2", "n_layer": LAYERS, "n_head": HEADS, "n_embd": WIDTH, "bias": False, "activation": "gelu"},
+        "model": {"family": "gpt2", "n_layers": LAYERS, "n_heads": HEADS, "dim": WIDTH, "bias": False, "activation": "gelu"},
         "train": {"max_steps": warmup + steps, "micro_batch_size": BATCH, "block_size": CONTEXT, "lr": 6e-4, "min_lr": 6e-5,
                   "warmup_steps": 1, "eval_interval": 10**9, "eval_iters": 1, "save_interval": 10**9, "log_interval": 1,
                   "dtype": "float32"},

@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 from lamina.api.app import ServeArgs, create_app
 from lamina.llm import LLM
 from lamina.llm.engine.core import EngineArgs
+from lamina.settings import Settings
 from tests.tiny import hf_llama_folder
 
 pytest.importorskip("transformers")
@@ -24,7 +25,7 @@ def tiny_folder(tmp_path_factory):  # type: ignore[no-untyped-def]
 
 
 def _args(tmp_path, tiny_folder, **kw) -> ServeArgs:  # type: ignore[no-untyped-def]
-    return ServeArgs(model=str(tiny_folder), home=tmp_path, device="cpu", dtype="float32", **kw)
+    return ServeArgs(Settings(model=str(tiny_folder), home=tmp_path, device="cpu", dtype="float32"), **kw)
 
 
 def _wait_ready(client: TestClient) -> None:
@@ -109,7 +110,7 @@ def test_an_error_after_the_stream_began_is_a_final_error_event(tmp_path, tiny_f
     app = create_app(_args(tmp_path, tiny_folder))
     with TestClient(app) as client:
         _wait_ready(client)
-        runner = app.state.services.openai.llm.llm.engine.runner
+        runner = app.state.services.openai.llm.engine.call(lambda engine: engine.runner)
         real, calls = runner.execute, []
 
         def failing(work):  # type: ignore[no-untyped-def]

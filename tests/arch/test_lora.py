@@ -40,7 +40,7 @@ def _tiny(family: str = "llama", seed: int = 0, **overrides) -> nn.Module:
         config = LlamaConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48, max_seq_len=64,
                              **overrides)
     else:
-        config = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4, **overrides)
+        config = GPT2Config(vocab_size=VOCAB, max_seq_len=64, dim=32, n_layers=2, n_heads=4, **overrides)
     return build_model(config).eval()
 
 

@@ -19,7 +19,7 @@ CONFIGS = {
         vocab_size=97, dim=64, n_layers=2, n_heads=4, hidden_dim=96, max_seq_len=64,
         rope_scaling=RopeScaling(type="llama3", factor=8.0, original_max_seq_len=16),
     ),
-    "gpt2": GPT2Config(vocab_size=97, n_positions=64, n_embd=64, n_layer=2, n_head=4),
+    "gpt2": GPT2Config(vocab_size=97, max_seq_len=64, dim=64, n_layers=2, n_heads=4),
 }
 
 
@@ -97,6 +97,15 @@ def test_unknown_config_keys_are_errors() -> None:
         LlamaConfig.from_dict({"n_layer": 2})
     with pytest.raises(ConfigError, match="unknown model family"):
         config_from_dict({"family": "rwkv"})
+
+
+def test_every_family_names_its_sizes_alike_and_gpt2_reads_its_own_names() -> None:
+    """One size vocabulary (engine code reads any config alike); GPT-2 configs saved with n_embd etc. still load."""
+    for config in CONFIGS.values():
+        assert (config.n_layers, config.n_kv_heads, config.head_dim) == (2, config.n_kv_heads, config.dim // config.n_heads)
+    legacy = GPT2Config.from_dict({"vocab_size": 97, "n_positions": 64, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_inner": 96})
+    assert legacy == GPT2Config(vocab_size=97, max_seq_len=64, dim=64, n_layers=2, n_heads=4, hidden_dim=96)
+    assert legacy.n_kv_heads == 4 and legacy.head_dim == 16
 
 
 def test_build_from_state_dict_checks_names_and_shapes() -> None:

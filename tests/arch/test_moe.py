@@ -63,7 +63,7 @@ def test_two_copies_of_a_dense_mlp_equal_that_mlp(family: str) -> None:
         dense: torch.nn.Module = llama.MLP(LlamaConfig(vocab_size=8, dim=C, n_layers=1, n_heads=4, hidden_dim=48))
         moe = MoE(C, MoEConfig(n_experts=2, top_k=2), 48, "swiglu")
     else:
-        dense = gpt2.MLP(GPT2Config(vocab_size=8, n_embd=C, n_layer=1, n_head=4, n_inner=48))
+        dense = gpt2.MLP(GPT2Config(vocab_size=8, dim=C, n_layers=1, n_heads=4, hidden_dim=48))
         moe = MoE(C, MoEConfig(n_experts=2, top_k=2), 48, "gelu", bias=True)
     for expert in moe.experts:  # the expert parameters are named like the family's MLP
         expert.load_state_dict(dense.state_dict())
@@ -171,7 +171,7 @@ MOE_CONFIGS = {
         moe=MoEConfig(n_experts=8, top_k=1, normalize_top_k=False, every=2, z_loss_coef=1e-3),
     ),
     "gpt2-moe": GPT2Config(
-        vocab_size=97, n_positions=64, n_embd=64, n_layer=2, n_head=4, moe=MoEConfig(n_experts=4, top_k=2)
+        vocab_size=97, max_seq_len=64, dim=64, n_layers=2, n_heads=4, moe=MoEConfig(n_experts=4, top_k=2)
     ),
 }
 
@@ -201,7 +201,7 @@ def test_moe_model_forward_and_aux_loss(name: str) -> None:
 def test_dense_models_have_no_aux_loss_and_all_params_active() -> None:
     dense = (
         LlamaConfig(vocab_size=10, dim=32, n_layers=1, n_heads=4, hidden_dim=8),
-        GPT2Config(vocab_size=10, n_embd=32, n_layer=1, n_head=4),
+        GPT2Config(vocab_size=10, dim=32, n_layers=1, n_heads=4),
     )
     for config in dense:
         model = build_model(config)
@@ -270,7 +270,7 @@ def test_moe_config_validation(moe: dict, message: str) -> None:
         LlamaConfig.from_dict({**base, "moe": moe})
     if "every" not in moe:  # the GPT-2 message names its own n_layer
         with pytest.raises(ConfigError, match=message):
-            GPT2Config.from_dict({"vocab_size": 10, "n_embd": 64, "n_layer": 2, "n_head": 4, "moe": moe})
+            GPT2Config.from_dict({"vocab_size": 10, "dim": 64, "n_layers": 2, "n_heads": 4, "moe": moe})
 
 
 def test_tiny_moe_llama_learns() -> None:

@@ -22,7 +22,7 @@ TINY = {
     "name": "tiny",
     "data": {"dataset": "pydoc", "val_fraction": 0.1, "seed": 7},
     "tokenizer": {"vocab_size": 384},
-    "model": {"family": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 64, "bias": False},
+    "model": {"family": "gpt2", "n_layers": 2, "n_heads": 2, "dim": 64, "bias": False},
     "train": {"max_steps": 40, "micro_batch_size": 8, "block_size": 64, "lr": 3.0e-3, "min_lr": 3.0e-4, "warmup_steps": 4,
               "eval_interval": 20, "eval_iters": 4, "save_interval": 5, "log_interval": 1, "seed": 11, "dtype": "float32"},
 }
@@ -160,7 +160,7 @@ def test_two_processes_match_one(tmp_path, strategy: str) -> None:
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
-        ({"model": {"family": "gpt2", "n_layer": 2, "n_head": 3, "n_embd": 64}}, "n_embd (64) must be divisible by n_head (3)"),
+        ({"model": {"family": "gpt2", "n_layers": 2, "n_heads": 3, "dim": 64}}, "dim (64) must be divisible by n_heads (3)"),
         ({"tokenizer": {"vocab_size": 100}}, "smaller than the byte alphabet"),
         ({"train": {"max_step": 5}}, "unknown TrainArgs keys ['max_step']"),
         ({"modle": {}}, "unknown RunConfig keys ['modle']"),

@@ -15,7 +15,7 @@ from lamina import LLM
 from lamina.arch.lora import LoRAConfig, apply_lora, lora_layers, merge_lora
 from lamina.errors import ConfigError, InvalidRequestError, ModelFormatError
 from lamina.infra.registry import Registry
-from lamina.llm.tuning.adapters import (
+from lamina.llm.formats.peft import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     AdapterMismatchError,

@@ -11,10 +11,12 @@ from fastapi.testclient import TestClient
 
 from lamina import LLM
 from lamina.api.app import ServeArgs, create_app
+from lamina.llm.engine.core import Engine
+from lamina.settings import Settings
 from lamina.arch.lora import LoRAConfig, apply_lora, lora_layers
 from lamina.errors import InvalidRequestError
 from lamina.llm import SamplingParams
-from lamina.llm.tuning.adapters import save_adapter
+from lamina.llm.formats.peft import save_adapter
 from tests.tiny import hf_llama_folder
 
 pytest.importorskip("transformers")
@@ -58,15 +60,19 @@ def test_a_mixed_batch_gives_each_request_its_own_adapter(tiny) -> None:
         outs = {tuple(alone[i]) for i, (q, _) in enumerate(plan) if q == p}
         assert len(outs) > 1, p
 
-    engine = llm.engine
-    engine.reset()
-    got: dict[str, list[int]] = {}
-    for i, (p, a) in enumerate(plan):
-        engine.add_request(f"r{i}", llm.encode_prompt(p), params, adapter=a)
-        got[f"r{i}"] = []
-    while engine.has_unfinished():
-        for event in engine.step():
-            got[event.request_id].append(event.token_id)
+    llm.engine.reset()
+
+    def one_batch(engine: Engine) -> dict[str, list[int]]:  # on the engine's thread: every request in one batch
+        got: dict[str, list[int]] = {}
+        for i, (p, a) in enumerate(plan):
+            engine.add_request(f"r{i}", llm.encode_prompt(p), params, adapter=a)
+            got[f"r{i}"] = []
+        while engine.has_unfinished():
+            for event in engine.step():
+                got[event.request_id].append(event.token_id)
+        return got
+
+    got = llm.engine.call(one_batch)
     assert [got[f"r{i}"] for i in range(len(plan))] == alone
 
 
@@ -94,13 +100,13 @@ def test_bad_adapters_are_refused(tiny, tmp_path) -> None:
     with pytest.raises(InvalidRequestError, match="does not exist"):
         llm.load_adapter("gamma", tmp_path / "nowhere")
     with pytest.raises(InvalidRequestError, match="quantised"):
-        ServeArgs_ = ServeArgs(model=str(base), home=tmp_path, quantize="int8", lora=(("alpha", str(folders["alpha"])),))
+        ServeArgs_ = ServeArgs(Settings(model=str(base), home=tmp_path), quantize="int8", lora=(("alpha", str(folders["alpha"])),))
         create_app(ServeArgs_)
 
 
 def test_the_api_serves_adapters_beside_the_base(tiny, tmp_path) -> None:
     base, folders = tiny
-    args = ServeArgs(model=str(base), home=tmp_path, device="cpu", dtype="float32", embedding_model=None,
+    args = ServeArgs(Settings(model=str(base), home=tmp_path, device="cpu", dtype="float32"), embedding_model=None,
                      lora=tuple((name, str(folder)) for name, folder in folders.items()))
     reference = _serving(base, folders)
     with TestClient(create_app(args)) as client:

@@ -38,7 +38,7 @@ def _hf_greedy(model, ids: list[int], n: int) -> list[int]:
 def test_64_greedy_tokens_identical(smollm, hf_smollm) -> None:
     messages = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
     ids = smollm.encode_chat(messages)
-    ours = smollm.engine.generate(ids, _greedy(64))
+    ours = smollm.generate_ids(ids, _greedy(64))
     assert [e.token_id for e in ours] == _hf_greedy(hf_smollm, ids, 64)
 
 

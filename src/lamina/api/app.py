@@ -1,6 +1,6 @@
 """The API application factory: services built at start-up, the model loaded in the lifespan.
 
-`create_app(ServeArgs(...))` returns a FastAPI app whose lifespan loads the model in a background thread,
+`create_app(ServeArgs(Settings(...)))` returns a FastAPI app whose lifespan loads the model in a background thread,
 so `/health` answers 503 while loading and 200 after; on shutdown the engine thread aborts what is running
 and stops. Nothing happens at import time. Layers above (the web chat) add their routes to the returned app.
 """
@@ -20,6 +20,7 @@ import lamina
 from lamina.api import errors
 from lamina.api.deps import Services
 from lamina.api.keys import KeyStore
+from lamina.api.loading import Loading
 from lamina.api.middleware import LimitBody, RecordRequests
 from lamina.api.openai import routes
 from lamina.api.openai.serving import OpenAIService
@@ -31,24 +32,20 @@ from lamina.infra.db import Database
 from lamina.infra.registry import Registry
 from lamina.infra.telemetry import Metrics
 from lamina.llm import LLM
-from lamina.llm.engine.async_engine import AsyncLLM
-from lamina.llm.engine.core import Engine, EngineArgs
+from lamina.llm.engine.core import EngineArgs, EngineStats
+from lamina.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ServeArgs:
-    model: str = "smollm2-135m-instruct"
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: str | None = None
-    """One static key (like vLLM's --api-key); managed keys live in the database."""
+    """What `lamina serve` runs. The model, home, device, dtype, address and static key are `settings`' values
+    (their one owner); the rest is the server's own."""
+
+    settings: Settings
     insecure: bool = False
     """Allow listening on a non-loopback address with no key at all."""
-    device: str = "auto"
-    dtype: str = "auto"
-    home: Path = Path("~/.lamina")
     max_body_bytes: int = 8 * 1024 * 1024
     max_upload_bytes: int = 64 * 1024 * 1024
     """Largest file accepted by POST /v1/files."""
@@ -61,6 +58,14 @@ class ServeArgs:
     """LoRA adapters served beside the base model, as (name, folder): a request's `model` chooses one."""
 
     @property
+    def model(self) -> str:
+        return self.settings.model
+
+    @property
+    def home(self) -> Path:
+        return self.settings.home
+
+    @property
     def database(self) -> Path:
         return self.home / "lamina.db"
 
@@ -70,55 +75,59 @@ def create_app(
     load: Callable[[ServeArgs], LLM] | None = None,
     load_embedder: Callable[[ServeArgs], Embedder] | None = None,
 ) -> FastAPI:
-    """The API app. `load`/`load_embedder` build the models (defaults: from the args); they run in a thread."""
+    """The API app. `load`/`load_embedder` build the models (defaults: from the args); they run in a thread.
+
+    The services are built here, complete, because the middleware and the rooms mounted on the app (the web
+    chat) need them before the lifespan starts; the models they serve arrive later through `Loading`."""
     served = Registry(args.home).resolve(args.model).id  # fails fast on an unknown model, before serving
     _check_adapters(args, served)
     db = Database(args.database)
     metrics = Metrics(served)
     usage = UsageLog(db)
-    openai = OpenAIService(served, usage, metrics, fingerprint=f"fp_lamina_{lamina.__version__}")
-    rag = RagService(db, args.home, args.embedding_model or "")
-    openai.rag = rag
-    openai.adapters = {name: str(path) for name, path in args.lora}
-    services = Services(db=db, keys=KeyStore(db, args.api_key), usage=usage, metrics=metrics, openai=openai, rag=rag)
+    chat_model: Loading[LLM] = Loading("the model")
+    embedder: Loading[Embedder] = Loading("the embedding model")
+    rag = RagService(db, args.home, args.embedding_model or "", embedder)
+    openai = OpenAIService(served, usage, metrics, f"fp_lamina_{lamina.__version__}", chat_model, rag=rag,
+                           adapters={name: str(path) for name, path in args.lora})
+    services = Services(db=db, keys=KeyStore(db, args.settings.api_key), usage=usage, metrics=metrics, openai=openai, rag=rag)
     loader = load or _load
     embedder_loader = load_embedder or _load_embedder
+
+    def on_step(stats: EngineStats) -> None:
+        metrics.engine_step(stats.running, stats.waiting, stats.tokens, stats.kv_usage, stats.prefix_queries, stats.prefix_hits)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         closing = threading.Event()
 
-        def load_model() -> None:
+        def load_models() -> None:
             if args.embedding_model:
                 try:
-                    rag.embedder = embedder_loader(args)
+                    embedder.set(embedder_loader(args))
                 except Exception as e:
                     logger.exception("loading %s failed", args.embedding_model)
-                    rag.load_error = f"{type(e).__name__}: {e}"
+                    embedder.fail(e)
             try:
                 llm = loader(args)
             except Exception as e:
                 logger.exception("loading %s failed", args.model)
-                openai.load_error = f"{type(e).__name__}: {e}"
+                chat_model.fail(e)
                 return
             if closing.is_set():  # the server stopped while the weights were loading
+                llm.close()
                 return
-            def on_step(engine: Engine, n: int) -> None:
-                runner = engine.runner
-                metrics.engine_step(engine.num_running, engine.num_waiting, n, runner.usage, runner.prefix_queries, runner.prefix_hits)
-
-            async_llm = AsyncLLM(llm, on_step=on_step)
-            async_llm.engine.start()
-            openai.llm = async_llm
+            llm.engine.add_listener(on_step)
+            llm.engine.start()
+            chat_model.set(llm)
             logger.info("model %s ready", llm.name)
 
-        threading.Thread(target=load_model, name="lamina-load", daemon=True).start()
+        threading.Thread(target=load_models, name="lamina-load", daemon=True).start()
         try:
             yield
         finally:
             closing.set()
-            if openai.llm is not None:
-                openai.llm.engine.shutdown()
+            if chat_model.value is not None:
+                chat_model.value.close()
             db.close()
 
     app = FastAPI(
@@ -139,8 +148,9 @@ def create_app(
 
 
 def _load(args: ServeArgs) -> LLM:
-    llm = LLM.load(args.model, device=args.device, dtype=args.dtype, home=args.home, engine_args=args.engine,
-                   quantize=args.quantize)
+    s = args.settings
+    llm = LLM.load(s.model, device=s.device, dtype=s.dtype, home=s.home, engine_args=args.engine, quantize=args.quantize,
+                   settings=s)
     for name, path in args.lora:
         llm.load_adapter(name, path)
     return llm
@@ -149,7 +159,7 @@ def _load(args: ServeArgs) -> LLM:
 def _check_adapters(args: ServeArgs, served: str) -> None:
     """Refuse a bad --lora before the server starts: a clash of names, a missing folder, a quantised base."""
     from lamina.errors import InvalidRequestError
-    from lamina.llm.tuning.adapters import read_adapter_config
+    from lamina.llm.formats.peft import read_adapter_config
 
     names = [name for name, _ in args.lora]
     for name in names:
@@ -163,5 +173,5 @@ def _check_adapters(args: ServeArgs, served: str) -> None:
 
 
 def _load_embedder(args: ServeArgs) -> Embedder:
-    return Embedder.load(args.embedding_model or "", device=args.device, dtype="float32", home=args.home)
+    return Embedder.load(args.embedding_model or "", device=args.settings.device, dtype="float32", home=args.home)
 

@@ -27,14 +27,20 @@ from lamina.arch.moe import MoE, MoEConfig, num_active_params, total_aux_loss
 from lamina.errors import ConfigError
 
 
+LEGACY_NAMES = {"n_positions": "max_seq_len", "n_embd": "dim", "n_layer": "n_layers", "n_head": "n_heads",
+                "n_inner": "hidden_dim"}
+"""GPT-2's (and Hugging Face's) names for the sizes, read as Lamina's."""
+
+
 @dataclass
 class GPT2Config:
+    # sizes: the same names as every other family (LlamaConfig), so engine code reads any config alike
     vocab_size: int = 50257
-    n_positions: int = 1024  # context window (learned positions)
-    n_embd: int = 768
-    n_layer: int = 12
-    n_head: int = 12
-    n_inner: int | None = None  # MLP width; None: 4 * n_embd
+    max_seq_len: int = 1024  # context window (learned positions; HF: n_positions)
+    dim: int = 768  # residual stream width (HF: n_embd)
+    n_layers: int = 12  # (HF: n_layer)
+    n_heads: int = 12  # (HF: n_head)
+    hidden_dim: int | None = None  # MLP width (HF: n_inner); None: 4 * dim
     moe: MoEConfig | None = None  # None: dense MLPs; set: mixture-of-experts FFNs (see lamina.arch.moe)
     layer_norm_eps: float = 1e-5
     bias: bool = True  # biases in linear layers and LayerNorms (nanoGPT can turn them off)
@@ -44,11 +50,11 @@ class GPT2Config:
     family: Literal["gpt2"] = field(default="gpt2")
 
     def __post_init__(self) -> None:
-        if self.n_inner is None:
-            self.n_inner = 4 * self.n_embd
-        if self.n_embd % self.n_head:
-            raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner"):
+        if self.hidden_dim is None:
+            self.hidden_dim = 4 * self.dim
+        if self.dim % self.n_heads:
+            raise ConfigError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+        for name in ("vocab_size", "max_seq_len", "dim", "n_layers", "n_heads", "hidden_dim"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1 (got {getattr(self, name)})")
         if not 0.0 <= self.dropout < 1.0:
@@ -57,16 +63,21 @@ class GPT2Config:
             raise ConfigError(f"activation must be 'gelu_tanh' or 'gelu' (got {self.activation!r})")
         if isinstance(self.moe, dict):
             self.moe = config_from_dict(MoEConfig, self.moe)
-        if self.moe is not None and self.moe.every > self.n_layer:
-            raise ConfigError(f"moe.every ({self.moe.every}) exceeds n_layer ({self.n_layer}): no block would use MoE")
+        if self.moe is not None and self.moe.every > self.n_layers:
+            raise ConfigError(f"moe.every ({self.moe.every}) exceeds n_layers ({self.n_layers}): no block would use MoE")
 
     @property
-    def max_seq_len(self) -> int:
-        return self.n_positions
+    def n_kv_heads(self) -> int:
+        return self.n_heads  # GPT-2 attention is multi-head: one key/value head per query head
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GPT2Config:
-        return config_from_dict(cls, data)
+        """Also reads GPT-2's own size names (n_embd, n_layer, ...), as configs saved by earlier Lamina versions have them."""
+        return config_from_dict(cls, {LEGACY_NAMES.get(k, k): v for k, v in data.items()})
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> GPT2Config:
@@ -83,9 +94,9 @@ class Attention(nn.Module):
     def __init__(self, config: GPT2Config, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.n_head, self.head_dim = config.n_head, config.n_embd // config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v fused
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.n_head, self.head_dim = config.n_heads, config.dim // config.n_heads
+        self.c_attn = nn.Linear(config.dim, 3 * config.dim, bias=config.bias)  # q, k, v fused
+        self.c_proj = nn.Linear(config.dim, config.dim, bias=config.bias)
         self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
@@ -107,9 +118,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
-        assert config.n_inner is not None
-        self.c_fc = nn.Linear(config.n_embd, config.n_inner, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_inner, config.n_embd, bias=config.bias)
+        assert config.hidden_dim is not None
+        self.c_fc = nn.Linear(config.dim, config.hidden_dim, bias=config.bias)
+        self.c_proj = nn.Linear(config.hidden_dim, config.dim, bias=config.bias)
         self.approximate = "tanh" if config.activation == "gelu_tanh" else "none"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -119,14 +130,14 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: GPT2Config, layer_idx: int) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.ln_1 = nn.LayerNorm(config.dim, eps=config.layer_norm_eps, bias=config.bias)
         self.attn = Attention(config, layer_idx)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.ln_2 = nn.LayerNorm(config.dim, eps=config.layer_norm_eps, bias=config.bias)
         moe = config.moe
         self.mlp: nn.Module
         if moe is not None and moe.in_layer(layer_idx):
-            assert config.n_inner is not None
-            self.mlp = MoE(config.n_embd, moe, config.n_inner, activation="gelu", bias=config.bias)
+            assert config.hidden_dim is not None
+            self.mlp = MoE(config.dim, moe, config.hidden_dim, activation="gelu", bias=config.bias)
         else:
             self.mlp = MLP(config)
         self.drop = _dropout(config.dropout)
@@ -140,12 +151,12 @@ class GPT2(nn.Module):
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
         self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.wte = nn.Embedding(config.vocab_size, config.dim)
+        self.wpe = nn.Embedding(config.max_seq_len, config.dim)
         self.drop = _dropout(config.dropout)
-        self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.ln_f = nn.LayerNorm(config.dim, eps=config.layer_norm_eps, bias=config.bias)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied, as in GPT-2
         if not self.lm_head.weight.is_meta:  # on the meta device (loading a checkpoint) there is nothing to fill
             self.init_weights()
@@ -155,7 +166,7 @@ class GPT2(nn.Module):
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # residual projections, scaled by depth (GPT-2 paper)
-                nn.init.normal_(p, mean=0.0, std=self.config.init_std / math.sqrt(2 * self.config.n_layer))
+                nn.init.normal_(p, mean=0.0, std=self.config.init_std / math.sqrt(2 * self.config.n_layers))
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
@@ -175,8 +186,8 @@ class GPT2(nn.Module):
             cache.advance(1)  # type: ignore[union-attr]
             return self.lm_head(self.ln_f(x if not last_only else x[:, -1:, :]))
         start = cache.length if cache is not None else 0
-        if start + T > self.config.n_positions:
-            raise ValueError(f"sequence of {start + T} tokens exceeds n_positions {self.config.n_positions}")
+        if start + T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.config.max_seq_len}")
         pos = torch.arange(start, start + T, device=tokens.device)
         x = self.drop(self.wte(tokens) + self.wpe(pos))  # (B, T, C)
         mask = None
@@ -194,7 +205,7 @@ class GPT2(nn.Module):
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         c = self.config
         ref = self.wte.weight  # (lm_head may be a quantised layer without a float weight)
-        return KVCache(c.n_layer, batch_size, c.n_head, max_len, c.n_embd // c.n_head, dtype=ref.dtype, device=ref.device)
+        return KVCache(c.n_layers, batch_size, c.n_heads, max_len, c.head_dim, dtype=ref.dtype, device=ref.device)
 
     def num_params(self) -> int:
         """Unique parameters (the tied embedding counts once)."""

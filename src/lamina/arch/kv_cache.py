@@ -127,6 +127,29 @@ class SlotCache:
         self.v[:, dst, :, :n] = self.v[:, src, :, :n]
         self.lengths[dst] = n
 
+    def load(self, row: int, cache: KVCache, n: int) -> None:
+        """Row `row` starts with the first `n` positions of a batch-1 `cache` (a retained sequence's prefix)."""
+        self.k[:, row, :, :n] = cache.k[:, 0, :, :n]
+        self.v[:, row, :, :n] = cache.v[:, 0, :, :n]
+        self.lengths[row] = n
+
+    def save(self, row: int, cache: KVCache) -> None:
+        """Copy row `row`'s stored positions into a batch-1 `cache` (kept for prefix reuse after it leaves)."""
+        n = self.lengths[row]
+        cache.k[:, 0, :, :n] = self.k[:, row, :, :n]
+        cache.v[:, 0, :, :n] = self.v[:, row, :, :n]
+        cache.length = n
+
+    def swap(self, a: int, b: int) -> None:
+        """Exchange rows `a` and `b` (a sequence whose prompt is fed joins the decoding rows)."""
+        if a == b:
+            return
+        n = self.lengths[a]
+        k, v = self.k[:, a, :, :n].clone(), self.v[:, a, :, :n].clone()
+        self.move(b, a)
+        self.k[:, b, :, :n], self.v[:, b, :, :n] = k, v
+        self.lengths[b] = n
+
     def row(self, b: int) -> _RowView:
         return _RowView(self, b)
 

@@ -3,7 +3,7 @@
     name: pydoc-gpt2            # the model's id once registered (`lamina generate --model pydoc-gpt2`)
     data: {dataset: pydoc, val_fraction: 0.1, seed: 1337}
     tokenizer: {vocab_size: 4096}            # trained on the dataset (or `path:` to a tokenizer.json folder)
-    model: {family: gpt2, n_layer: 4, ...}   # a family config from lamina.arch (vocab/context filled in)
+    model: {family: gpt2, n_layers: 4, ...}   # a family config from lamina.arch (vocab/context filled in)
     train: {max_steps: 1500, micro_batch_size: 16, lr: 1.0e-3, ...}
 
 Presets live in `lamina/presets/*.yaml`; `lamina pretrain` with no config uses `pydoc.yaml`. A typo in a key
@@ -161,7 +161,8 @@ class RunConfig:
         """The family config with the tokenizer's vocabulary and the training context filled in."""
         model = dict(self.model)
         family = model.get("family", "gpt2")
-        context_key = "n_positions" if family == "gpt2" else "max_seq_len"
+        # one size vocabulary for every family; a GPT-2 config written with GPT-2's own names keeps working
+        context_key = "n_positions" if family == "gpt2" and "n_positions" in model else "max_seq_len"
         model.setdefault(context_key, self.train.block_size)
         model["vocab_size"] = vocab_size
         try:

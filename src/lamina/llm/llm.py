@@ -6,16 +6,19 @@
     for piece in llm.stream_chat([{"role": "user", "content": "Tell me a story"}], max_tokens=200):
         print(piece, end="", flush=True)
 
+    async for delta in llm.astream(llm.encode_chat(messages), SamplingParams(max_tokens=64)):   # asyncio code
+        ...
+
 This layer owns text: tokenizing, chat templates, incremental detokenizing and stop strings. The engine
-underneath sees token ids only.
+underneath sees token ids only, and is driven by one worker thread (`AsyncEngine`): the async methods are
+the core, the synchronous ones iterate them (`iterate_blocking`), so the Python API, the CLI and the
+server run requests through the same path, batched together.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,19 +27,19 @@ import torch
 from torch import nn
 
 from lamina.arch import build_model
-from lamina.arch.kv_cache import SlotCache
 from lamina.errors import InvalidRequestError
 from lamina.foundation.tokenizer import Tokenizer
 from lamina.infra.device import optimize_for_inference, resolve_device, resolve_dtype
 from lamina.infra.registry import ModelEntry, Registry
-from lamina.llm.engine.core import Engine, EngineArgs, FinishReason
+from lamina.llm.engine.async_engine import AsyncEngine, iterate_blocking
+from lamina.llm.engine.core import Engine, EngineArgs, FinishReason, TokenEvent
 from lamina.llm.engine.sampling import SamplingParams
 from lamina.llm.formats import gguf
 from lamina.llm.formats.loader import read_checkpoint
 from lamina.llm.kernels.quant import QuantLinear, quantize_model
 from lamina.llm.text.chat_template import ChatTemplate, Message
 from lamina.llm.text.stream import Delta, TextStream, TokenLogprob
-from lamina.settings import get_settings
+from lamina.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -73,11 +76,11 @@ class LLM:
         self.entry = entry
         self.config = model.config
         self.chat_template = ChatTemplate(chat_template, tokenizer) if chat_template else None
-        self.engine = Engine(
+        self.engine = AsyncEngine(Engine(
             model, eos_ids=eos_ids, max_seq_len=self.config.max_seq_len, vocab_size=self.config.vocab_size, args=engine_args,
             cache_dir=cache_dir,
-        )
-        self._lock = threading.Lock()  # one generation at a time (the engine holds one sequence's cache)
+        ))
+        """The engine's one driver; its worker thread starts with the first request."""
 
     @classmethod
     def load(
@@ -89,13 +92,15 @@ class LLM:
         home: str | Path | None = None,
         engine_args: EngineArgs | None = None,
         quantize: str | None = None,
+        settings: Settings | None = None,
     ) -> LLM:
         """Load a model by id (see `lamina models`), .gguf path or Hugging Face folder.
 
         device: auto|cpu|cuda|cuda:N|mps; dtype: auto|float32|bfloat16|float16 (auto: fastest measured
-        here). Unset arguments come from LAMINA_MODEL, LAMINA_DEVICE, LAMINA_DTYPE, LAMINA_HOME.
+        here). Unset arguments come from `settings`; without those, from a `Settings()` read now from the
+        environment (LAMINA_MODEL, LAMINA_DEVICE, LAMINA_DTYPE, LAMINA_HOME).
         """
-        settings = get_settings()
+        settings = settings or Settings()
         home = Path(home).expanduser() if home else settings.home
         entry = Registry(home).resolve(model or settings.model)
         dev = resolve_device(device or settings.device)
@@ -122,21 +127,25 @@ class LLM:
         for different adapters share one batch. An adapter trained for another base model is refused.
         """
         from lamina.arch.lora import set_active_adapter
-        from lamina.llm.tuning.adapters import load_adapter
+        from lamina.llm.formats.peft import load_adapter
 
         if any(isinstance(m, QuantLinear) for m in self.model.modules()):
             raise InvalidRequestError("LoRA adapters cannot be served on a quantised model; serve without --quantize "
                                       "(or merge the adapter with `lamina lora merge` and quantise the merged model)",
                                       param="lora")
-        if name == self.name or name in self.engine.runner.adapters:
+        if name == self.name or name in self.engine.adapters:
             raise InvalidRequestError(f"the name {name!r} is already taken; give each adapter its own name", param="lora")
-        load_adapter(self.model, path, adapter_name=name, base_model_id=self.entry.id if self.entry else None)
-        set_active_adapter(self.model, None)
-        self.engine.runner.refresh_adapters()
+
+        def load(engine: Engine) -> None:  # on the engine's thread, between steps: the model changes under it
+            load_adapter(self.model, path, adapter_name=name, base_model_id=self.entry.id if self.entry else None)
+            set_active_adapter(self.model, None)
+            engine.runner.refresh_adapters()
+
+        self.engine.call(load)
 
     @property
     def adapters(self) -> list[str]:
-        return sorted(self.engine.runner.adapters)
+        return sorted(self.engine.adapters)
 
     @property
     def device(self) -> torch.device:
@@ -174,21 +183,22 @@ class LLM:
 
     # --- generation --------------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def decode_perplexity(self, ids: Sequence[int]) -> float:
         """Teacher-forced perplexity of `ids`, fed one token at a time through the step generation decodes with
         (the engine's native step where it applies, so int8-quantised activations are scored too)."""
-        c = self.model.config
-        slots = SlotCache(c.n_layers, c.n_kv_heads, c.head_dim, dtype=self.dtype, device=self.model.embed_tokens.weight.device)
-        slots.reserve(1, len(ids) + 8)
-        decoder = self.engine.runner.native
-        nll = 0.0
-        self.model(torch.tensor([ids[:1]]), slots.row(0))
-        for i in range(1, len(ids) - 1):
-            tok = torch.tensor([[ids[i]]])
-            logits = decoder.decode(tok, slots, 1) if decoder is not None else self.model(tok, slots.decode(1))[:, -1].float()
-            nll += torch.nn.functional.cross_entropy(logits, torch.tensor([ids[i + 1]]), reduction="sum").item()
-        return math.exp(nll / (len(ids) - 2))
+        return self.engine.call(lambda engine: engine.runner.decode_perplexity(ids))
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None) -> None:
+        """Raise the error a request would get (bad ids, context too long, unknown adapter), before streaming."""
+        self.engine.validate(prompt_ids, params, adapter)
+
+    def check_capacity(self) -> None:
+        """Refuse (503) when the engine's queue is full."""
+        self.engine.check_capacity()
+
+    def close(self) -> None:
+        """Abort what is running and stop the engine's worker thread."""
+        self.engine.shutdown()
 
     def generate(self, prompt: str, params: SamplingParams | None = None, *, adapter: str | None = None,
                  **overrides: Any) -> Completion:
@@ -212,20 +222,28 @@ class LLM:
             if delta.text:
                 yield delta.text
 
-    def stream_ids(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None) -> Iterator[Delta]:
-        """The core: prompt token ids in, text deltas out (UTF-8 safe, stop strings removed)."""
-        self.engine.validate(prompt_ids, params)
+    async def astream(self, prompt_ids: list[int], params: SamplingParams, *, request_id: str | None = None,
+                      cache_salt: str = "", adapter: str | None = None) -> AsyncIterator[Delta]:
+        """The core: prompt token ids in, text deltas out (UTF-8 safe, stop strings cut); the last delta carries
+        the finish reason. Leaving early aborts the request. `cache_salt` scopes prefix reuse (a tenant)."""
         text = TextStream(self.tokenizer, params.stop)
-        with self._lock:
-            events = self.engine.generate(prompt_ids, params, adapter)
-            try:
-                for event in events:
-                    delta = text.push(event)
-                    yield delta
-                    if delta.finish_reason is not None:
-                        return
-            finally:
-                events.close()
+        events = self.engine.generate(prompt_ids, params, request_id, cache_salt, adapter)
+        try:
+            async for event in events:
+                delta = text.push(event)
+                yield delta
+                if delta.finish_reason is not None:
+                    return
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+
+    def stream_ids(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None) -> Iterator[Delta]:
+        """`astream` for synchronous code."""
+        return iterate_blocking(self.astream(prompt_ids, params, adapter=adapter))
+
+    def generate_ids(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None) -> Iterator[TokenEvent]:
+        """The engine's token events for one request, without text (benchmarks, parity tests)."""
+        return self.engine.generate_sync(prompt_ids, params, adapter)
 
     def _collect(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None) -> Completion:
         text, ids, logprobs, finish, cached = [], [], [], "length", 0

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from lamina.api.errors import APIError
 from lamina.api.keys import APIKey
+from lamina.api.loading import Loading
 from lamina.api.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -33,7 +34,7 @@ from lamina.api.openai.protocol import (
 from lamina.api.usage import UsageLog
 from lamina.errors import InvalidRequestError, LaminaError
 from lamina.infra.telemetry import Metrics
-from lamina.llm.engine.async_engine import AsyncLLM
+from lamina.llm import LLM
 from lamina.llm.engine.sampling import SamplingParams
 from lamina.llm.text.stream import Delta, TokenLogprob
 
@@ -69,27 +70,29 @@ class _Choice:
 
 
 class OpenAIService:
-    def __init__(self, model_name: str, usage: UsageLog, metrics: Metrics, fingerprint: str) -> None:
+    def __init__(self, model_name: str, usage: UsageLog, metrics: Metrics, fingerprint: str, llm: Loading[LLM], *,
+                 rag: RagService | None = None, adapters: dict[str, str] | None = None) -> None:
         self.model_name = model_name
         self.usage = usage
         self.metrics = metrics
         self.fingerprint = fingerprint
-        self.llm: AsyncLLM | None = None
+        self.loading = llm
+        """The chat model, filled by the app's loader thread (503 until then)."""
         self.created = int(time.time())
-        self.load_error: str | None = None
-        self.rag: RagService | None = None
-        """Retrieval for grounded chat (`vector_store_ids`); set by the app factory."""
-        self.adapters: dict[str, str] = {}
+        self.rag = rag
+        """Retrieval for grounded chat (`vector_store_ids`)."""
+        self.adapters = dict(adapters or {})
         """LoRA adapters served beside the base model: name (a request's `model`) -> folder."""
 
     # --- state ----------------------------------------------------------------------------------------
 
-    def ready(self) -> AsyncLLM:
-        if self.llm is None:
-            if self.load_error:
-                raise APIError(503, f"The model failed to load: {self.load_error}", code="model_load_failed")
-            raise APIError(503, "The model is still loading; retry in a few seconds.", code="model_loading", headers={"retry-after": "2"})
-        return self.llm
+    @property
+    def llm(self) -> LLM | None:
+        """The loaded model, or None while it loads (or failed to)."""
+        return self.loading.value
+
+    def ready(self) -> LLM:
+        return self.loading.get()
 
     def check_model(self, model: str | None, key: APIKey | None, *, embeddings: bool = False) -> None:
         served = {self.model_name, *self.adapters}
@@ -103,7 +106,7 @@ class OpenAIService:
 
     def model_cards(self) -> list[dict[str, Any]]:
         """The chat model, and the embedding model when one is served (`task` tells them apart)."""
-        max_len = self.llm.llm.config.max_seq_len if self.llm else None
+        max_len = self.llm.config.max_seq_len if self.llm else None
         cards = [{"id": self.model_name, "object": "model", "created": self.created, "owned_by": "lamina",
                   "root": self.model_name, "parent": None, "max_model_len": max_len, "task": "generate"}]
         cards += [{"id": name, "object": "model", "created": self.created, "owned_by": "lamina", "root": path,
@@ -126,7 +129,7 @@ class OpenAIService:
                 raise InvalidRequestError("this server has no vector stores", param="vector_store_ids")
             grounding = await run_in_threadpool(self.rag.ground, messages, req.vector_store_ids, req.max_num_results)
             messages, cited = grounding.messages, [c.to_dict() for c in grounding.citations]
-        prompt_ids = llm.llm.encode_chat(messages)
+        prompt_ids = llm.encode_chat(messages)
         max_tokens = req.max_completion_tokens or req.max_tokens
         top = (req.top_logprobs or 0) if req.logprobs else None
         choices = self._choices(req, [prompt_ids], max_tokens, top)
@@ -195,7 +198,7 @@ class OpenAIService:
         choices = self._choices(req, prompts, req.max_tokens, req.logprobs)
         admission = self._admit(request, key, req, choices)
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        echo = {c.index: llm.llm.tokenizer.decode(c.prompt_ids) if req.echo else "" for c in choices}
+        echo = {c.index: llm.tokenizer.decode(c.prompt_ids) if req.echo else "" for c in choices}
         if req.stream:
             return StreamingResponse(self._completion_events(request, request_id, req, choices, echo), media_type="text/event-stream",
                                      headers={**SSE_HEADERS, **admission})
@@ -237,8 +240,8 @@ class OpenAIService:
                                   "param": None, "code": "internal_error"}})
         yield "data: [DONE]\n\n"
 
-    def _prompts(self, prompt: str | list[str] | list[int] | list[list[int]], llm: AsyncLLM) -> list[list[int]]:
-        tok = llm.llm.tokenizer
+    def _prompts(self, prompt: str | list[str] | list[int] | list[list[int]], llm: LLM) -> list[list[int]]:
+        tok = llm.tokenizer
         if isinstance(prompt, str):
             return [tok.encode(prompt)]
         if all(isinstance(p, int) for p in prompt):
@@ -260,7 +263,7 @@ class OpenAIService:
         for p, prompt_ids in enumerate(prompts):
             if not prompt_ids:
                 raise InvalidRequestError("the prompt is empty: give some text", param="prompt")
-            limit = max_tokens or max(1, llm.llm.config.max_seq_len - len(prompt_ids))
+            limit = max_tokens or max(1, llm.config.max_seq_len - len(prompt_ids))
             for i in range(req.n):
                 params = SamplingParams(
                     max_tokens=limit,
@@ -275,10 +278,10 @@ class OpenAIService:
                     stop=tuple([req.stop] if isinstance(req.stop, str) else req.stop or ()),
                     logprobs=logprobs,
                 )
-                llm.llm.engine.validate(prompt_ids, params)
                 adapter = req.model if req.model in self.adapters else None
+                llm.validate(prompt_ids, params, adapter)
                 choices.append(_Choice(p * req.n + i, prompt_ids, params, req.cache_salt or "", adapter))
-        llm.engine.check_capacity()
+        llm.check_capacity()
         return choices
 
     def _admit(self, request: Request, key: APIKey | None, req: ChatCompletionRequest | CompletionRequest,
@@ -315,7 +318,7 @@ class OpenAIService:
         # Tenants never share cached prefixes: the key is part of every salt.
         key = getattr(request.state, "key", None)
         tenant = f"key{key.id}" if key is not None else "open"
-        streams = [(c, llm.stream(c.prompt_ids, c.params, cache_salt=f"{tenant}|{c.salt}", adapter=c.adapter)) for c in choices]
+        streams = [(c, llm.astream(c.prompt_ids, c.params, cache_salt=f"{tenant}|{c.salt}", adapter=c.adapter)) for c in choices]
         for c in {id(c.prompt_ids): c for c in choices}.values():
             m.prompt_tokens.labels(name).inc(len(c.prompt_ids))
             m.request_prompt_tokens.labels(name).observe(len(c.prompt_ids))

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from lamina.api.errors import APIError
+from lamina.api.loading import Loading
 from lamina.api.rag.protocol import (
     ChunkingStrategy,
     EmbeddingRequest,
@@ -37,23 +38,25 @@ class Grounding:
 
 
 class RagService:
-    def __init__(self, db: Database, home: Path, embedding_model: str) -> None:
+    def __init__(self, db: Database, home: Path, embedding_model: str, embedder: Loading[Embedder]) -> None:
         self.files = FileStore(db, home / "files")
         self.stores = VectorStores(db, home / "vector_stores")
         self.embedding_model = embedding_model
-        self.embedder: Embedder | None = None
-        self.load_error: str | None = None
+        self.loading = embedder
+        """The embedding model, filled by the app's loader thread (503 until then)."""
         # One ingestion per store at a time: two uploads to one store must not interleave their transactions'
         # index updates in this process (SQLite already serialises the writes themselves).
         self._store_locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self.files.sweep()
 
+    @property
+    def embedder(self) -> Embedder | None:
+        """The loaded embedding model, or None while it loads (or failed to)."""
+        return self.loading.value
+
     def ready(self) -> Embedder:
-        if self.embedder is None:
-            message = f"the embedding model failed to load: {self.load_error}" if self.load_error else "the embedding model is still loading"
-            raise APIError(503, message.capitalize() + ".", code="model_loading", headers={"retry-after": "2"})
-        return self.embedder
+        return self.loading.get()
 
     # --- files ----------------------------------------------------------------------------------------
 

@@ -1,33 +1,42 @@
-"""The engine off the event loop: a worker thread drives `Engine.step()`, asyncio code awaits tokens.
+"""The engine's one driver: a worker thread runs `Engine.step()`, callers await (or iterate) token events.
 
-    llm = LLM.load(...)
-    async_llm = AsyncLLM(llm)          # takes over llm.engine; start() launches the worker thread
-    async for delta in async_llm.stream(prompt_ids, params):
-        ...                            # leaving the loop early (client gone, stop string) aborts the request
+    engine = AsyncEngine(Engine(model, ...))
+    async for event in engine.generate(prompt_ids, params):   # from asyncio code (the server)
+        ...                                                   # leaving early aborts the request
+    for event in engine.generate_sync(prompt_ids, params):    # from plain code (the Python API, the CLI)
+        ...
 
-Requests and aborts reach the worker through a thread-safe queue; token events come back to each request's
-`asyncio.Queue` through `loop.call_soon_threadsafe`. PyTorch releases the GIL inside kernels, so the event
-loop keeps serving other clients (and /health) while the worker computes. The engine decides how the
-running requests share each step; when it learns to batch them, nothing here changes.
+This is the façade of the engine room: code above it (`lamina.llm.LLM`, the API) talks to this class only,
+never to the scheduler or the runner. Requests and aborts reach the worker through a thread-safe queue;
+token events come back through each request's `asyncio.Queue`. PyTorch and the native kernels release the
+GIL while they compute, so the event loop keeps serving other clients (and /health) during a step.
+
+The async path is written once; the synchronous one is derived from it (`iterate_blocking`), so both give
+the same tokens through the same code. Work that must not overlap a step (loading a LoRA adapter, scoring
+a text) runs on the worker thread between steps through `call`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
-from lamina.llm.engine.core import Engine, TokenEvent
+import torch
+
+from lamina.llm.engine.core import Engine, EngineStats, TokenEvent
 from lamina.llm.engine.sampling import SamplingParams
 from lamina.llm.engine.scheduler import OverloadedError
-from lamina.llm.llm import LLM
-from lamina.llm.text.stream import Delta, TextStream
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -45,59 +54,115 @@ class _Abort:
     request_id: str
 
 
+@dataclass
+class _Call:
+    fn: Callable[[Engine], Any]
+    future: concurrent.futures.Future[Any]
+
+
 _STOP = object()
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, on_step: Callable[[Engine, int], None] | None = None) -> None:
-        self.engine = engine
-        self.on_step = on_step
-        """Called after each step with the engine and the tokens it produced (metrics)."""
+    """Drives one `Engine` from one worker thread; every request, abort and engine call goes through here."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._listeners: list[Callable[[EngineStats], None]] = []
         self._inbox: queue.Queue[object] = queue.Queue()
         self._sinks: dict[str, Callable[[TokenEvent | BaseException], None]] = {}
         self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
         self._ids = itertools.count()
 
+    # --- the worker ----------------------------------------------------------------------------------
+
     def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="lamina-engine", daemon=True)
-            self._thread.start()
+        """Start the worker thread (idempotent; the first request starts it too).
+
+        The worker computes on as many torch threads as the starting thread has (an OpenMP setting does not
+        carry to a new thread by itself)."""
+        with self._start_lock:
+            if self._thread is None:
+                threads = torch.get_num_threads()
+                self._thread = threading.Thread(target=self._run, args=(threads,), name="lamina-engine", daemon=True)
+                self._thread.start()
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Abort everything and stop the worker thread."""
-        if self._thread is not None:
-            self._inbox.put(_STOP)
-            self._thread.join(timeout)
-            self._thread = None
+        """Abort everything and stop the worker thread (a later request starts a new one)."""
+        with self._start_lock:
+            if self._thread is not None:
+                self._inbox.put(_STOP)
+                self._thread.join(timeout)
+                self._thread = None
+
+    def add_listener(self, listener: Callable[[EngineStats], None]) -> None:
+        """Call `listener` on the worker thread after each step (metrics); it must be quick and not raise."""
+        self._listeners.append(listener)
+
+    # --- what callers may know ----------------------------------------------------------------------------
+
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        return self._engine.eos_ids
+
+    @property
+    def max_seq_len(self) -> int:
+        return self._engine.max_seq_len
+
+    @property
+    def adapters(self) -> frozenset[str]:
+        return frozenset(self._engine.runner.adapters)
+
+    @property
+    def native_step(self) -> bool:
+        """Whether decode steps run through the native kernels' fused step (else PyTorch's forward)."""
+        return self._engine.runner.native is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self._engine.device
 
     @property
     def num_running(self) -> int:
-        return self.engine.num_running
+        return self._engine.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        return self._engine.num_waiting + self._inbox.qsize()
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None) -> None:
+        """Raise the error the engine would give this request (bad ids, too long, unknown adapter), at once."""
+        self._engine.validate(prompt_ids, params, adapter)
 
     def check_capacity(self) -> None:
         """Refuse (503) before a request is accepted when the queue is already full."""
-        limit = self.engine.scheduler.max_waiting
-        if self.num_waiting >= limit:
+        if self.num_waiting >= self._engine.scheduler.max_waiting:
             raise OverloadedError(
                 f"the server is overloaded ({self.num_running} running, {self.num_waiting} waiting); retry shortly"
             )
 
-    @property
-    def num_waiting(self) -> int:
-        return self.engine.num_waiting + self._inbox.qsize()
+    # --- requests ------------------------------------------------------------------------------------
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
                        cache_salt: str = "", adapter: str | None = None) -> AsyncIterator[TokenEvent]:
-        """Token events of one request; leaving early aborts it and frees its place."""
-        self.engine.validate(prompt_ids, params)
+        """Token events of one request; leaving early (or being cancelled) aborts it and frees its place.
+
+        Validation happens here, once, before the request is queued: a bad request raises at the first
+        `__anext__`, before any event."""
+        self.validate(prompt_ids, params, adapter)
+        self.start()
         request_id = request_id or f"req-{next(self._ids)}"
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
 
         def sink(item: TokenEvent | BaseException) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, item)
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, item)
+            except RuntimeError:  # the caller's loop has closed: it stopped listening, and its abort is queued
+                pass
 
-        self._inbox.put(_Add(request_id, prompt_ids, params, sink, cache_salt, adapter))
+        self._inbox.put(_Add(request_id, list(prompt_ids), params, sink, cache_salt, adapter))
         finished = False
         try:
             while True:
@@ -114,8 +179,28 @@ class AsyncEngine:
             if not finished:
                 self._inbox.put(_Abort(request_id))
 
-    def _run(self) -> None:
-        engine = self.engine
+    def generate_sync(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None) -> Iterator[TokenEvent]:
+        """`generate` for synchronous code; closing the iterator early aborts the request."""
+        return iterate_blocking(self.generate(prompt_ids, params, adapter=adapter))
+
+    def call(self, fn: Callable[[Engine], T]) -> T:
+        """Run `fn(engine)` on the worker thread between two steps and return its result (or raise its error).
+
+        For work that changes or reads the model and its caches: nothing else runs on them meanwhile."""
+        self.start()
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._inbox.put(_Call(fn, future))
+        return future.result()
+
+    def reset(self) -> None:
+        """Forget the caches kept for prefix reuse."""
+        self.call(lambda engine: engine.reset())
+
+    # --- the loop on the worker thread --------------------------------------------------------------------
+
+    def _run(self, threads: int) -> None:
+        torch.set_num_threads(threads)
+        engine = self._engine
         while True:
             # Block for work when idle; otherwise take whatever arrived since the last step.
             try:
@@ -136,8 +221,8 @@ class AsyncEngine:
                     return
                 self._handle(command)
             if not engine.has_unfinished():
-                if commands and self.on_step is not None:
-                    self.on_step(engine, 0)  # aborts changed what is running: keep the gauges true
+                if commands:
+                    self._notify(0)  # aborts changed what is running: keep the gauges true
                 continue
             try:
                 step_events = engine.step()
@@ -155,41 +240,86 @@ class AsyncEngine:
                 sink(event)
                 if event.finish_reason is not None:
                     del self._sinks[event.request_id]
-            if self.on_step is not None:
-                self.on_step(engine, len(step_events))
+            self._notify(len(step_events))
+
+    def _notify(self, tokens: int) -> None:
+        if self._listeners:
+            stats = self._engine.stats(tokens)
+            for listener in self._listeners:
+                listener(stats)
 
     def _handle(self, command: object) -> None:
         if isinstance(command, _Add):
-            try:
-                self.engine.add_request(command.request_id, command.prompt_ids, command.params, command.cache_salt,
-                                        command.adapter)
-            except Exception as e:  # validation or overload: the request fails, the engine goes on
+            try:  # validated by the caller: only what depends on the engine's state can fail here (overload)
+                self._engine.enqueue(command.request_id, command.prompt_ids, command.params, command.cache_salt,
+                                     command.adapter)
+            except Exception as e:  # the request fails, the engine goes on
                 command.sink(e)
                 return
             self._sinks[command.request_id] = command.sink
         elif isinstance(command, _Abort):
-            self.engine.abort(command.request_id)
+            self._engine.abort(command.request_id)
             self._sinks.pop(command.request_id, None)
+        elif isinstance(command, _Call) and command.future.set_running_or_notify_cancel():
+            try:
+                command.future.set_result(command.fn(self._engine))
+            except BaseException as e:  # handed to the caller, who re-raises it
+                command.future.set_exception(e)
 
 
-class AsyncLLM:
-    """An `LLM` served from asyncio code: same tokenizer and templates, the engine in a worker thread."""
+def iterate_blocking(agen: AsyncIterator[T]) -> Iterator[T]:
+    """Iterate an async iterator from synchronous code (the sync API derived from the async one).
 
-    def __init__(self, llm: LLM, on_step: Callable[[Engine, int], None] | None = None) -> None:
-        self.llm = llm
-        self.engine = AsyncEngine(llm.engine, on_step)
+    It runs on a private event loop in this thread; where this thread already runs a loop (a notebook), on
+    a private loop in a helper thread. Closing the returned iterator closes `agen` (which aborts its request).
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        yield from _on_private_loop(agen)
+        return
+    yield from _on_helper_thread(agen)
 
-    async def stream(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                     cache_salt: str = "", adapter: str | None = None) -> AsyncIterator[Delta]:
-        """Text deltas for one request (UTF-8 safe, stop strings cut); the last carries the finish reason."""
-        text = TextStream(self.llm.tokenizer, params.stop)
-        events = self.engine.generate(prompt_ids, params, request_id, cache_salt, adapter)
+
+def _on_private_loop(agen: AsyncIterator[T]) -> Iterator[T]:
+    loop = asyncio.new_event_loop()
+    try:
+        while True:
+            try:
+                item = loop.run_until_complete(agen.__anext__())
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        loop.run_until_complete(agen.aclose())  # type: ignore[attr-defined]
+        loop.close()
+
+
+def _on_helper_thread(agen: AsyncIterator[T]) -> Iterator[T]:
+    items: queue.Queue[tuple[str, Any]] = queue.Queue()
+    stop = threading.Event()
+
+    async def pump() -> None:
         try:
-            async for event in events:
-                delta = text.push(event)
-                yield delta
-                if delta.finish_reason is not None:
-                    return
+            async for item in agen:
+                items.put(("item", item))
+                if stop.is_set():
+                    break
+        except BaseException as e:
+            items.put(("error", e))
         finally:
-            await events.aclose()
+            await agen.aclose()  # type: ignore[attr-defined]
+            items.put(("end", None))
 
+    thread = threading.Thread(target=asyncio.run, args=(pump(),), name="lamina-sync-iter", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = items.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()

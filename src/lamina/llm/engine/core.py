@@ -15,9 +15,8 @@ Python API, `AsyncEngine`'s worker thread for the server).
 
 from __future__ import annotations
 
-import itertools
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -64,6 +63,22 @@ class EngineArgs:
     """Memory for the running sequences' keys and values; requests wait (or are refused) beyond it."""
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    """What the engine reports after a step (the server's gauges and counters)."""
+
+    running: int
+    waiting: int
+    tokens: int
+    """Tokens produced by the step."""
+    kv_usage: float
+    """Share of the KV budget held."""
+    prefix_queries: int
+    """Prompt tokens looked up in the prefix cache so far."""
+    prefix_hits: int
+    """Of those, the ones found."""
+
+
 class Engine:
     def __init__(
         self,
@@ -84,12 +99,11 @@ class Engine:
                                   kv_budget_bytes=int(args.kv_cache_gb * 1024**3), cache_dir=cache_dir)
         self.device = self.runner.device
         self.scheduler = Scheduler(max_running=args.max_running, max_waiting=args.max_waiting, prefill_chunk=args.prefill_chunk)
-        self._ids = itertools.count()
 
     # --- requests -------------------------------------------------------------------------------------
 
-    def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
-        """Raise the error `add_request` would, without adding anything (safe from any thread)."""
+    def validate(self, prompt_ids: Sequence[int], params: SamplingParams, adapter: str | None = None) -> None:
+        """The one check of a request: raise the error it deserves, without adding anything (any thread)."""
         if not prompt_ids:
             raise InvalidRequestError("the prompt is empty: give at least one token", param="prompt")
         if max(prompt_ids) >= self.vocab_size or min(prompt_ids) < 0:
@@ -102,14 +116,19 @@ class Engine:
                 "Please reduce the length of the prompt or of max_tokens.",
                 param="max_tokens",
             )
+        if adapter is not None and adapter not in self.runner.adapters:
+            raise InvalidRequestError(f"no LoRA adapter named {adapter!r} is loaded", param="model")
 
     def add_request(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams, cache_salt: str = "",
                     adapter: str | None = None) -> None:
-        """Queue a request; `adapter` names a LoRA adapter loaded into the model (None: the base model)."""
+        """Check and queue a request; `adapter` names a LoRA adapter loaded into the model (None: the base)."""
+        self.validate(prompt_ids, params, adapter)
+        self.enqueue(request_id, prompt_ids, params, cache_salt, adapter)
+
+    def enqueue(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams, cache_salt: str = "",
+                adapter: str | None = None) -> None:
+        """Queue a request that `validate` has accepted (the driver validates once, in the caller's thread)."""
         prompt_ids = list(prompt_ids)
-        self.validate(prompt_ids, params)
-        if adapter is not None and adapter not in self.runner.adapters:
-            raise InvalidRequestError(f"no LoRA adapter named {adapter!r} is loaded", param="model")
         sampler = Sampler(params, prompt_ids, self.vocab_size, self.device)
         # keys/values computed under one adapter are not those of another: prefixes are shared per adapter
         salt = cache_salt if adapter is None else f"{cache_salt}|lora:{adapter}"
@@ -159,21 +178,9 @@ class Engine:
                 self.runner.release(seq)
         return events
 
-    # --- one request, driven by the caller --------------------------------------------------------------
-
-    def generate(self, prompt_ids: Sequence[int], params: SamplingParams, adapter: str | None = None) -> Iterator[TokenEvent]:
-        """Run one request to completion in the caller's thread; closing the iterator aborts it."""
-        request_id = f"gen-{next(self._ids)}"
-        self.add_request(request_id, prompt_ids, params, adapter=adapter)
-        try:
-            while self.has_unfinished():
-                for event in self.step():
-                    if event.request_id == request_id:
-                        yield event
-                        if event.finish_reason is not None:
-                            return
-        finally:
-            self.abort(request_id)
+    def stats(self, tokens: int = 0) -> EngineStats:
+        runner = self.runner
+        return EngineStats(self.num_running, self.num_waiting, tokens, runner.usage, runner.prefix_queries, runner.prefix_hits)
 
     def reset(self) -> None:
         """Forget the caches kept for prefix reuse."""

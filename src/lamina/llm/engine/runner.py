@@ -17,7 +17,9 @@ multi-turn chat). Copying is a memcpy; recomputing is a prefill. Sequences only 
 from __future__ import annotations
 
 import logging
+import math
 from collections import OrderedDict
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,10 +59,7 @@ class ModelRunner:
         ref = next(model.parameters())
         self.device, self.dtype = ref.device, ref.dtype
         c = model.config
-        n_layers = getattr(c, "n_layers", None) or c.n_layer
-        n_kv = getattr(c, "n_kv_heads", None) or c.n_head
-        head_dim = getattr(c, "head_dim", None) or c.n_embd // c.n_head
-        self.slots = SlotCache(n_layers, n_kv, head_dim, dtype=self.dtype, device=self.device)
+        self.slots = SlotCache(c.n_layers, c.n_kv_heads, c.head_dim, dtype=self.dtype, device=self.device)
         self.kv_budget_bytes = kv_budget_bytes
         self.rows: list[Sequence] = []  # row b holds self.rows[b]
         self.decoding = 0  # rows 0..decoding-1 are decoding; the rest are still feeding their prompt
@@ -163,9 +162,7 @@ class ModelRunner:
                 self.slots.copy_prefix(source, row, n)
             else:
                 assert source is not None
-                self.slots.k[:, row, :, :n] = source.cache.k[:, 0, :, :n]
-                self.slots.v[:, row, :, :n] = source.cache.v[:, 0, :, :n]
-                self.slots.lengths[row] = n
+                self.slots.load(row, source.cache, n)
             seq.num_computed = seq.cached_prompt_tokens = n
             self.prefix_hits += n
 
@@ -190,7 +187,7 @@ class ModelRunner:
 
     def release(self, seq: Sequence) -> None:
         """Free `seq`'s row (keeping its keys/values for prefix reuse) and close the gap."""
-        row = getattr(seq, "row", None)
+        row = seq.row
         if row is None or row >= len(self.rows) or self.rows[row] is not seq:
             return
         self._retain(seq)
@@ -211,10 +208,8 @@ class ModelRunner:
         if self.retained_caches <= 0 or n == 0:
             return
         cache = self.model.new_cache(1, n)
-        cache.k[:, 0, :, :n] = self.slots.k[:, seq.row, :, :n]
-        cache.v[:, 0, :, :n] = self.slots.v[:, seq.row, :, :n]
-        cache.length = n
-        self._retained[id(cache)] = _Retained(np.asarray(seq.token_ids[:n], dtype=np.int64), cache, getattr(seq, "salt", ""))
+        self.slots.save(seq.row, cache)
+        self._retained[id(cache)] = _Retained(np.asarray(seq.token_ids[:n], dtype=np.int64), cache, seq.salt)
         while len(self._retained) > self.retained_caches:
             self._retained.popitem(last=False)
 
@@ -229,11 +224,7 @@ class ModelRunner:
     def _swap(self, a: int, b: int) -> None:
         if a == b:
             return
-        n = self.slots.lengths[a]
-        k, v = self.slots.k[:, a, :, :n].clone(), self.slots.v[:, a, :, :n].clone()
-        self.slots.move(b, a)
-        self.slots.k[:, b, :, :n], self.slots.v[:, b, :, :n] = k, v
-        self.slots.lengths[b] = n
+        self.slots.swap(a, b)
         self.rows[a], self.rows[b] = self.rows[b], self.rows[a]
         self.rows[a].row, self.rows[b].row = a, b
 
@@ -315,6 +306,26 @@ class ModelRunner:
             logits[seq.request_id] = last.float()
             self._swap(seq.row, self.decoding)  # it decodes from now on
             self.decoding += 1
+
+
+    @torch.inference_mode()
+    def decode_perplexity(self, ids: Seq[int]) -> float:
+        """Teacher-forced perplexity of `ids`, one token a step through the decode step the engine uses (the
+        native one where it applies), on a cache of its own: any model family, the running rows untouched."""
+        c = self.model.config
+        slots = SlotCache(c.n_layers, c.n_kv_heads, c.head_dim, dtype=self.dtype, device=self.device)
+        slots.reserve(1, len(ids) + 8)
+        nll = 0.0
+        self.model(torch.tensor([ids[:1]], device=self.device), slots.row(0))
+        for i in range(1, len(ids) - 1):
+            tok = torch.tensor([[ids[i]]], device=self.device)
+            if self.native is not None:
+                logits = self.native.decode(tok, slots, 1)
+            else:
+                logits = self.model(tok, slots.decode(1))[:, -1].float()
+            target = torch.tensor([ids[i + 1]], device=self.device)
+            nll += torch.nn.functional.cross_entropy(logits, target, reduction="sum").item()
+        return math.exp(nll / (len(ids) - 2))
 
 
 def _round(n: int) -> int:

@@ -199,11 +199,11 @@ def model_config(g: GGUFFile) -> LlamaConfig | GPT2Config:
         if arch == "gpt2":
             return GPT2Config(
                 vocab_size=_vocab_size(g),
-                n_positions=int(g.arch_key("context_length")),
-                n_embd=int(g.arch_key("embedding_length")),
-                n_layer=int(g.arch_key("block_count")),
-                n_head=int(g.arch_key("attention.head_count")),
-                n_inner=int(g.arch_key("feed_forward_length")),
+                max_seq_len=int(g.arch_key("context_length")),
+                dim=int(g.arch_key("embedding_length")),
+                n_layers=int(g.arch_key("block_count")),
+                n_heads=int(g.arch_key("attention.head_count")),
+                hidden_dim=int(g.arch_key("feed_forward_length")),
                 layer_norm_eps=float(g.arch_key("attention.layer_norm_epsilon", 1e-5)),
             )
     except TypeError:

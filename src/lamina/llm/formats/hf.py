@@ -36,11 +36,11 @@ def model_config(folder: Path) -> LlamaConfig | GPT2Config:
                 raise ModelFormatError(f"{folder}: GPT-2 activation {hf['activation_function']!r} is not supported")
             return GPT2Config(
                 vocab_size=hf["vocab_size"],
-                n_positions=hf.get("n_positions", 1024),
-                n_embd=hf["n_embd"],
-                n_layer=hf["n_layer"],
-                n_head=hf["n_head"],
-                n_inner=hf.get("n_inner"),
+                max_seq_len=hf.get("n_positions", 1024),
+                dim=hf["n_embd"],
+                n_layers=hf["n_layer"],
+                n_heads=hf["n_head"],
+                hidden_dim=hf.get("n_inner"),
                 layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
             )
     except KeyError as e:

@@ -67,7 +67,7 @@ HF_PREFIX = {"llama": "model.", "gpt2": "transformer."}
 # What identifies a base's shape, per family: an adapter from a model differing in any of these is refused.
 SHAPE_KEYS = {
     "llama": ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim"),
-    "gpt2": ("vocab_size", "n_embd", "n_layer", "n_head", "n_inner"),
+    "gpt2": ("vocab_size", "dim", "n_layers", "n_heads", "hidden_dim"),
 }
 # PEFT features Lamina does not run, with what they are called in words.
 UNSUPPORTED = {
