@@ -15,14 +15,13 @@ sentence embedders do not use it, and `build_model` drops it from checkpoints.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lamina.arch.config import config_from_dict, config_to_dict, dump_yaml, load_yaml
+from lamina.arch.config import ConfigIO
 from lamina.errors import ConfigError
 
 # Checkpoint tensors a BertModel carries that this model does not use: the NSP pooler, and the
@@ -31,7 +30,7 @@ UNUSED_CHECKPOINT_KEYS = ("pooler.", "embeddings.position_ids")
 
 
 @dataclass
-class BertConfig:
+class BertConfig(ConfigIO):
     # sizes
     vocab_size: int = 30522
     dim: int = 768  # residual stream width (hidden_size)
@@ -67,20 +66,6 @@ class BertConfig:
     @property
     def max_seq_len(self) -> int:
         return self.max_positions
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> BertConfig:
-        return config_from_dict(cls, data)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> BertConfig:
-        return cls.from_dict(load_yaml(path))
-
-    def to_dict(self) -> dict[str, Any]:
-        return config_to_dict(self)
-
-    def to_yaml(self) -> str:
-        return dump_yaml(self.to_dict())
 
 
 class Embeddings(nn.Module):

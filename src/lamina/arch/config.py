@@ -17,6 +17,26 @@ import yaml
 from lamina.errors import ConfigError
 
 T = TypeVar("T")
+C = TypeVar("C", bound="ConfigIO")
+
+
+class ConfigIO:
+    """The dict/YAML round trip every family config shares (a config is a plain `@dataclass` that inherits
+    this, and stays readable top to bottom: its fields and their checks, nothing else)."""
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+        return config_from_dict(cls, data)
+
+    @classmethod
+    def from_yaml(cls: type[C], path: str | Path) -> C:
+        return cls.from_dict(load_yaml(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return config_to_dict(self)
+
+    def to_yaml(self) -> str:
+        return dump_yaml(self.to_dict())
 
 
 def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:

@@ -13,19 +13,18 @@ Images are (B, channels, S, S) tensors in [-1, 1], as the GAN produces them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lamina.arch.config import config_from_dict, config_to_dict, dump_yaml, load_yaml
+from lamina.arch.config import ConfigIO
 from lamina.errors import ConfigError
 
 
 @dataclass
-class DigitClassifierConfig:
+class DigitClassifierConfig(ConfigIO):
     n_classes: int = 10
     image_size: int = 8  # an even side: one 2x2 max-pool halves it
     channels: int = 1
@@ -45,20 +44,6 @@ class DigitClassifierConfig:
         if self.family != "digit-classifier":
             raise ConfigError(f"family must be 'digit-classifier' for a DigitClassifierConfig "
                               f"(got {self.family!r})")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DigitClassifierConfig:
-        return config_from_dict(cls, data)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> DigitClassifierConfig:
-        return cls.from_dict(load_yaml(path))
-
-    def to_dict(self) -> dict[str, Any]:
-        return config_to_dict(self)
-
-    def to_yaml(self) -> str:
-        return dump_yaml(self.to_dict())
 
 
 class DigitClassifier(nn.Module):

@@ -25,20 +25,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from lamina.arch.config import config_from_dict, config_to_dict, dump_yaml, load_yaml
+from lamina.arch.config import ConfigIO
 from lamina.errors import ConfigError
 
 
 @dataclass
-class GANConfig:
+class GANConfig(ConfigIO):
     latent_dim: int = 32  # noise dimensions
     n_classes: int = 10
     image_size: int = 8  # side of the square images, a power of two >= 4
@@ -73,20 +72,6 @@ class GANConfig:
     def n_resamples(self) -> int:
         """Stride-2 layers between a 2x2 map and the full image: 2 for 8x8."""
         return int(math.log2(self.image_size)) - 1
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GANConfig:
-        return config_from_dict(cls, data)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> GANConfig:
-        return cls.from_dict(load_yaml(path))
-
-    def to_dict(self) -> dict[str, Any]:
-        return config_to_dict(self)
-
-    def to_yaml(self) -> str:
-        return dump_yaml(self.to_dict())
 
 
 class Generator(nn.Module):

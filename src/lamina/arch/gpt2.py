@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lamina.arch.config import config_from_dict, config_to_dict, dump_yaml, load_yaml
+from lamina.arch.config import ConfigIO, config_from_dict
 from lamina.arch.kv_cache import KVCache
 from lamina.arch.moe import MoE, MoEConfig, num_active_params, total_aux_loss
 from lamina.errors import ConfigError
-
 
 LEGACY_NAMES = {"n_positions": "max_seq_len", "n_embd": "dim", "n_layer": "n_layers", "n_head": "n_heads",
                 "n_inner": "hidden_dim"}
@@ -33,7 +31,7 @@ LEGACY_NAMES = {"n_positions": "max_seq_len", "n_embd": "dim", "n_layer": "n_lay
 
 
 @dataclass
-class GPT2Config:
+class GPT2Config(ConfigIO):
     # sizes: the same names as every other family (LlamaConfig), so engine code reads any config alike
     vocab_size: int = 50257
     max_seq_len: int = 1024  # context window (learned positions; HF: n_positions)
@@ -78,16 +76,6 @@ class GPT2Config:
     def from_dict(cls, data: dict[str, Any]) -> GPT2Config:
         """Also reads GPT-2's own size names (n_embd, n_layer, ...), as configs saved by earlier Lamina versions have them."""
         return config_from_dict(cls, {LEGACY_NAMES.get(k, k): v for k, v in data.items()})
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> GPT2Config:
-        return cls.from_dict(load_yaml(path))
-
-    def to_dict(self) -> dict[str, Any]:
-        return config_to_dict(self)
-
-    def to_yaml(self) -> str:
-        return dump_yaml(self.to_dict())
 
 
 class Attention(nn.Module):

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lamina.arch.config import config_from_dict, config_to_dict, dump_yaml, load_yaml
+from lamina.arch.config import ConfigIO, config_from_dict
 from lamina.arch.kv_cache import KVCache
 from lamina.arch.moe import MoE, MoEConfig, num_active_params, total_aux_loss
 from lamina.errors import ConfigError
@@ -48,7 +47,7 @@ class RopeScaling:
 
 
 @dataclass
-class LlamaConfig:
+class LlamaConfig(ConfigIO):
     # sizes
     vocab_size: int = 32000
     dim: int = 4096  # residual stream width (hidden_size)
@@ -90,20 +89,6 @@ class LlamaConfig:
             self.moe = config_from_dict(MoEConfig, self.moe)
         if self.moe is not None and self.moe.every > self.n_layers:
             raise ConfigError(f"moe.every ({self.moe.every}) exceeds n_layers ({self.n_layers}): no block would use MoE")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LlamaConfig:
-        return config_from_dict(cls, data)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> LlamaConfig:
-        return cls.from_dict(load_yaml(path))
-
-    def to_dict(self) -> dict[str, Any]:
-        return config_to_dict(self)
-
-    def to_yaml(self) -> str:
-        return dump_yaml(self.to_dict())
 
 
 class RMSNorm(nn.Module):

@@ -9,7 +9,7 @@ with A (r, in) and B (out, r), and leaves W frozen. B starts at zero, so a fresh
 change the model. Wrapping is in place: `apply_lora` swaps each matching `nn.Linear` for a `LoRALinear`
 that keeps the original as `base_layer`, so the family's model code (`Llama.forward`, ...) is untouched and
 the module names stay those of the model (`layers.0.self_attn.q_proj`), which is what PEFT's file layout
-needs (`lamina.llm.tuning.adapters`). The wrapper forwards `weight`/`bias` to its base layer, so code that reads
+needs (`lamina.llm.formats.peft`). The wrapper forwards `weight`/`bias` to its base layer, so code that reads
 `model.lm_head.weight` keeps working; but `model.state_dict()` now names base weights
 `...q_proj.base_layer.weight` (as PEFT does) until `unload_lora` puts the plain layers back.
 
@@ -23,7 +23,7 @@ The adapter is computed as two thin matmuls, (x @ A^T) @ B^T, never as the (out,
 except when merging: `merge_lora` adds the product into the base weights so inference costs exactly the
 base model's time, and `unmerge_lora` subtracts it again. Both write into the existing weight tensor, so
 a weight laid out input-major (a transposed view, see `lamina.infra.device.optimize_for_inference`) keeps
-its layout. Adapters hold no I/O: saving and loading PEFT folders is `lamina.llm.tuning.adapters`.
+its layout. Adapters hold no I/O: saving and loading PEFT folders is `lamina.llm.formats.peft`.
 """
 
 from __future__ import annotations
