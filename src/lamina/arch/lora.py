@@ -13,11 +13,11 @@ needs (`lamina.llm.formats.peft`). The wrapper forwards `weight`/`bias` to its b
 `model.lm_head.weight` keeps working; but `model.state_dict()` now names base weights
 `...q_proj.base_layer.weight` (as PEFT does) until `unload_lora` puts the plain layers back.
 
-Several adapters can live on one wrapper (`adapters`, a ModuleDict by name) and exactly one of them, or
-none, is active for the whole model at a time (`set_active_adapter`, `using_adapter`, `disable_adapters`).
-So a server holding several adapters over one base runs each batch with one adapter: it groups requests
-by adapter and switches between batches; switching costs nothing (no weights move). Mixing adapters
-inside one batch would need per-row adapter indices in `LoRALinear.forward` (S-LoRA / Punica style).
+Several adapters can live on one wrapper (`adapters`, a ModuleDict by name). For training and plain use,
+one of them, or none, is active for the whole model (`set_active_adapter`, `using_adapter`,
+`disable_adapters`). For serving, `route_adapters` gives each row of a batch its own adapter (or the base):
+`LoRALinear.forward` then applies every adapter to the rows that chose it (S-LoRA / Punica style), so
+requests for different adapters share one batch and no weights move.
 
 The adapter is computed as two thin matmuls, (x @ A^T) @ B^T, never as the (out, in) product B @ A,
 except when merging: `merge_lora` adds the product into the base weights so inference costs exactly the
