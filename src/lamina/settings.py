@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import field_validator
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -32,6 +32,12 @@ class Settings(BaseSettings):
     """Port `lamina serve` listens on (LAMINA_PORT)."""
     api_key: str | None = None
     """A single static API key for `lamina serve`, like vLLM's --api-key (LAMINA_API_KEY)."""
+    native: bool = True
+    """Lamina's native C kernels; False (LAMINA_NATIVE=0) serves with PyTorch's forward and kernels instead."""
+    native_march: str = "native"
+    """The `-march` the native kernels are compiled for, e.g. haswell for the AVX2 path (LAMINA_NATIVE_MARCH)."""
+    cc: str = Field("cc", validation_alias=AliasChoices("LAMINA_CC", "CC"))
+    """The C compiler that builds the native kernels (LAMINA_CC, else CC); "cc" means cc or gcc on PATH."""
 
     @field_validator("home")
     @classmethod

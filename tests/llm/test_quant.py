@@ -15,11 +15,14 @@ import torch
 from lamina import LLM
 from lamina.arch.kv_cache import SlotCache
 from lamina.arch.llama import Llama, LlamaConfig
-from lamina.errors import InvalidRequestError
+from lamina.errors import InvalidRequestError, LaminaError
 from lamina.foundation.corpora import pydoc_topics
-from lamina.llm import SamplingParams, native
+from lamina.llm import SamplingParams
+from lamina.llm.kernels import native
+from lamina.llm.kernels.linear import Kernel, QuantLinear, replace_linears
 from lamina.llm.kernels.native_decode import NativeDecoder
-from lamina.llm.kernels.quant import Kernel, QuantLinear, _replace_linears, choose_kernel
+from lamina.llm.kernels.quant import choose_kernel
+from lamina.settings import Settings
 
 pytestmark = pytest.mark.skipif(native.unavailable_reason() is not None, reason=f"native kernels: {native.unavailable_reason()}")
 
@@ -106,7 +109,7 @@ def _tiny(mode: str, dtype: torch.dtype, tmp_path, **overrides) -> Llama:  # typ
         if "norm" in name or name.endswith("bias"):
             p.data += 0.2 * torch.randn_like(p)
     kernel = Kernel(mode, torch.float32, "native")  # type: ignore[arg-type]
-    _replace_linears(model, kernel, Kernel("int8", torch.float32, "native"), tmp_path)
+    replace_linears(model, kernel, Kernel("int8", torch.float32, "native"), tmp_path)
     return model
 
 
@@ -217,7 +220,7 @@ def test_fused_decode_applies_only_where_it_is_exact(tmp_path) -> None:  # type:
     float_decoder = NativeDecoder.for_model(plain)  # float weights are read as they are
     assert float_decoder is not None and not float_decoder.quantized
     torch_kernels = copy.deepcopy(plain)
-    _replace_linears(torch_kernels, Kernel("int8", torch.float32), Kernel("int8", torch.float32), tmp_path)
+    replace_linears(torch_kernels, Kernel("int8", torch.float32), Kernel("int8", torch.float32), tmp_path)
     assert NativeDecoder.for_model(torch_kernels) is None  # PyTorch's int8 kernel, not the native blocks
     assert NativeDecoder.for_model(_tiny("int4", torch.float32, tmp_path)) is not None
 
@@ -238,7 +241,7 @@ def test_kernel_choice_is_measured_and_cached(tmp_path) -> None:  # type: ignore
 def test_the_avx2_build_computes_what_the_vnni_build_does(march: str, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """`-march=haswell` compiles the AVX2 dot products (vpmaddubsw), the path of CPUs without AVX-VNNI."""
     monkeypatch.setenv("LAMINA_NATIVE_MARCH", march)
-    lib = native.library(tmp_path / march)
+    lib = native.library(tmp_path / march, native.NativeOptions.from_settings(Settings()))
     assert lib is not None
     torch.manual_seed(1)
     for fmt, pack in ((native.Q4, native.pack_q4), (native.Q8, native.pack_q8)):
@@ -250,17 +253,47 @@ def test_the_avx2_build_computes_what_the_vnni_build_does(march: str, monkeypatc
 
 def test_native_kernels_can_be_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LAMINA_NATIVE", "0")
-    assert native.unavailable_reason() == "disabled by LAMINA_NATIVE=0"
+    assert native.unavailable_reason(native.NativeOptions.from_settings(Settings())) == "disabled by LAMINA_NATIVE=0"
 
 
 def test_a_failing_compiler_falls_back_to_pytorch_kernels(monkeypatch: pytest.MonkeyPatch, tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
-    assert native.library(tmp_path) is None
+    options = native.NativeOptions.from_settings(Settings())
+    assert native.library(tmp_path, options) is None
     assert "native kernels unavailable" in caplog.text
     config = LlamaConfig(vocab_size=96, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=160)
-    _, seconds = choose_kernel("int8", torch.float32, torch.device("cpu"), tmp_path, config)
+    _, seconds = choose_kernel("int8", torch.float32, torch.device("cpu"), tmp_path, config, options)
     assert "int8-native" not in seconds and "int8-float32" in seconds  # the others are still measured
     assert not list((tmp_path / "native").glob("*.so"))  # no half-written library left behind
+
+
+def test_native_options_come_from_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("LAMINA_NATIVE", "LAMINA_NATIVE_MARCH", "LAMINA_CC", "CC"):
+        monkeypatch.delenv(name, raising=False)
+    assert native.NativeOptions.from_settings(Settings()) == native.NativeOptions()
+    monkeypatch.setenv("LAMINA_NATIVE", "0")
+    monkeypatch.setenv("LAMINA_NATIVE_MARCH", "haswell")
+    monkeypatch.setenv("CC", "clang")
+    assert native.NativeOptions.from_settings(Settings()) == native.NativeOptions(enabled=False, march="haswell", cc="clang")
+    monkeypatch.setenv("LAMINA_CC", "gcc-12")  # Lamina's own name wins over the generic one
+    assert native.NativeOptions.from_settings(Settings()).cc == "gcc-12"
+
+
+def test_a_decode_config_of_another_layout_is_refused(lib) -> None:  # type: ignore[no-untyped-def]
+    """The C side checks the struct's size and version before it reads anything else (here: null pointers)."""
+    import ctypes
+
+    assert lib.lam_decode_config_size() == ctypes.sizeof(native.DecodeConfig)
+    assert lib.lam_decode_config_version() == native.DecodeConfig.VERSION
+    for field, wrong in (("size", ctypes.sizeof(native.DecodeConfig) - 8), ("version", native.DecodeConfig.VERSION + 1)):
+        cfg = native.DecodeConfig(n_layers=1, dim=64, n_heads=4, n_kv_heads=2, head_dim=16, hidden=160, vocab=96, threads=1)
+        setattr(cfg, field, wrong)
+        status = lib.lam_llama_decode(ctypes.byref(cfg), *[None] * 11)
+        assert status == native.LAM_ERR_CONFIG, field
+        with pytest.raises(LaminaError, match="refused the call's configuration"):
+            native.raise_for_status(status, "a test step")
+    with pytest.raises(MemoryError, match="could not allocate"):
+        native.raise_for_status(native.LAM_ERR_NOMEM, "a test step")
 
 
 def test_quantising_on_a_gpu_is_refused() -> None:
@@ -273,7 +306,7 @@ def test_quantising_on_a_gpu_is_refused() -> None:
 def test_smollm2_quantised_quality_and_batching(smollm, mode: str, limit: float, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """The issue's quality bar on the path generation takes, and batched greedy output equal to batch 1."""
     llm = LLM.load("smollm2-135m-instruct", device="cpu", dtype="float32", quantize=mode, home=tmp_path)
-    assert llm.engine.runner.native is not None, "the native kernels were measured slower than PyTorch's here"
+    assert llm.engine.native_step, "the native kernels were measured slower than PyTorch's here"
     topics = pydoc_topics()
     ids = llm.tokenizer.encode("\n\n".join(topics[k] for k in sorted(topics)[::4]))[:400]
     base, quantised = smollm.decode_perplexity(ids), llm.decode_perplexity(ids)
@@ -282,22 +315,25 @@ def test_smollm2_quantised_quality_and_batching(smollm, mode: str, limit: float,
     # and "L'..." (logits 25.33 and 25.24), so which one a quantised model picks says nothing)
     out = llm.generate("The capital of France is", SamplingParams(max_tokens=4, temperature=0))
     assert "Paris" in out.text
-    engine = llm.engine
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
     prompts = {f"r{i}": llm.tokenizer.encode(p) for i, p in enumerate(["The capital of France is", "def add(a, b):", "Water boils at"])}
-    for rid, prompt in prompts.items():
-        engine.add_request(rid, prompt, params)
-    together: dict[str, list[int]] = {rid: [] for rid in prompts}
-    while engine.has_unfinished():
-        for event in engine.step():
-            together[event.request_id].append(event.token_id)
-    for rid, prompt in prompts.items():
-        engine.reset()
-        engine.add_request(rid, prompt, params)
-        alone = []
+
+    def batched(engine) -> None:  # type: ignore[no-untyped-def]  # on the engine's thread, driving it step by step
+        for rid, prompt in prompts.items():
+            engine.add_request(rid, prompt, params)
+        together: dict[str, list[int]] = {rid: [] for rid in prompts}
         while engine.has_unfinished():
-            alone += [e.token_id for e in engine.step()]
-        assert together[rid] == alone, rid
+            for event in engine.step():
+                together[event.request_id].append(event.token_id)
+        for rid, prompt in prompts.items():
+            engine.reset()
+            engine.add_request(rid, prompt, params)
+            alone = []
+            while engine.has_unfinished():
+                alone += [e.token_id for e in engine.step()]
+            assert together[rid] == alone, rid
+
+    llm.engine.call(batched)
 
 
 def test_engine_on_the_native_step_batches_like_batch_one_and_shares_prefixes(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -13,6 +13,10 @@ The library is compiled on first use with the system C compiler (`-O3 -march=nat
 second, no Python or PyTorch headers) into LAMINA_HOME/cache/native, keyed by the source, the compiler and
 the CPU, and loaded with ctypes (which releases the GIL while it runs). Where there is no compiler, or the
 CPU lacks AVX2/FMA/F16C, `library()` returns None and quantisation uses PyTorch's kernels.
+
+What to build with (on or off, the `-march`, the compiler) is a `NativeOptions` the caller passes; this
+module reads no environment. `NativeOptions.from_settings` makes one from LAMINA_NATIVE,
+LAMINA_NATIVE_MARCH and LAMINA_CC/CC, for the composition root.
 """
 
 from __future__ import annotations
@@ -25,11 +29,14 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from lamina.errors import LaminaError
 from lamina.infra.device import cpu_features
+from lamina.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -39,51 +46,106 @@ Q4, Q8 = 4, 8
 BF16, F32 = 16, 32  # float weights (the fused step reads float32/bfloat16 `nn.Linear`s as they are)
 BLOCK_BYTES = {Q4: 20, Q8: 34}
 REQUIRED_FEATURES = ("avx2", "fma", "f16c")
+DEFAULT_CC = "cc"
+
+# Return codes of the C entry points (`LAM_OK ...` in csrc/lamina_cpu.c).
+LAM_OK, LAM_ERR_RANGE, LAM_ERR_NOMEM, LAM_ERR_CONFIG = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class NativeOptions:
+    """How to build the native kernels: whether to use them at all, the `-march`, the C compiler."""
+
+    enabled: bool = True
+    """False: never build or load them (PyTorch's forward and kernels serve instead)."""
+    march: str = "native"
+    """The target the C compiler builds for, e.g. "haswell" for the AVX2 path on a VNNI CPU."""
+    cc: str = DEFAULT_CC
+    """The C compiler: the default "cc" means cc or else gcc on PATH; any other value is used as given."""
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> NativeOptions:
+        """The options LAMINA_NATIVE, LAMINA_NATIVE_MARCH and LAMINA_CC (or CC) ask for."""
+        return cls(enabled=settings.native, march=settings.native_march, cc=settings.cc)
+
+
+DEFAULT_OPTIONS = NativeOptions()
+
+
+class DecodeConfig(ctypes.Structure):
+    """The fused decode step's shapes and options: `LamDecodeConfig` in csrc/lamina_cpu.c, field for field.
+
+    The C side refuses a call whose `size` or `version` differ from its own (and `library()` compares the
+    two layouts when it loads the library), so a field added on one side only fails loudly.
+    """
+
+    VERSION = 1  # LAM_DECODE_CONFIG_VERSION
+    _fields_ = [(name, ctypes.c_int64) for name in (
+        "size", "version", "n_layers", "dim", "n_heads", "n_kv_heads", "head_dim", "hidden", "vocab",
+        "rows", "slots", "capacity", "kv_bf16", "window", "head_fmt", "threads", "n_logits",
+    )] + [("eps", ctypes.c_float)]
+
+    def __init__(self, **fields: int | float) -> None:
+        super().__init__(size=ctypes.sizeof(DecodeConfig), version=DecodeConfig.VERSION, **fields)
+
 
 _lock = threading.Lock()
-_loaded: dict[str, ctypes.CDLL | None] = {}
+_loaded: dict[tuple[str, NativeOptions], ctypes.CDLL | None] = {}
 
 
-def library(cache_dir: Path | None = None) -> ctypes.CDLL | None:
+def library(cache_dir: Path | None = None, options: NativeOptions = DEFAULT_OPTIONS) -> ctypes.CDLL | None:
     """The compiled kernels, building them once per machine; None (with the reason logged) if impossible."""
     with _lock:
-        key = str(cache_dir)
+        key = (str(cache_dir), options)
         if key not in _loaded:
-            _loaded[key] = _build_and_load(cache_dir)
+            _loaded[key] = _build_and_load(cache_dir, options)
         return _loaded[key]
 
 
-def library_path(cache_dir: Path | None = None) -> str | None:
+def library_path(cache_dir: Path | None = None, options: NativeOptions = DEFAULT_OPTIONS) -> str | None:
     """Where the compiled kernels were loaded from (building them first if needed); None if they cannot be."""
-    lib = library(cache_dir)
+    lib = library(cache_dir, options)
     return None if lib is None else lib._name
 
 
-def unavailable_reason() -> str | None:
+def unavailable_reason(options: NativeOptions = DEFAULT_OPTIONS) -> str | None:
     """Why the native kernels cannot run here, or None."""
-    if os.environ.get("LAMINA_NATIVE", "1") == "0":
+    if not options.enabled:
         return "disabled by LAMINA_NATIVE=0"
     missing = [f for f in REQUIRED_FEATURES if f not in cpu_features()]
     if missing:
         return f"the CPU lacks {', '.join(missing)}"
-    if _compiler() is None:
+    if _compiler(options) is None:
         return "no C compiler (cc/gcc) on PATH"
     return None
 
 
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+def _compiler(options: NativeOptions) -> str | None:
+    if options.cc and options.cc != DEFAULT_CC:  # named by the caller: used as given, as make does with CC
+        return options.cc
+    return shutil.which("cc") or shutil.which("gcc")
 
 
-def _build_and_load(cache_dir: Path | None) -> ctypes.CDLL | None:
-    reason = unavailable_reason()
+def raise_for_status(status: int, what: str) -> None:
+    """Raise for a C entry point's non-zero return code (LAM_ERR_RANGE is left to the caller, who knows the rows)."""
+    if status == LAM_ERR_NOMEM:
+        raise MemoryError(f"{what}: the native kernels could not allocate their scratch memory; "
+                          "free memory or serve fewer rows at once (a smaller batch or prefill chunk)")
+    if status == LAM_ERR_CONFIG:
+        raise LaminaError(f"{what}: the native kernels refused the call's configuration (a layout the compiled "
+                          f"{SOURCE.name} does not expect); rebuild by deleting LAMINA_HOME/cache/native")
+    if status != LAM_OK:
+        raise LaminaError(f"{what}: the native kernels returned the unknown status {status}")
+
+
+def _build_and_load(cache_dir: Path | None, options: NativeOptions) -> ctypes.CDLL | None:
+    reason = unavailable_reason(options)
     if reason:
         logger.info("native kernels unavailable: %s", reason)
         return None
-    cc = _compiler()
+    cc = _compiler(options)
     assert cc is not None
-    march = os.environ.get("LAMINA_NATIVE_MARCH", "native")  # e.g. haswell: build the AVX2 path on a VNNI CPU
-    flags = ["-O3", f"-march={march}", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+    flags = ["-O3", f"-march={options.march}", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
@@ -109,13 +171,20 @@ def _build_and_load(cache_dir: Path | None) -> ctypes.CDLL | None:
             return None
         os.replace(tmp, path)  # atomic: a concurrent process sees the old state or a whole library
     lib = ctypes.CDLL(str(path))
-    vp, i32, i64p = ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_int64)
+    vp, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
     lib.lam_matmul.argtypes = [i32, vp, i32, i32, vp, i32, vp, i32]
-    lib.lam_matmul.restype = None
+    lib.lam_matmul.restype = i32
     lib.lam_dequant.argtypes = [i32, vp, i32, i32, vp, i32, i32]
     lib.lam_dequant.restype = None
-    lib.lam_llama_decode.argtypes = [i64p, ctypes.c_float, i64p, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp]
+    lib.lam_decode_config_size.argtypes = lib.lam_decode_config_version.argtypes = []
+    lib.lam_decode_config_size.restype = lib.lam_decode_config_version.restype = i64
+    lib.lam_llama_decode.argtypes = [ctypes.POINTER(DecodeConfig)] + [vp] * 11
     lib.lam_llama_decode.restype = i32
+    layout = (lib.lam_decode_config_size(), lib.lam_decode_config_version())
+    if layout != (ctypes.sizeof(DecodeConfig), DecodeConfig.VERSION):
+        raise LaminaError(f"{path.name} lays out its decode config as {layout} (bytes, version) but "
+                          f"native.DecodeConfig as {(ctypes.sizeof(DecodeConfig), DecodeConfig.VERSION)}: "
+                          "change LamDecodeConfig in csrc/lamina_cpu.c and DecodeConfig together")
     return lib
 
 
@@ -177,7 +246,8 @@ def matmul(lib: ctypes.CDLL, fmt: int, blocks: torch.Tensor, in_features: int, x
     m, n = x.shape[0], blocks.shape[0]
     y = torch.empty(m, n, dtype=torch.float32)
     if m:
-        lib.lam_matmul(fmt, blocks.data_ptr(), n, in_features, x.data_ptr(), m, y.data_ptr(), torch.get_num_threads())
+        status = lib.lam_matmul(fmt, blocks.data_ptr(), n, in_features, x.data_ptr(), m, y.data_ptr(), torch.get_num_threads())
+        raise_for_status(status, f"a ({m}, {in_features}) x ({n}, {in_features}) native matmul")
     return y
 
 

@@ -1,14 +1,17 @@
-"""One native call per decode step for a quantised Llama-family model (`lam_llama_decode` in csrc).
+"""One native call per decode step for a Llama-family model, quantised or float (`lam_llama_decode` in csrc).
 
 The layer-by-layer PyTorch forward of a 30-layer model issues ~600 small ops per token; at batch 1 on a
-CPU their dispatch costs more than the quantised matmuls themselves. `NativeDecoder` hands the whole step
-(every layer's norm, q/k/v, RoPE, KV-cache write, attention, o_proj, SwiGLU, the final norm and the
-output head) to C in one call, over the same weight blocks the model's `QuantLinear`s hold, and the same
-`SlotCache` rows the engine keeps, so prefill (PyTorch, chunked) and decode (native) share one cache.
+CPU their dispatch costs more than the matmuls themselves. `NativeDecoder` hands the whole step (every
+layer's norm, q/k/v, RoPE, KV-cache write, attention, o_proj, SwiGLU, the final norm and the output head)
+to C in one call, over the weights the model already holds (the native blocks of its `QuantLinear`s, or
+the float32/bfloat16 weights of plain `nn.Linear`s, read as they are) and the same `SlotCache` rows the
+engine keeps, so prefill (PyTorch, chunked) and decode (native) share one cache.
 
 It applies where it is exact for the model: a dense Llama-family decoder (Llama, SmolLM2, Mistral's sliding
-window, Qwen2's q/k/v biases, GQA/MQA) whose linear layers all use the native kernels, on CPU, without LoRA
-adapters. `NativeDecoder.for_model` says None otherwise, and the engine uses the PyTorch forward.
+window, Qwen2's q/k/v biases, GQA/MQA) whose linear layers are all native blocks or float32/bfloat16
+weights, on CPU, without LoRA adapters. `NativeDecoder.for_model` says None otherwise, and the engine uses
+the PyTorch forward. Quantised models take the step whenever it applies; float models where it was measured
+faster than PyTorch's forward (`native_step_for`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from lamina.arch.kv_cache import SlotCache
 from lamina.arch.llama import Llama
 from lamina.infra.device import cached_probe, device_key
 from lamina.llm.kernels import native
-from lamina.llm.kernels.quant import QuantLinear, probe_config, time_decode
+from lamina.llm.kernels.linear import QuantLinear
+from lamina.llm.kernels.native import DEFAULT_OPTIONS, DecodeConfig, NativeOptions
+from lamina.llm.kernels.timing import probe_config, time_decode
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +54,8 @@ def _native_weight(m: nn.Module) -> bool:
 
 
 class NativeDecoder:
+    """The fused decode step over one model's weights (build it with `for_model`)."""
+
     def __init__(self, model: Llama, lib: ctypes.CDLL) -> None:
         c = model.config
         assert c.head_dim is not None and c.n_kv_heads is not None
@@ -75,7 +82,7 @@ class NativeDecoder:
         return isinstance(self.model.lm_head, QuantLinear)
 
     @classmethod
-    def for_model(cls, model: nn.Module, cache_dir: Path | None = None) -> NativeDecoder | None:
+    def for_model(cls, model: nn.Module, cache_dir: Path | None = None, options: NativeOptions = DEFAULT_OPTIONS) -> NativeDecoder | None:
         """A decoder for `model`, or None where the native step does not apply (it then runs in PyTorch).
 
         Quantised models (native blocks) always qualify; float32/bfloat16 models qualify too, and the runner
@@ -92,7 +99,7 @@ class NativeDecoder:
         if not all(_native_weight(m) for m in linears):
             return None
         quantised = [m for m in linears if isinstance(m, QuantLinear)]
-        lib = quantised[0].lib if quantised else native.library(cache_dir)
+        lib = quantised[0].lib if quantised else native.library(cache_dir, options)
         return None if lib is None else cls(model, lib)
 
     def _f32(self, t: torch.Tensor) -> int:
@@ -129,24 +136,26 @@ class NativeDecoder:
         out_t = torch.tensor(logit_rows, dtype=torch.int64)
         logits = torch.empty(len(logit_rows), self.shape[-1], dtype=torch.float32)
         head_ptr, head_fmt = _weight(self.model.lm_head)
-        cfg = torch.tensor(
-            [*self.shape, m, cache.slots, cache.capacity, int(cache.dtype == torch.bfloat16), self.window, head_fmt,
-             torch.get_num_threads(), len(logit_rows)],
-            dtype=torch.int64,
+        n_layers, dim, n_heads, n_kv_heads, head_dim, hidden, vocab = self.shape
+        cfg = DecodeConfig(
+            n_layers=n_layers, dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, hidden=hidden, vocab=vocab,
+            rows=m, slots=cache.slots, capacity=cache.capacity, kv_bf16=int(cache.dtype == torch.bfloat16), window=self.window,
+            head_fmt=head_fmt, threads=torch.get_num_threads(), n_logits=len(logit_rows), eps=self.eps,
         )
         assert cache.k.is_contiguous() and cache.v.is_contiguous()
         status = self.lib.lam_llama_decode(
-            _i64(cfg), ctypes.c_float(self.eps), _i64(self.layers), self.final_norm, head_ptr,
+            ctypes.byref(cfg), self.layers.data_ptr(), self.final_norm, head_ptr,
             self.inv_freq.data_ptr(), x.data_ptr(), slot_t.data_ptr(), pos_t.data_ptr(), out_t.data_ptr(),
             cache.k.data_ptr(), cache.v.data_ptr(), logits.data_ptr(),
         )
-        if status:
+        if status == native.LAM_ERR_RANGE:
             raise ValueError(f"rows at slots {slots} and positions {positions} (logits for {logit_rows}) do not fit the KV "
                              f"cache ({cache.slots} rows of {cache.capacity} positions)")
+        native.raise_for_status(status, f"a native decode step of {m} rows")
         return logits
 
 
-def native_step_for(model: nn.Module, cache_dir: Path | None = None) -> NativeDecoder | None:
+def native_step_for(model: nn.Module, cache_dir: Path | None = None, options: NativeOptions = DEFAULT_OPTIONS) -> NativeDecoder | None:
     """The native step the engine should run `model`'s decoding on, or None for PyTorch's forward.
 
     Quantised models (native blocks) take it whenever it applies; float models where it was measured faster
@@ -155,35 +164,34 @@ def native_step_for(model: nn.Module, cache_dir: Path | None = None) -> NativeDe
     if not isinstance(model, Llama):
         return None
     if any(isinstance(m, QuantLinear) for m in model.modules()):
-        return NativeDecoder.for_model(model, cache_dir)
+        return NativeDecoder.for_model(model, cache_dir, options)
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     ref = model.embed_tokens.weight
     if ref.device.type != "cpu" or ref.dtype not in _FLOAT_FMT or any(type(m) is not nn.Linear for m in linears):
         return None
-    if native.library(cache_dir) is None or not native_float_pays(model, cache_dir)["use"]:
+    if native.library(cache_dir, options) is None or not native_float_pays(model, cache_dir, options)["use"]:
         return None
     with torch.no_grad():
         for m in linears:  # (optimize_for_inference may have stored fp32 weights input-major)
             if not m.weight.is_contiguous():
                 m.weight.data = m.weight.data.contiguous()
-    return NativeDecoder.for_model(model, cache_dir)
+    return NativeDecoder.for_model(model, cache_dir, options)
 
 
-def native_float_pays(model: Llama, cache_dir: Path | None = None) -> dict:
+def native_float_pays(model: Llama, cache_dir: Path | None = None, options: NativeOptions = DEFAULT_OPTIONS) -> dict:
     """Time decode steps of a 4-layer model of `model`'s shape and dtype: PyTorch's forward (at its best weight
     layout) against the native step (cached per machine). {"native_s", "pytorch_s", "use": bool}."""
     c = model.config
     dtype = model.embed_tokens.weight.dtype
     small = probe_config(c)
 
+    def native_step(probe: Llama) -> NativeDecoder | None:
+        return NativeDecoder.for_model(probe, cache_dir, options)
+
     def measure() -> dict:
-        native_s = time_decode(small, dtype, None, cache_dir, native_step=True)
+        native_s = time_decode(small, dtype, None, cache_dir, native_step, options)
         pytorch_s = time_decode(small, dtype, None, cache_dir)
         return {"native_s": native_s, "pytorch_s": pytorch_s, "use": native_s < pytorch_s}
 
     key = f"native decode step, {c.dim}x{c.hidden_dim} {c.n_heads}/{c.n_kv_heads} heads {dtype} | {device_key(torch.device('cpu'))}"
     return cached_probe(cache_dir, key, measure)
-
-
-def _i64(t: torch.Tensor) -> ctypes._Pointer:  # type: ignore[type-arg]
-    return ctypes.cast(t.data_ptr(), ctypes.POINTER(ctypes.c_int64))

@@ -1,4 +1,4 @@
-/* Lamina's CPU kernels for quantised decoding: block-quantised matrix products and a fused Llama decode step.
+/* Lamina's CPU kernels: block-quantised matrix products and a fused Llama decode step (quantised or float weights).
  *
  * Built on first use by lamina.llm.kernels.native (cc -O3 -march=native -fopenmp) and loaded with ctypes; no
  * Python or PyTorch headers, so it compiles in about a second. OpenMP is the same libgomp PyTorch loads
@@ -13,6 +13,9 @@
  *
  * Every output row is computed by the same instructions whatever the batch size M, so a sequence's
  * result does not depend on what it is batched with.
+ *
+ * The entry points that allocate return LAM_OK or an error code (the Python side raises on anything
+ * else), and free what they allocated on every path.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -23,6 +26,9 @@
 
 #define QK 32
 enum { FMT_Q4 = 4, FMT_Q8 = 8, FMT_BF16 = 16, FMT_F32 = 32 };
+
+/* Return codes, mirrored in lamina.llm.kernels.native (LAM_OK ...). */
+enum { LAM_OK = 0, LAM_ERR_RANGE = 1, LAM_ERR_NOMEM = 2, LAM_ERR_CONFIG = 3 };
 
 static inline int block_bytes(int fmt) { return fmt == FMT_Q4 ? 20 : fmt == FMT_Q8 ? 34 : fmt == FMT_BF16 ? 2 * QK : 4 * QK; }
 static inline size_t row_bytes_of(int fmt, int K) { return (size_t)(K / QK) * block_bytes(fmt); }
@@ -100,23 +106,25 @@ typedef struct {
 
 #define MT 8 /* activation rows per pass over a weight row */
 
-static void act_alloc(Act *a, int M, int K) {
-    a->K = K;
-    a->ld = (size_t)M + MT; /* room to load a whole tile of scales past the last row */
-    a->q = aligned_alloc(64, ((size_t)M * K + 63) / 64 * 64 + 64);
-    a->d = calloc((size_t)(K / QK) * a->ld, sizeof(float));
-    a->s = calloc((size_t)(K / QK) * a->ld, sizeof(float));
-    a->f = NULL;
-    a->ldf = (size_t)K;
-}
-
 static void act_free(Act *a) {
     free(a->q);
     free(a->d);
     free(a->s);
 }
 
-static inline void act_quantize(Act *a, const float *x, int m, int ldx) {
+/* LAM_OK or LAM_ERR_NOMEM; either way act_free releases what was allocated. */
+static int act_alloc(Act *a, int M, int K) {
+    a->K = K;
+    a->ld = (size_t)M + MT; /* room to load a whole tile of scales past the last row */
+    a->q = aligned_alloc(64, ((size_t)M * K + 63) / 64 * 64 + 64);
+    a->d = calloc((size_t)(K / QK) * a->ld + 1, sizeof(float)); /* (+1: never a request for 0 bytes) */
+    a->s = calloc((size_t)(K / QK) * a->ld + 1, sizeof(float));
+    a->f = NULL;
+    a->ldf = (size_t)K;
+    return a->q && a->d && a->s ? LAM_OK : LAM_ERR_NOMEM;
+}
+
+static inline void act_quantize(const Act *a, const float *x, int m, int ldx) {
     quantize_row(x + (size_t)m * ldx, a->K, a->q + (size_t)m * a->K, a->d + m, a->s + m, a->ld);
 }
 
@@ -209,9 +217,12 @@ static inline void dot_row(int fmt, const uint8_t *row, const Act *a, int M, flo
 
 /* ---- y = x W^T for a block-quantised W (N x K); x (M x K) float32, y (M x N) float32 -------------------- */
 
-void lam_matmul(int fmt, const uint8_t *w, int N, int K, const float *x, int M, float *y, int threads) {
+int lam_matmul(int fmt, const uint8_t *w, int N, int K, const float *x, int M, float *y, int threads) {
     Act a;
-    act_alloc(&a, M, K);
+    if (act_alloc(&a, M, K) != LAM_OK) {
+        act_free(&a);
+        return LAM_ERR_NOMEM;
+    }
     const size_t row_bytes = row_bytes_of(fmt, K);
     a.f = x;
 #pragma omp parallel num_threads(threads)
@@ -222,11 +233,18 @@ void lam_matmul(int fmt, const uint8_t *w, int N, int K, const float *x, int M, 
         for (int n = 0; n < N; n++) dot_row(fmt, w + n * row_bytes, &a, M, y + n, N);
     }
     act_free(&a);
+    return LAM_OK;
 }
 
 /* ---- W as floats (N x K), float32 or bfloat16: for long inputs, where a float GEMM beats integer dots ---- */
 
-static inline uint16_t f32_to_bf16(float f);
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 64); /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);                                          /* round to nearest even */
+    return (uint16_t)(u >> 16);
+}
 
 void lam_dequant(int fmt, const uint8_t *w, int N, int K, void *out, int bf16, int threads) {
     const int nb = K / QK;
@@ -257,15 +275,6 @@ void lam_dequant(int fmt, const uint8_t *w, int N, int K, void *out, int bf16, i
 
 /* ---- the fused decode step ------------------------------------------------------------------------------- */
 
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 64); /* NaN stays NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);                                          /* round to nearest even */
-    return (uint16_t)(u >> 16);
-}
-
-
 static void rmsnorm(const float *x, const float *w, int n, float eps, float *out) {
     float ss = 0.0f;
     for (int i = 0; i < n; i++) ss += x[i] * x[i];
@@ -284,189 +293,306 @@ static void rope(float *v, int hd, const float *inv_freq, float pos) {
     }
 }
 
+/* The decode step's shapes and options, mirrored by DecodeConfig (a ctypes.Structure) in lamina.llm.kernels.native.
+ * `size` and `version` are checked on every call (LAM_ERR_CONFIG), and Python compares both with
+ * lam_decode_config_size/_version when it loads the library: the two cannot drift apart silently. Bump the
+ * version when a field changes meaning. */
+#define LAM_DECODE_CONFIG_VERSION 1
+typedef struct {
+    int64_t size;    /* sizeof(LamDecodeConfig) as the caller laid it out */
+    int64_t version; /* LAM_DECODE_CONFIG_VERSION */
+    int64_t n_layers, dim, n_heads, n_kv_heads, head_dim, hidden, vocab;
+    int64_t rows;            /* M, the token rows of this call */
+    int64_t slots, capacity; /* the KV cache: `slots` rows of `capacity` positions */
+    int64_t kv_bf16;         /* keys and values are stored as bfloat16 (else float32) */
+    int64_t window;          /* sliding-window span; 0 for full attention */
+    int64_t head_fmt;        /* the output head's weight format (FMT_*) */
+    int64_t threads;         /* OpenMP threads */
+    int64_t n_logits;        /* rows whose logits are wanted: logit_rows[0 .. n_logits-1] */
+    float eps;               /* RMSNorm epsilon */
+} LamDecodeConfig;
+
+int64_t lam_decode_config_size(void) { return (int64_t)sizeof(LamDecodeConfig); }
+int64_t lam_decode_config_version(void) { return LAM_DECODE_CONFIG_VERSION; }
+
 /* Per layer, in this order: weight pointers q k v o gate up down, their formats (7), norm weights
  * (attention, mlp), biases q k v (0 when absent). */
 enum { L_WQ, L_WK, L_WV, L_WO, L_WG, L_WU, L_WD, L_FQ, L_FK, L_FV, L_FO, L_FG, L_FU, L_FD, L_NA, L_NM, L_BQ, L_BK, L_BV, L_N };
+
+/* Up to STACK_ROWS activation rows, one output feature's results fit a buffer on the stack; past that the
+ * projections write into scratch rows that are free at that point, and the MLP goes in chunks of this many. */
+#define STACK_ROWS (MT * 16)
+
+/* What every phase of one step reads: shapes, the cache layout, the token rows and the scratch buffers
+ * (row-major, one row per token row). Shared by the threads; only the buffers' contents change. */
+typedef struct {
+    int n_layers, dim, nh, nkv, hd, hidden, vocab, M, n_logits, head_fmt, kv_bf16, window, threads;
+    int nq, nk, nqkv, rep; /* widths of q and of k (= of v), of a fused q|k|v row; query heads per kv head */
+    int64_t slots, cap;
+    size_t esz;        /* bytes per cached key/value element */
+    float eps, scale;  /* RMSNorm epsilon; 1/sqrt(head_dim) */
+    const int64_t *row_slots, *positions, *logit_rows;
+    const float *inv_freq;
+    float *x;          /* (M, dim) the residual stream, updated in place */
+    float *h;          /* (M, max(dim, nq)) normed rows; scratch once they are quantised */
+    float *qkv;        /* (M, nqkv) */
+    float *att;        /* (M, nq) attention outputs, heads side by side */
+    float *ff;         /* (M, hidden) silu(gate) * up */
+    float *scores;     /* score_ld floats per thread: one head's attention weights */
+    size_t score_ld;
+    Act a_dim, a_att, a_ff; /* h, att and ff as int8 blocks (and as the float rows, for float weights) */
+} Step;
+
+/* One layer's row of the layer table, unpacked (each thread keeps its own copy). */
+typedef struct {
+    const uint8_t *w[7]; /* indexed by L_WQ .. L_WD */
+    int fmt[7];
+    size_t rb[7]; /* bytes per weight row */
+    const float *bias[3], *norm_att, *norm_mlp;
+    char *kl, *vl; /* this layer's keys and values in the cache */
+} Layer;
+
+static void *alloc(size_t bytes) { return malloc(bytes ? bytes : 1); /* (NULL means out of memory only) */ }
+
+static void step_free(Step *s) {
+    free(s->h), free(s->qkv), free(s->att), free(s->ff), free(s->scores);
+    act_free(&s->a_dim), act_free(&s->a_att), act_free(&s->a_ff);
+}
+
+/* Checks the request against the cache and allocates the scratch: LAM_OK, or an error with nothing allocated. */
+static int step_init(Step *s, const LamDecodeConfig *c, const float *inv_freq, float *x, const int64_t *row_slots,
+                     const int64_t *positions, const int64_t *logit_rows) {
+    memset(s, 0, sizeof *s);
+    if (c->n_kv_heads < 1 || c->n_heads % c->n_kv_heads || c->head_dim % 8 || c->rows < 0 || c->n_logits < 0 || c->threads < 1)
+        return LAM_ERR_CONFIG;
+    s->n_layers = (int)c->n_layers, s->dim = (int)c->dim, s->nh = (int)c->n_heads, s->nkv = (int)c->n_kv_heads;
+    s->hd = (int)c->head_dim, s->hidden = (int)c->hidden, s->vocab = (int)c->vocab, s->M = (int)c->rows;
+    s->n_logits = (int)c->n_logits, s->head_fmt = (int)c->head_fmt, s->kv_bf16 = (int)c->kv_bf16;
+    s->window = (int)c->window, s->threads = (int)c->threads;
+    s->slots = c->slots, s->cap = c->capacity;
+    s->nq = s->nh * s->hd, s->nk = s->nkv * s->hd, s->nqkv = s->nq + 2 * s->nk, s->rep = s->nh / s->nkv;
+    s->esz = s->kv_bf16 ? 2 : 4, s->eps = c->eps, s->scale = 1.0f / sqrtf((float)s->hd);
+    s->row_slots = row_slots, s->positions = positions, s->logit_rows = logit_rows, s->inv_freq = inv_freq, s->x = x;
+    const int M = s->M;
+    int64_t max_pos = 0;
+    for (int i = 0; i < s->n_logits; i++)
+        if (logit_rows[i] < 0 || logit_rows[i] >= M) return LAM_ERR_RANGE;
+    for (int m = 0; m < M; m++) {
+        if (positions[m] < 0 || positions[m] >= s->cap || row_slots[m] < 0 || row_slots[m] >= s->slots) return LAM_ERR_RANGE;
+        if (positions[m] > max_pos) max_pos = positions[m];
+    }
+    s->h = alloc(sizeof(float) * (size_t)M * (s->dim > s->nq ? s->dim : s->nq));
+    s->qkv = alloc(sizeof(float) * (size_t)M * s->nqkv);
+    s->att = alloc(sizeof(float) * (size_t)M * s->nq);
+    s->ff = alloc(sizeof(float) * (size_t)M * s->hidden);
+    s->score_ld = ((size_t)max_pos + 1 + 15) / 16 * 16; /* whole cache lines: no two threads share one */
+    s->scores = alloc(sizeof(float) * s->score_ld * (size_t)s->threads);
+    const int acts = act_alloc(&s->a_dim, M, s->dim) | act_alloc(&s->a_att, M, s->nq) | act_alloc(&s->a_ff, M, s->hidden);
+    if (!s->h || !s->qkv || !s->att || !s->ff || !s->scores || acts != LAM_OK) {
+        step_free(s);
+        return LAM_ERR_NOMEM;
+    }
+    s->a_dim.f = s->h, s->a_att.f = s->att, s->a_ff.f = s->ff; /* float weights read the float rows themselves */
+    return LAM_OK;
+}
+
+static inline void layer_view(Layer *L, const Step *s, const int64_t *table, int l, void *kcache, void *vcache) {
+    const int64_t *row = table + (size_t)l * L_N;
+    for (int i = 0; i < 7; i++) {
+        L->w[i] = (const uint8_t *)(intptr_t)row[L_WQ + i];
+        L->fmt[i] = (int)row[L_FQ + i];
+    }
+    for (int i = 0; i < 7; i++) L->rb[i] = row_bytes_of(L->fmt[i], i == L_WO ? s->nq : i == L_WD ? s->hidden : s->dim);
+    for (int i = 0; i < 3; i++) L->bias[i] = (const float *)(intptr_t)row[L_BQ + i];
+    L->norm_att = (const float *)(intptr_t)row[L_NA], L->norm_mlp = (const float *)(intptr_t)row[L_NM];
+    const size_t layer_bytes = (size_t)s->slots * s->nkv * s->cap * s->hd * s->esz;
+    L->kl = (char *)kcache + (size_t)l * layer_bytes;
+    L->vl = (char *)vcache + (size_t)l * layer_bytes;
+}
+
+/* ---- the phases of one layer (each a few `omp for`s of the enclosing parallel region) ------------------- */
+
+/* h = rmsnorm(x) row by row, quantised into a_dim for the projections that follow. */
+static inline void norm_rows(const Step *s, const float *weight) {
+    const int dim = s->dim;
+#pragma omp for schedule(static)
+    for (int m = 0; m < s->M; m++) {
+        rmsnorm(s->x + (size_t)m * dim, weight, dim, s->eps, s->h + (size_t)m * dim);
+        act_quantize(&s->a_dim, s->h, m, dim);
+    }
+}
+
+/* qkv = rmsnorm(x) [Wq | Wk | Wv]^T (+ biases), one fused row per token row. */
+static inline void norm_qkv(const Step *s, const Layer *L) {
+    norm_rows(s, L->norm_att);
+    const int nq = s->nq, nk = s->nk, nqkv = s->nqkv, M = s->M;
+    float *qkv = s->qkv;
+#pragma omp for schedule(static)
+    for (int n = 0; n < nqkv; n++) {
+        const int which = n < nq ? 0 : n < nq + nk ? 1 : 2;
+        const int r = which == 0 ? n : which == 1 ? n - nq : n - nq - nk;
+        dot_row(L->fmt[L_WQ + which], L->w[L_WQ + which] + r * L->rb[L_WQ + which], &s->a_dim, M, qkv + n, nqkv);
+        if (L->bias[which])
+            for (int m = 0; m < M; m++) qkv[(size_t)m * nqkv + n] += L->bias[which][r];
+    }
+}
+
+/* RoPE on q and k at each row's position; k and v written to the row's slot in the cache. */
+static inline void rope_kv_write(const Step *s, const Layer *L) {
+    const int nkv = s->nkv, hd = s->hd, nq = s->nq, nk = s->nk, rep = s->rep;
+    const int64_t cap = s->cap;
+#pragma omp for schedule(static)
+    for (int i = 0; i < s->M * nkv; i++) {
+        const int m = i / nkv, g = i % nkv;
+        float *row = s->qkv + (size_t)m * s->nqkv;
+        const float pos = (float)s->positions[m];
+        for (int j = 0; j < rep; j++) rope(row + (size_t)(g * rep + j) * hd, hd, s->inv_freq, pos);
+        float *k = row + nq + g * hd, *v = row + nq + nk + g * hd;
+        rope(k, hd, s->inv_freq, pos);
+        const size_t off = (((size_t)s->row_slots[m] * nkv + g) * cap + s->positions[m]) * hd;
+        if (s->kv_bf16) {
+            uint16_t *kd = (uint16_t *)L->kl + off, *vd = (uint16_t *)L->vl + off;
+            for (int d = 0; d < hd; d++) {
+                kd[d] = f32_to_bf16(k[d]);
+                vd[d] = f32_to_bf16(v[d]);
+            }
+        } else {
+            memcpy((float *)L->kl + off, k, sizeof(float) * hd);
+            memcpy((float *)L->vl + off, v, sizeof(float) * hd);
+        }
+    }
+}
+
+/* att = softmax(q k^T / sqrt(hd)) v per row and head, over the slot's positions up to the row's own (within
+ * the sliding window, where there is one). */
+static inline void attention(const Step *s, const Layer *L) {
+    const int nh = s->nh, nkv = s->nkv, hd = s->hd, rep = s->rep, kv_bf16 = s->kv_bf16, window = s->window;
+    const int64_t cap = s->cap;
+    const size_t esz = s->esz;
+    const float scale = s->scale;
+    float *scores = s->scores + (size_t)omp_get_thread_num() * s->score_ld;
+#pragma omp for schedule(static)
+    for (int i = 0; i < s->M * nh; i++) {
+        const int m = i / nh, hh = i % nh, g = hh / rep;
+        const float *q = s->qkv + (size_t)m * s->nqkv + (size_t)hh * hd;
+        const int64_t last = s->positions[m];
+        const int64_t first = window > 0 && last - window + 1 > 0 ? last - window + 1 : 0;
+        const char *kb = L->kl + ((size_t)s->row_slots[m] * nkv + g) * cap * hd * esz;
+        const char *vb = L->vl + ((size_t)s->row_slots[m] * nkv + g) * cap * hd * esz;
+        float mx = -INFINITY;
+        for (int64_t j = first; j <= last; j++) {
+            __m256 acc = _mm256_setzero_ps();
+            const char *kr = kb + (size_t)j * hd * esz;
+            for (int d = 0; d < hd; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(kr + d * esz, kv_bf16), acc);
+            const float sc = hsum256(acc) * scale;
+            scores[j - first] = sc;
+            mx = sc > mx ? sc : mx;
+        }
+        float sum = 0.0f;
+        for (int64_t j = first; j <= last; j++) {
+            const float e = expf(scores[j - first] - mx);
+            scores[j - first] = e;
+            sum += e;
+        }
+        float *o = s->att + (size_t)m * s->nq + (size_t)hh * hd;
+        for (int d = 0; d < hd; d += 8) {
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t j = first; j <= last; j++)
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(scores[j - first]), load8(vb + ((size_t)j * hd + d) * esz, kv_bf16), acc);
+            _mm256_storeu_ps(o + d, _mm256_mul_ps(acc, _mm256_set1_ps(1.0f / sum)));
+        }
+    }
+}
+
+/* x += a W^T for W (dim x K): o_proj and down_proj, each with its residual add. */
+static inline void add_projection(const Step *s, int fmt, const uint8_t *w, size_t rb, const Act *a) {
+    const int dim = s->dim, M = s->M;
+    float *x = s->x, *h = s->h;
+#pragma omp for schedule(static)
+    for (int n = 0; n < dim; n++) {
+        float y[STACK_ROWS];
+        float *yp = M <= STACK_ROWS ? y : h + n; /* (large M: h is free here, one column each) */
+        const int ld = M <= STACK_ROWS ? 1 : dim;
+        dot_row(fmt, w + n * rb, a, M, yp, ld);
+        for (int m = 0; m < M; m++) x[(size_t)m * dim + n] += yp[(size_t)m * ld];
+    }
+}
+
+/* x += att Wo^T. */
+static inline void o_proj_residual(const Step *s, const Layer *L) {
+#pragma omp for schedule(static)
+    for (int m = 0; m < s->M; m++) act_quantize(&s->a_att, s->att, m, s->nq);
+    add_projection(s, L->fmt[L_WO], L->w[L_WO], L->rb[L_WO], &s->a_att);
+}
+
+/* x += (silu(h Wg^T) * h Wu^T) Wd^T, h = rmsnorm(x). */
+static inline void mlp(const Step *s, const Layer *L) {
+    norm_rows(s, L->norm_mlp);
+    const int hidden = s->hidden, M = s->M;
+    const int fg = L->fmt[L_WG], fu = L->fmt[L_WU];
+    const uint8_t *wg = L->w[L_WG], *wu = L->w[L_WU];
+    const size_t rg = L->rb[L_WG], ru = L->rb[L_WU];
+    float *ff = s->ff;
+#pragma omp for schedule(static)
+    for (int n = 0; n < hidden; n++) {
+        float gbuf[STACK_ROWS], ubuf[STACK_ROWS];
+        if (M <= STACK_ROWS) {
+            dot_row(fg, wg + n * rg, &s->a_dim, M, gbuf, 1);
+            dot_row(fu, wu + n * ru, &s->a_dim, M, ubuf, 1);
+            for (int m = 0; m < M; m++) ff[(size_t)m * hidden + n] = gbuf[m] / (1.0f + expf(-gbuf[m])) * ubuf[m];
+        } else {
+            for (int m0 = 0; m0 < M; m0 += STACK_ROWS) {
+                const int m1 = M - m0 < STACK_ROWS ? M : m0 + STACK_ROWS;
+                dot_rows(fg, wg + n * rg, &s->a_dim, m0, m1, gbuf - m0, 1);
+                dot_rows(fu, wu + n * ru, &s->a_dim, m0, m1, ubuf - m0, 1);
+                for (int m = m0; m < m1; m++) ff[(size_t)m * hidden + n] = gbuf[m - m0] / (1.0f + expf(-gbuf[m - m0])) * ubuf[m - m0];
+            }
+        }
+    }
+#pragma omp for schedule(static)
+    for (int m = 0; m < M; m++) act_quantize(&s->a_ff, ff, m, hidden);
+    add_projection(s, L->fmt[L_WD], L->w[L_WD], L->rb[L_WD], &s->a_ff);
+}
+
+/* logits[i] = rmsnorm(x[logit_rows[i]]) Whead^T. */
+static inline void output_head(const Step *s, const float *final_norm, const uint8_t *head, float *logits) {
+    const int dim = s->dim, vocab = s->vocab, n_logits = s->n_logits, head_fmt = s->head_fmt;
+#pragma omp for schedule(static)
+    for (int i = 0; i < n_logits; i++) {
+        rmsnorm(s->x + (size_t)s->logit_rows[i] * dim, final_norm, dim, s->eps, s->h + (size_t)i * dim);
+        act_quantize(&s->a_dim, s->h, i, dim);
+    }
+    const size_t head_rb = row_bytes_of(head_fmt, dim);
+#pragma omp for schedule(static)
+    for (int n = 0; n < vocab; n++) dot_row(head_fmt, head + n * head_rb, &s->a_dim, n_logits, logits + n, vocab);
+}
 
 /* One step over M token rows, row m being token x[m] of the sequence in cache row (slot) row_slots[m] at
  * position positions[m]. Rows of one slot may be several consecutive positions (a prompt chunk): every
  * row's key and value are written before any row attends, and each attends to its slot's positions up
  * to its own. Logits (n_logits x vocab) are computed for rows logit_rows[0..n_logits-1] only.
- * cfg: n_layers dim n_heads n_kv head_dim hidden vocab M slots capacity kv_bf16 window head_fmt threads n_logits.
- * Returns 1, having done nothing, when a slot or position lies outside the cache. */
-int lam_llama_decode(const int64_t *cfg, float eps, const int64_t *layers, const float *final_norm, const uint8_t *head,
+ * Returns LAM_OK; LAM_ERR_RANGE, having done nothing, when a slot or position lies outside the cache;
+ * LAM_ERR_CONFIG for a config of another layout or impossible shapes; LAM_ERR_NOMEM. */
+int lam_llama_decode(const LamDecodeConfig *cfg, const int64_t *layers, const float *final_norm, const uint8_t *head,
                      const float *inv_freq, float *x, const int64_t *row_slots, const int64_t *positions, const int64_t *logit_rows,
                      void *kcache, void *vcache, float *logits) {
-    const int n_layers = (int)cfg[0], dim = (int)cfg[1], nh = (int)cfg[2], nkv = (int)cfg[3], hd = (int)cfg[4];
-    const int hidden = (int)cfg[5], vocab = (int)cfg[6], M = (int)cfg[7];
-    const int64_t slots = cfg[8], cap = cfg[9];
-    const int kv_bf16 = (int)cfg[10], window = (int)cfg[11], head_fmt = (int)cfg[12], threads = (int)cfg[13];
-    const int n_logits = (int)cfg[14];
-    const int nq = nh * hd, nk = nkv * hd, nqkv = nq + 2 * nk, rep = nh / nkv;
-    const size_t esz = kv_bf16 ? 2 : 4;
-    const float scale = 1.0f / sqrtf((float)hd);
-    int64_t max_pos = 0;
-    for (int i = 0; i < n_logits; i++)
-        if (logit_rows[i] < 0 || logit_rows[i] >= M) return 1;
-    for (int m = 0; m < M; m++) {
-        if (positions[m] < 0 || positions[m] >= cap || row_slots[m] < 0 || row_slots[m] >= slots) return 1;
-        if (positions[m] > max_pos) max_pos = positions[m];
-    }
-
-    float *h = malloc(sizeof(float) * (size_t)M * (dim > nq ? dim : nq));
-    float *qkv = malloc(sizeof(float) * (size_t)M * nqkv);
-    float *att = malloc(sizeof(float) * (size_t)M * nq);
-    float *ff = malloc(sizeof(float) * (size_t)M * hidden);
-    Act a_dim, a_att, a_ff;
-    act_alloc(&a_dim, M, dim);
-    act_alloc(&a_att, M, nq);
-    act_alloc(&a_ff, M, hidden);
-    a_dim.f = h; /* float weights read the float rows the quantised ones were made from */
-    a_att.f = att;
-    a_ff.f = ff;
-
-#pragma omp parallel num_threads(threads)
+    if (cfg->size != (int64_t)sizeof *cfg || cfg->version != LAM_DECODE_CONFIG_VERSION) return LAM_ERR_CONFIG;
+    Step s;
+    const int status = step_init(&s, cfg, inv_freq, x, row_slots, positions, logit_rows);
+    if (status != LAM_OK) return status;
+#pragma omp parallel num_threads(s.threads)
     {
-        float *scores = malloc(sizeof(float) * (size_t)(max_pos + 1));
-        for (int l = 0; l < n_layers; l++) {
-            const int64_t *L = layers + (size_t)l * L_N;
-            const uint8_t *W[7];
-            int F[7];
-            size_t RB[7];
-            for (int i = 0; i < 7; i++) {
-                W[i] = (const uint8_t *)(intptr_t)L[L_WQ + i];
-                F[i] = (int)L[L_FQ + i];
-            }
-            for (int i = 0; i < 7; i++) RB[i] = row_bytes_of(F[i], i == L_WO ? nq : i == L_WD ? hidden : dim);
-            const float *bias[3] = {(const float *)(intptr_t)L[L_BQ], (const float *)(intptr_t)L[L_BK], (const float *)(intptr_t)L[L_BV]};
-            char *kl = (char *)kcache + (size_t)l * slots * nkv * cap * hd * esz;
-            char *vl = (char *)vcache + (size_t)l * slots * nkv * cap * hd * esz;
-
-            /* attention: norm, q k v, rope, cache write, attention, o_proj + residual */
-#pragma omp for schedule(static)
-            for (int m = 0; m < M; m++) {
-                rmsnorm(x + (size_t)m * dim, (const float *)(intptr_t)L[L_NA], dim, eps, h + (size_t)m * dim);
-                act_quantize(&a_dim, h, m, dim);
-            }
-#pragma omp for schedule(static)
-            for (int n = 0; n < nqkv; n++) {
-                const int which = n < nq ? 0 : n < nq + nk ? 1 : 2;
-                const int r = which == 0 ? n : which == 1 ? n - nq : n - nq - nk;
-                dot_row(F[which], W[which] + r * RB[which], &a_dim, M, qkv + n, nqkv);
-                if (bias[which])
-                    for (int m = 0; m < M; m++) qkv[(size_t)m * nqkv + n] += bias[which][r];
-            }
-#pragma omp for schedule(static)
-            for (int i = 0; i < M * nkv; i++) {
-                const int m = i / nkv, g = i % nkv;
-                float *row = qkv + (size_t)m * nqkv;
-                const float pos = (float)positions[m];
-                for (int j = 0; j < rep; j++) rope(row + (size_t)(g * rep + j) * hd, hd, inv_freq, pos);
-                float *k = row + nq + g * hd, *v = row + nq + nk + g * hd;
-                rope(k, hd, inv_freq, pos);
-                const size_t off = (((size_t)row_slots[m] * nkv + g) * cap + positions[m]) * hd;
-                if (kv_bf16) {
-                    uint16_t *kd = (uint16_t *)kl + off, *vd = (uint16_t *)vl + off;
-                    for (int d = 0; d < hd; d++) {
-                        kd[d] = f32_to_bf16(k[d]);
-                        vd[d] = f32_to_bf16(v[d]);
-                    }
-                } else {
-                    memcpy((float *)kl + off, k, sizeof(float) * hd);
-                    memcpy((float *)vl + off, v, sizeof(float) * hd);
-                }
-            }
-#pragma omp for schedule(static)
-            for (int i = 0; i < M * nh; i++) {
-                const int m = i / nh, hh = i % nh, g = hh / rep;
-                const float *q = qkv + (size_t)m * nqkv + (size_t)hh * hd;
-                const int64_t last = positions[m];
-                const int64_t first = window > 0 && last - window + 1 > 0 ? last - window + 1 : 0;
-                const char *kb = kl + ((size_t)row_slots[m] * nkv + g) * cap * hd * esz;
-                const char *vb = vl + ((size_t)row_slots[m] * nkv + g) * cap * hd * esz;
-                float mx = -INFINITY;
-                for (int64_t j = first; j <= last; j++) {
-                    __m256 acc = _mm256_setzero_ps();
-                    const char *kr = kb + (size_t)j * hd * esz;
-                    for (int d = 0; d < hd; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(kr + d * esz, kv_bf16), acc);
-                    const float s = hsum256(acc) * scale;
-                    scores[j - first] = s;
-                    mx = s > mx ? s : mx;
-                }
-                float sum = 0.0f;
-                for (int64_t j = first; j <= last; j++) {
-                    const float e = expf(scores[j - first] - mx);
-                    scores[j - first] = e;
-                    sum += e;
-                }
-                float *o = att + (size_t)m * nq + (size_t)hh * hd;
-                for (int d = 0; d < hd; d += 8) {
-                    __m256 acc = _mm256_setzero_ps();
-                    for (int64_t j = first; j <= last; j++)
-                        acc = _mm256_fmadd_ps(_mm256_set1_ps(scores[j - first]), load8(vb + ((size_t)j * hd + d) * esz, kv_bf16), acc);
-                    _mm256_storeu_ps(o + d, _mm256_mul_ps(acc, _mm256_set1_ps(1.0f / sum)));
-                }
-            }
-#pragma omp for schedule(static)
-            for (int m = 0; m < M; m++) act_quantize(&a_att, att, m, nq);
-#pragma omp for schedule(static)
-            for (int n = 0; n < dim; n++) {
-                float y[MT * 16];
-                float *yp = M <= MT * 16 ? y : h + n; /* (large M: h is free here, one column each) */
-                const int ld = M <= MT * 16 ? 1 : dim;
-                dot_row(F[3], W[3] + n * RB[3], &a_att, M, yp, ld);
-                for (int m = 0; m < M; m++) x[(size_t)m * dim + n] += yp[(size_t)m * ld];
-            }
-
-            /* feed-forward: norm, silu(gate) * up, down + residual */
-#pragma omp for schedule(static)
-            for (int m = 0; m < M; m++) {
-                rmsnorm(x + (size_t)m * dim, (const float *)(intptr_t)L[L_NM], dim, eps, h + (size_t)m * dim);
-                act_quantize(&a_dim, h, m, dim);
-            }
-#pragma omp for schedule(static)
-            for (int n = 0; n < hidden; n++) {
-                float gbuf[MT * 16], ubuf[MT * 16];
-                if (M <= MT * 16) {
-                    dot_row(F[4], W[4] + n * RB[4], &a_dim, M, gbuf, 1);
-                    dot_row(F[5], W[5] + n * RB[5], &a_dim, M, ubuf, 1);
-                    for (int m = 0; m < M; m++) ff[(size_t)m * hidden + n] = gbuf[m] / (1.0f + expf(-gbuf[m])) * ubuf[m];
-                } else {
-                    for (int m0 = 0; m0 < M; m0 += MT * 16) {
-                        const int m1 = M - m0 < MT * 16 ? M : m0 + MT * 16;
-                        dot_rows(F[4], W[4] + n * RB[4], &a_dim, m0, m1, gbuf - m0, 1);
-                        dot_rows(F[5], W[5] + n * RB[5], &a_dim, m0, m1, ubuf - m0, 1);
-                        for (int m = m0; m < m1; m++) ff[(size_t)m * hidden + n] = gbuf[m - m0] / (1.0f + expf(-gbuf[m - m0])) * ubuf[m - m0];
-                    }
-                }
-            }
-#pragma omp for schedule(static)
-            for (int m = 0; m < M; m++) act_quantize(&a_ff, ff, m, hidden);
-#pragma omp for schedule(static)
-            for (int n = 0; n < dim; n++) {
-                float y[MT * 16];
-                float *yp = M <= MT * 16 ? y : h + n;
-                const int ld = M <= MT * 16 ? 1 : dim;
-                dot_row(F[6], W[6] + n * RB[6], &a_ff, M, yp, ld);
-                for (int m = 0; m < M; m++) x[(size_t)m * dim + n] += yp[(size_t)m * ld];
-            }
+        for (int l = 0; l < s.n_layers; l++) {
+            Layer L;
+            layer_view(&L, &s, layers, l, kcache, vcache);
+            norm_qkv(&s, &L);
+            rope_kv_write(&s, &L);
+            attention(&s, &L);
+            o_proj_residual(&s, &L);
+            mlp(&s, &L);
         }
-        free(scores);
-#pragma omp for schedule(static)
-        for (int i = 0; i < n_logits; i++) {
-            rmsnorm(x + (size_t)logit_rows[i] * dim, final_norm, dim, eps, h + (size_t)i * dim);
-            act_quantize(&a_dim, h, i, dim);
-        }
-        const size_t head_rb = row_bytes_of(head_fmt, dim);
-#pragma omp for schedule(static)
-        for (int n = 0; n < vocab; n++) dot_row(head_fmt, head + n * head_rb, &a_dim, n_logits, logits + n, vocab);
+        output_head(&s, final_norm, head, logits);
     }
-    free(h);
-    free(qkv);
-    free(att);
-    free(ff);
-    act_free(&a_dim);
-    act_free(&a_att);
-    act_free(&a_ff);
-    return 0;
+    step_free(&s);
+    return LAM_OK;
 }
