@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from lamina.arch.lora import lora_layers
 from lamina.cli import cli
-from lamina.llm.tuning.adapters import AdapterMismatchError
+from lamina.llm.formats.peft import AdapterMismatchError
 from lamina.llm.tuning.base import TuneArgs, TuneRun
 from lamina.llm.tuning.classify import ClassifierModel, ClassifyArgs, TextClassifier, train_classifier
 from lamina.llm.tuning.datasets import DatasetError, read_jsonl, split

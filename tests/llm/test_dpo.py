@@ -16,7 +16,7 @@ from lamina.arch import LlamaConfig, build_model
 from lamina.arch.lora import LoRAConfig, apply_lora
 from lamina.cli import cli
 from lamina.foundation.tokenizer import Tokenizer
-from lamina.llm.tuning.adapters import AdapterMismatchError, load_adapter, save_adapter, save_model_folder
+from lamina.llm.formats.peft import AdapterMismatchError, load_adapter, save_adapter, save_model_folder
 from lamina.llm.tuning.base import TuneArgs, TuneRun
 from lamina.llm.tuning.datasets import DatasetError, read_jsonl
 from lamina.llm.tuning.dpo import (

@@ -318,7 +318,7 @@ def lora_merge(model_name: str | None, adapter: str, out: str, dtype: str, force
     """
     from lamina.infra.device import DTYPES
     from lamina.infra.registry import Registry
-    from lamina.llm.tuning.adapters import merge_adapter
+    from lamina.llm.formats.peft import merge_adapter
 
     settings = get_settings()
     use_thread_setting()

@@ -50,21 +50,21 @@ def serve(host: str | None, port: int | None, api_key: str | None, insecure: boo
     from lamina.apps.server import build_app
     from lamina.llm.engine.core import EngineArgs
 
-    settings = get_settings()
     use_thread_setting()
+    flags = {"model": model, "host": host, "port": port, "api_key": api_key, "device": device, "dtype": dtype}
+    # a flag given on the command line wins over its LAMINA_* setting
+    settings = get_settings().model_copy(update={k: v for k, v in flags.items() if v})
     args = ServeArgs(
-        model=model or settings.model, host=host or settings.host, port=port or settings.port,
-        api_key=api_key or settings.api_key, insecure=insecure, device=device or settings.device,
-        dtype=dtype or settings.dtype, home=settings.home,
-        engine=EngineArgs(max_running=max_running, kv_cache_gb=kv_cache_gb),
+        settings, insecure=insecure, engine=EngineArgs(max_running=max_running, kv_cache_gb=kv_cache_gb),
         max_upload_bytes=int(max_upload_mb * 1024 * 1024), quantize=quantize, lora=tuple(_pairs(lora, "--lora")),
     )
-    check_exposure(args.host, insecure=insecure, database=args.database, api_key=args.api_key)
+    check_exposure(settings.host, insecure=insecure, database=args.database, api_key=settings.api_key)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     app = build_app(args)
-    shown = f"[{args.host}]" if ":" in args.host else args.host
-    click.echo(f"Lamina serving {args.model} at http://{shown}:{args.port}/  (API: http://{shown}:{args.port}/v1)", err=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10)
+    shown = f"[{settings.host}]" if ":" in settings.host else settings.host
+    click.echo(f"Lamina serving {args.model} at http://{shown}:{settings.port}/  (API: http://{shown}:{settings.port}/v1)",
+               err=True)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=10)
 
 
 def _pairs(values: tuple[str, ...], flag: str) -> list[tuple[str, str]]:

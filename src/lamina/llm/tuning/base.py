@@ -9,7 +9,9 @@ It is the pretraining loop's discipline (`lamina.foundation.train`) for a model 
 - `metrics.jsonl` (every logged step, every evaluation) and `loss.png` in the run folder.
 
 What differs between the methods is passed in: `batch(step, micro)` makes a batch, `loss(batch)` returns the
-loss and named metrics, `evaluate()` scores the eval split.
+loss and named metrics, `evaluate()` scores the eval split. `TuneArgs` speaks pretraining's vocabulary
+(`max_steps`, `micro_batch_size`, `warmup_steps`, `min_lr`, `eval_interval`: `OptimArgs`); `TuneRun` says
+where a run lives (its folder, LAMINA_HOME, resume) and who hears how it goes.
 """
 
 from __future__ import annotations

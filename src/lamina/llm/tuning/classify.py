@@ -44,7 +44,7 @@ from lamina.foundation.tokenizer import Tokenizer
 from lamina.infra.checkpoint import read_json
 from lamina.infra.fs import atomic_write_text
 from lamina.infra.registry import Registry
-from lamina.llm.tuning.adapters import SHAPE_KEYS, AdapterMismatchError
+from lamina.llm.formats.peft import SHAPE_KEYS, AdapterMismatchError
 from lamina.llm.tuning.base import TuneArgs, TuneLoop, TuneResult, TuneRun, held_out_split, score_then_train
 from lamina.llm.tuning.datasets import DatasetError, batch_indices
 
@@ -169,7 +169,7 @@ def _shape(config: Any) -> dict[str, Any]:
 
 
 def _width(config: Any) -> int:
-    return int(getattr(config, "dim", None) or config.n_embd)
+    return int(config.dim)
 
 
 # --- the classifier --------------------------------------------------------------------------------------

@@ -48,8 +48,8 @@ from lamina.arch.lora import (
 )
 from lamina.errors import ConfigError
 from lamina.infra.fs import atomic_write_text
+from lamina.llm.formats.peft import load_adapter, save_adapter, save_model_folder
 from lamina.llm.llm import LLM
-from lamina.llm.tuning.adapters import load_adapter, save_adapter, save_model_folder
 from lamina.llm.tuning.base import TuneArgs, TuneLoop, TuneResult, TuneRun, held_out_split, score_then_train
 from lamina.llm.tuning.datasets import DatasetError, batch_indices
 

@@ -241,7 +241,7 @@ def run_sft(
 
 
 def _save(llm: LLM, out: Path, is_lora: bool) -> Path:
-    from lamina.llm.tuning.adapters import save_adapter, save_model_folder
+    from lamina.llm.formats.peft import save_adapter, save_model_folder
 
     if is_lora:
         return save_adapter(llm.model, out / "adapter", base_model_id=llm.name)
