@@ -69,8 +69,9 @@ def info() -> None:
     probe = probe_dtypes(device, settings.home / "cache")
     speeds = ", ".join(f"{k} {v:.0f}" for k, v in probe.gflops.items())
     click.echo(f"dtype auto on {device}: {probe.choice} (GEMM GFLOP/s: {speeds})")
-    reason = native.unavailable_reason()
-    path = None if reason else native.library_path(settings.home / "cache")
+    options = native.NativeOptions.from_settings(settings)  # LAMINA_NATIVE, LAMINA_NATIVE_MARCH, LAMINA_CC
+    reason = native.unavailable_reason(options)
+    path = None if reason else native.library_path(settings.home / "cache", options)
     if path is not None:
         click.echo(f"native CPU kernels: built ({path})")
     else:
