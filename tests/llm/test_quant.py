@@ -438,3 +438,28 @@ def test_gguf_blocks_are_served_as_they_are(tmp_path, qtype: str, mode: str) -> 
     with torch.inference_mode():
         a, b = floats.model(ids), quant.model(ids)
     assert ((a - b).norm() / a.norm()).item() < 0.05  # only the int8 activations differ
+
+
+def test_the_settings_reach_the_kernels_through_llm_load(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """LAMINA_NATIVE=0 (Settings.native) travels from LLM.load to the quantiser and the engine's decode step:
+    nothing reads the environment on the way (and without native kernels, int8 here is refused as slower
+    than float or served by PyTorch's kernels, never by native ones)."""
+    pytest.importorskip("transformers")
+    from tests.tiny import hf_llama_folder
+
+    hf_llama_folder(tmp_path / "hf", "llama")
+    off = Settings(home=tmp_path / "home", native=False)
+    try:
+        quantised = LLM.load(str(tmp_path / "hf"), device="cpu", dtype="float32", quantize="int8", settings=off)
+    except InvalidRequestError as e:
+        assert "int8-native" not in str(e) and "slower than float32" in str(e)
+    else:
+        assert not quantised.engine.native_step
+        assert all(m.kernel.backend == "torch" for m in quantised.model.modules() if isinstance(m, QuantLinear))
+        quantised.close()
+    llm = LLM.load(str(tmp_path / "hf"), device="cpu", dtype="float32", settings=off)
+    try:
+        assert not llm.engine.native_step
+        assert llm.generate("hello", max_tokens=3, temperature=0, ignore_eos=True).completion_tokens == 3
+    finally:
+        llm.close()

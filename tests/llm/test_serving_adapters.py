@@ -11,12 +11,12 @@ from fastapi.testclient import TestClient
 
 from lamina import LLM
 from lamina.api.app import ServeArgs, create_app
-from lamina.llm.engine.core import Engine
-from lamina.settings import Settings
 from lamina.arch.lora import LoRAConfig, apply_lora, lora_layers
 from lamina.errors import InvalidRequestError
 from lamina.llm import SamplingParams
+from lamina.llm.engine.core import Engine
 from lamina.llm.formats.peft import save_adapter
+from lamina.settings import Settings
 from tests.tiny import hf_llama_folder
 
 pytest.importorskip("transformers")

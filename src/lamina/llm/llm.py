@@ -36,7 +36,9 @@ from lamina.llm.engine.core import Engine, EngineArgs, FinishReason, TokenEvent
 from lamina.llm.engine.sampling import SamplingParams
 from lamina.llm.formats import gguf
 from lamina.llm.formats.loader import read_checkpoint
-from lamina.llm.kernels.quant import QuantLinear, quantize_model
+from lamina.llm.kernels.linear import QuantLinear
+from lamina.llm.kernels.native import DEFAULT_OPTIONS, NativeOptions
+from lamina.llm.kernels.quant import quantize_model
 from lamina.llm.text.chat_template import ChatTemplate, Message
 from lamina.llm.text.stream import Delta, TextStream, TokenLogprob
 from lamina.settings import Settings
@@ -69,6 +71,7 @@ class LLM:
         entry: ModelEntry | None = None,
         engine_args: EngineArgs | None = None,
         cache_dir: Path | None = None,
+        native: NativeOptions = DEFAULT_OPTIONS,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -78,7 +81,7 @@ class LLM:
         self.chat_template = ChatTemplate(chat_template, tokenizer) if chat_template else None
         self.engine = AsyncEngine(Engine(
             model, eos_ids=eos_ids, max_seq_len=self.config.max_seq_len, vocab_size=self.config.vocab_size, args=engine_args,
-            cache_dir=cache_dir,
+            cache_dir=cache_dir, native=native,
         ))
         """The engine's one driver; its worker thread starts with the first request."""
 
@@ -105,6 +108,7 @@ class LLM:
         entry = Registry(home).resolve(model or settings.model)
         dev = resolve_device(device or settings.device)
         dt = resolve_dtype(dtype or settings.dtype, dev, home / "cache")
+        native = NativeOptions.from_settings(settings)
         ckpt = read_checkpoint(entry, dt)
         net = build_model(ckpt.config, ckpt.state_dict, device=dev, dtype=dt).eval()
         del ckpt.state_dict
@@ -113,11 +117,11 @@ class LLM:
             if quantize not in ("int8", "int4"):
                 raise InvalidRequestError(f"unknown quantisation {quantize!r}; use int8 or int4", param="quantize")
             stored = gguf.native_blocks(gguf.open_gguf(entry.path), ckpt.config) if entry.format == "gguf" else None
-            quantize_model(net, quantize, home / "cache", stored)  # type: ignore[arg-type]
+            quantize_model(net, quantize, home / "cache", stored, native)  # type: ignore[arg-type]
         logger.info("loaded %s (%s) on %s in %s", entry.id, ckpt.config.family, dev, dt)
         return cls(
             net, ckpt.tokenizer, name=entry.id, eos_ids=ckpt.eos_ids, chat_template=ckpt.chat_template, entry=entry,
-            engine_args=engine_args, cache_dir=home / "cache",
+            engine_args=engine_args, cache_dir=home / "cache", native=native,
         )
 
     def load_adapter(self, name: str, path: str | Path) -> None:

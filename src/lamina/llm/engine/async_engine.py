@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import itertools
 import logging
 import queue
@@ -157,10 +158,9 @@ class AsyncEngine:
         events: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
 
         def sink(item: TokenEvent | BaseException) -> None:
-            try:
+            # RuntimeError: the caller's loop has closed; it stopped listening, and its abort is queued
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(events.put_nowait, item)
-            except RuntimeError:  # the caller's loop has closed: it stopped listening, and its abort is queued
-                pass
 
         self._inbox.put(_Add(request_id, list(prompt_ids), params, sink, cache_salt, adapter))
         finished = False

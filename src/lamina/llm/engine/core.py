@@ -28,6 +28,7 @@ from lamina.llm.engine.runner import ModelRunner
 from lamina.llm.engine.sampling import Sampler, SamplingParams
 from lamina.llm.engine.scheduler import Scheduler, Status
 from lamina.llm.engine.scheduler import Sequence as Seq
+from lamina.llm.kernels.native import DEFAULT_OPTIONS, NativeOptions
 
 logger = logging.getLogger(__name__)
 
@@ -89,14 +90,17 @@ class Engine:
         vocab_size: int,
         args: EngineArgs | None = None,
         cache_dir: Path | None = None,
+        native: NativeOptions = DEFAULT_OPTIONS,
     ) -> None:
-        """`cache_dir`: where kernel measurements are kept (LAMINA_HOME/cache); None measures each time."""
+        """`cache_dir`: where kernel measurements are kept (LAMINA_HOME/cache); None measures each time.
+        `native`: whether and how the native kernels are built (the settings' LAMINA_NATIVE, ...)."""
         args = args or EngineArgs()
         self.eos_ids = frozenset(eos_ids)
         self.max_seq_len = max_seq_len
         self.vocab_size = vocab_size
         self.runner = ModelRunner(model, max_seq_len=max_seq_len, retained_caches=args.retained_caches,
-                                  kv_budget_bytes=int(args.kv_cache_gb * 1024**3), cache_dir=cache_dir)
+                                  kv_budget_bytes=int(args.kv_cache_gb * 1024**3), cache_dir=cache_dir,
+                                  native=native)
         self.device = self.runner.device
         self.scheduler = Scheduler(max_running=args.max_running, max_waiting=args.max_waiting, prefill_chunk=args.prefill_chunk)
 

@@ -32,6 +32,7 @@ from lamina.arch.kv_cache import SlotCache
 from lamina.arch.lora import adapter_names, route_adapters
 from lamina.errors import InvalidRequestError
 from lamina.llm.engine.scheduler import ScheduledChunk, SchedulerOutput, Sequence
+from lamina.llm.kernels.native import DEFAULT_OPTIONS, NativeOptions
 from lamina.llm.kernels.native_decode import NativeDecoder, native_step_for
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,8 @@ class _Retained:
 
 class ModelRunner:
     def __init__(
-        self, model: nn.Module, *, max_seq_len: int, kv_budget_bytes: int, retained_caches: int = 2, cache_dir: Path | None = None
+        self, model: nn.Module, *, max_seq_len: int, kv_budget_bytes: int, retained_caches: int = 2, cache_dir: Path | None = None,
+        native: NativeOptions = DEFAULT_OPTIONS,
     ) -> None:
         self.model = model
         self.max_seq_len = max_seq_len
@@ -69,6 +71,7 @@ class ModelRunner:
         self.prefix_hits = 0
         self.adapters: set[str] = set()
         self.cache_dir = cache_dir
+        self.native_options = native
         self.native: NativeDecoder | None = None
         self.native_prefill_rows = 1
         self.refresh_adapters()
@@ -80,7 +83,7 @@ class ModelRunner:
         # was measured faster): the decoding rows, and for quantised models also the prompt chunks shorter
         # than the length from which the float GEMM wins; the rest runs in PyTorch. Rebuilt here because
         # adapters change the modules the step would read.
-        self.native = None if self.adapters else native_step_for(self.model, self.cache_dir)
+        self.native = None if self.adapters else native_step_for(self.model, self.cache_dir, self.native_options)
         quantised = self.native is not None and self.native.quantized
         if self.native is not None:
             logger.info("decoding through the native step (%s weights)", "quantised" if quantised else "float")
