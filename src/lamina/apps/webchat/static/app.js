@@ -13,7 +13,9 @@ const state = {
 // --- HTTP -----------------------------------------------------------------------------------------------
 
 async function api(path, options = {}) {
-  const headers = { "content-type": "application/json", ...(options.headers || {}) };
+  // a FormData body (an upload) gets its multipart content type, with the boundary, from the browser
+  const type = options.body instanceof FormData ? {} : { "content-type": "application/json" };
+  const headers = { ...type, ...(options.headers || {}) };
   if (state.key) headers.authorization = `Bearer ${state.key}`;
   const response = await fetch(path, { ...options, headers });
   if (response.status === 401) {
@@ -347,11 +349,8 @@ async function uploadFiles(files) {
     const form = new FormData();
     form.append("purpose", "assistants");
     form.append("file", file, file.name);
-    const headers = state.key ? { authorization: `Bearer ${state.key}` } : {};
     try {
-      const uploaded = await fetch("/v1/files", { method: "POST", body: form, headers });
-      if (!uploaded.ok) throw new Error((await uploaded.json()).error.message);
-      const { id } = await uploaded.json();
+      const { id } = await json("/v1/files", { method: "POST", body: form });  // api(): the key, and 401 asks for one
       const added = await json(`/v1/vector_stores/${storeId}/files`, { method: "POST", body: JSON.stringify({ file_id: id }) });
       report.push(added.status === "completed" ? `${file.name}: ${added.chunk_count} chunks` : `${file.name}: ${added.last_error.message}`);
     } catch (error) {
