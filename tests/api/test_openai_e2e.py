@@ -226,6 +226,33 @@ def test_client_disconnect_stops_generation(server: Server) -> None:
     assert _running(server) == 0
 
 
+def test_client_disconnect_stops_a_non_streamed_request(server: Server) -> None:
+    """A client that gives up on a non-streamed request frees its engine slot at once, as a stream does."""
+    import threading
+
+    body = {"model": MODEL, "prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "max_tokens": 4000, "temperature": 0}
+    gave_up: list[BaseException] = []
+
+    def impatient() -> None:
+        try:
+            httpx.post(f"{server.api}/completions", json=body, timeout=httpx.Timeout(60, read=3))
+        except httpx.ReadTimeout as e:  # the client closes the connection
+            gave_up.append(e)
+
+    client = threading.Thread(target=impatient)
+    client.start()
+    deadline = time.monotonic() + 3
+    while _running(server) != 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _running(server) == 1
+    client.join()
+    assert gave_up, "the request finished before the client gave up: nothing was tested"
+    deadline = time.monotonic() + 2
+    while _running(server) != 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _running(server) == 0
+
+
 def test_sixteen_concurrent_streams_and_a_responsive_health(server: Server) -> None:
     async def main() -> tuple[list[str], list[float]]:
         aclient = openai.AsyncOpenAI(base_url=server.api, api_key="unused", max_retries=0, timeout=300)

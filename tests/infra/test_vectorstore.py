@@ -122,7 +122,7 @@ def test_score_threshold_and_k(filled) -> None:  # type: ignore[no-untyped-def]
     query = vectors["file-2"][5]
     hits = stores.search(store.id, query_vector=query, k=10, mode="vector", score_threshold=0.99)
     assert len(hits) == 1 and hits[0].score == pytest.approx(1.0, abs=1e-5)
-    with pytest.raises(InvalidRequestError, match="max_num_results"):
+    with pytest.raises(InvalidRequestError, match="number of results"):
         stores.search(store.id, query_vector=query, k=0, mode="vector")
     with pytest.raises(InvalidRequestError, match="empty"):
         stores.search(store.id, query_vector=query, query_text="  ", mode="hybrid")

@@ -3,7 +3,9 @@
 One handler per kind: Lamina's own errors keep their status and code; request validation (bad JSON
 included) is a 400 naming the field, never FastAPI's 422 body; unknown routes are 404 and wrong methods
 405 in the same envelope; anything else is a 500 whose body says nothing about the internals (the
-traceback goes to the log).
+traceback goes to the log). The envelope is `lamina.api.wire.ErrorResponse`, its one definition: the
+handlers, the middleware's 413 and a stream's final error event are built from it, and `ERRORS` publishes
+it for every route in the OpenAPI schema.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lamina.api.wire import NON_BLANK, ErrorBody, ErrorResponse
 from lamina.errors import LaminaError
 
 logger = logging.getLogger(__name__)
@@ -26,9 +29,29 @@ _HTTP_TYPES = {
     403: "permission_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    409: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
 }
+
+
+_DESCRIPTIONS = {
+    400: "Invalid request: the body or a parameter is wrong (`param` names it).",
+    401: "Missing or wrong API key.",
+    403: "This API key may not use this model.",
+    404: "No such model, file, vector store or route.",
+    409: "A vector store with this name already exists.",
+    413: "The request body is too large.",
+    429: "Rate limit or token quota exceeded (see the retry-after header).",
+    500: "Internal error (logged; the body says nothing about it).",
+    503: "The model is still loading, failed to load, or the server is overloaded.",
+}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    **{code: {"model": ErrorResponse, "description": text} for code, text in _DESCRIPTIONS.items()},
+    # Validation errors are 400s, never FastAPI's 422; "default" also keeps FastAPI from publishing a 422.
+    "default": {"model": ErrorResponse, "description": "Any other error, in the same envelope."},
+}
+"""The error responses every API route declares (`APIRouter(responses=ERRORS)`)."""
 
 
 class APIError(LaminaError):
@@ -50,8 +73,8 @@ class APIError(LaminaError):
 
 
 def error_response(status: int, message: str, type_: str, param: str | None = None, code: Any = None, headers: dict | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    body = ErrorResponse(error=ErrorBody(message=message, type=type_, param=param, code=code))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
 def install(app: FastAPI) -> None:
@@ -79,7 +102,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "The server had an internal error; it has been logged.", "server_error", None, "internal_error")
+        return JSONResponse(ErrorResponse.internal().model_dump(), status_code=500)
 
 
 def _validation_response(errors: list[dict[str, Any]]) -> JSONResponse:
@@ -89,7 +112,10 @@ def _validation_response(errors: list[dict[str, Any]]) -> JSONResponse:
     original = ctx.get("error")
     if isinstance(original, LaminaError):  # raised by one of our validators: keep its words and param
         return error_response(400, original.message, original.error_type, original.param, original.code)
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    where = list(first.get("loc", ()))
+    if where[:1] and where[0] in ("body", "query", "path", "header", "cookie"):  # FastAPI's part of the request
+        where = where[1:]
+    loc = [str(p) for p in where if not _union_label(p)]
     param = ".".join(loc) or None
     kind = first.get("type", "")
     if kind == "json_invalid":
@@ -100,5 +126,18 @@ def _validation_response(errors: list[dict[str, Any]]) -> JSONResponse:
     else:
         got = first.get("input")
         shown = repr(got)[:100] if got is not None and not isinstance(got, dict) else ""
-        message = f"Invalid value for '{param}': {first.get('msg', 'invalid')}" + (f" (got {shown})" if shown else "") + "."
+        why = "it must hold something besides white space" if ctx.get("pattern") == NON_BLANK else first.get("msg", "invalid")
+        message = f"Invalid value for '{param}': {why}" + (f" (got {shown})" if shown else "") + "."
     return error_response(400, message, "invalid_request_error", param, "invalid_value" if kind != "missing" else "missing_required_parameter")
+
+
+_CORE_TYPES = {"str", "int", "float", "bool", "bytes", "list", "dict", "none", "any"}
+
+
+def _union_label(part: Any) -> bool:
+    """True for the names pydantic gives the members of a union in an error's location ('str',
+    'constrained-str', 'list[int]', 'ChatMessage'): they are not fields, and OpenAI's `param` has none.
+    Field names in this API are lower-case snake_case, so a capitalised segment is a model's name."""
+    if not isinstance(part, str):
+        return False
+    return part in _CORE_TYPES or "[" in part or "-" in part or part[:1].isupper()

@@ -13,6 +13,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from lamina.api.wire import ErrorBody, ErrorResponse
 from lamina.infra.telemetry import Metrics
 
 logger = logging.getLogger(__name__)
@@ -66,8 +67,9 @@ class LimitBody:
 
 
 async def _too_large(send: Send, size: int, limit: int) -> None:
-    body = json.dumps({"error": {"message": f"The request body is too large ({size:,} bytes; the limit is {limit:,}).",
-                                 "type": "invalid_request_error", "param": None, "code": "request_too_large"}}).encode()
+    error = ErrorBody(message=f"The request body is too large ({size:,} bytes; the limit is {limit:,}).",
+                      type="invalid_request_error", param=None, code="request_too_large")
+    body = json.dumps(ErrorResponse(error=error).model_dump()).encode()
     await send({"type": "http.response.start", "status": 413,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})

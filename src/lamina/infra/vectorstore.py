@@ -192,7 +192,7 @@ class VectorStores:
         row = self.db.query_one("SELECT * FROM vs_stores WHERE id = ? OR name = ?", (id_or_name, id_or_name))
         if row is None:
             known = ", ".join(s.name for s in self.list()[:20]) or "none yet"
-            raise NotFoundError(f"No vector store {id_or_name!r}; stores: {known}.", param="vector_store_id", code="vector_store_not_found")
+            raise NotFoundError(f"No vector store {id_or_name!r}; stores: {known}.", param="store", code="store_not_found")
         return _store(row)
 
     def find(self, id_or_name: str) -> StoreInfo | None:
@@ -351,7 +351,7 @@ class VectorStores:
     ) -> list[SearchHit]:
         store = self.get(store_id)
         if not 1 <= k <= 100:
-            raise InvalidRequestError(f"max_num_results must be between 1 and 100 (got {k})", param="max_num_results")
+            raise InvalidRequestError(f"k, the number of results, must be between 1 and 100 (got {k})", param="k")
         if mode not in ("vector", "bm25", "hybrid"):
             raise InvalidRequestError(f"unknown retrieval mode {mode!r}; use vector, bm25 or hybrid", param="mode")
         if mode != "bm25" and query_vector is None:
@@ -383,21 +383,23 @@ class VectorStores:
         query = np.asarray(query, dtype=np.float32).reshape(-1)
         if query.shape != (store.dim,):
             raise InvalidRequestError(f"query embedding has {query.shape[0]} dimensions; the store has {store.dim}")
-        if filtered:
-            allowed = [r[0] for r in self.db.query(f"SELECT c.id FROM vs_chunks c WHERE c.store_id = ? AND ({where})", [store.id, *params])]
-            if not allowed:
-                return []
-            if len(allowed) <= EXACT_FILTER_LIMIT:
-                placeholders = ",".join("?" * len(allowed))
-                rows = self.db.query(f"SELECT id, embedding FROM vs_chunks WHERE id IN ({placeholders})", allowed)
-                ids = np.array([r[0] for r in rows], dtype=np.int64)
-                vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), store.dim)
-                scores = vectors @ query
-                order = np.argsort(-scores)[:k]
-                return [(int(ids[i]), float(scores[i])) for i in order]
-            scores, ids = self.index(store.id).search(query, k, np.array(allowed, dtype=np.int64))
-        else:
+        if not filtered:
             scores, ids = self.index(store.id).search(query, k)
+            return [(int(i), float(s)) for s, i in zip(scores, ids, strict=True) if i >= 0]
+        # One query reads the matching chunks' vectors; only when there are too many to score exactly does the
+        # index search them instead, through an id selector.
+        rows = self.db.query(f"SELECT c.id, c.embedding FROM vs_chunks c WHERE c.store_id = ? AND ({where}) LIMIT ?",
+                             [store.id, *params, EXACT_FILTER_LIMIT + 1])
+        if len(rows) <= EXACT_FILTER_LIMIT:
+            if not rows:
+                return []
+            ids = np.array([r[0] for r in rows], dtype=np.int64)
+            vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), store.dim)
+            scores = vectors @ query
+            order = np.argsort(-scores)[:k]
+            return [(int(ids[i]), float(scores[i])) for i in order]
+        allowed = [r[0] for r in self.db.query(f"SELECT c.id FROM vs_chunks c WHERE c.store_id = ? AND ({where})", [store.id, *params])]
+        scores, ids = self.index(store.id).search(query, k, np.array(allowed, dtype=np.int64))
         return [(int(i), float(s)) for s, i in zip(scores, ids, strict=True) if i >= 0]
 
     def _bm25(self, store: StoreInfo, text: str, k: int, where: str, params: list) -> list[tuple[int, float]]:
@@ -433,38 +435,51 @@ class VectorStores:
 
 _COMPARISONS = {"eq": "=", "ne": "!=", "gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
 _BUILTIN_KEYS = {"file_id": "c.file_id", "page": "c.page", "filename": "(SELECT filename FROM vs_files f2 WHERE f2.store_id = c.store_id AND f2.file_id = c.file_id)"}
+# The key is a parameter, not part of a JSON path: any key (quotes, dots, backslashes) names itself.
+_ATTRIBUTE = "(SELECT value FROM json_each(c.attributes) WHERE key = ?)"
+MAX_FILTER_DEPTH = 32
+MAX_FILTER_VALUES = 10_000
+"""Limits that keep a compiled filter within SQLite's (expression depth, bound parameters)."""
 
 
 def compile_filter(spec: dict[str, Any]) -> tuple[str, list[Any]]:
-    """OpenAI's filter object -> (SQL boolean expression over `vs_chunks c`, parameters)."""
-    if not isinstance(spec, dict) or "type" not in spec:
-        raise InvalidRequestError(f"a filter must be an object with a 'type' (got {spec!r:.100})", param="filters")
-    kind = spec["type"]
-    if kind in ("and", "or"):
-        parts = spec.get("filters")
-        if not isinstance(parts, list) or not parts:
-            raise InvalidRequestError(f"an '{kind}' filter needs a non-empty 'filters' list", param="filters")
-        compiled = [compile_filter(p) for p in parts]
-        sql = f" {kind.upper()} ".join(f"({s})" for s, _ in compiled)
-        return sql, [v for _, ps in compiled for v in ps]
-    key, value = spec.get("key"), spec.get("value")
-    if not isinstance(key, str) or not key:
-        raise InvalidRequestError(f"filter {kind!r} needs a 'key' string", param="filters")
-    column = _BUILTIN_KEYS.get(key, "json_extract(c.attributes, ?)")
-    key_params: list[Any] = [] if key in _BUILTIN_KEYS else [f'$."{key}"']
-    if kind in _COMPARISONS:
-        if not isinstance(value, str | int | float | bool):
-            raise InvalidRequestError(f"filter {kind!r} on {key!r} needs a string, number or boolean value", param="filters")
-        return f"{column} {_COMPARISONS[kind]} ?", [*key_params, value]
-    if kind in ("in", "nin"):
-        if not isinstance(value, list) or not value or not all(isinstance(v, str | int | float | bool) for v in value):
-            raise InvalidRequestError(f"filter {kind!r} on {key!r} needs a non-empty list of values", param="filters")
-        placeholders = ",".join("?" * len(value))
-        negation = "NOT " if kind == "nin" else ""
-        return f"{column} {negation}IN ({placeholders})", [*key_params, *value]
+    """A filter -> (SQL boolean expression over `vs_chunks c`, its parameters).
+
+    A filter is a plain structure in the shape of OpenAI's file-search filters: `{"type": "eq"|"ne"|"gt"|
+    "gte"|"lt"|"lte", "key", "value": scalar}`, `{"type": "in"|"nin", "key", "value": [scalars]}` or
+    `{"type": "and"|"or", "filters": [filters]}`. Callers validate it (the API's models publish that
+    schema); what cannot be compiled is refused whole."""
+    sql, params = _compile(spec, 0)
+    if len(params) > MAX_FILTER_VALUES:
+        raise InvalidRequestError(f"the filter holds {len(params)} keys and values; at most {MAX_FILTER_VALUES}", param="filters")
+    return sql, params
+
+
+def _compile(spec: Any, depth: int) -> tuple[str, list[Any]]:
+    kind = spec.get("type") if isinstance(spec, dict) else None
+    parts, key, value = (spec.get("filters"), spec.get("key"), spec.get("value")) if isinstance(spec, dict) else (None, None, None)
+    if depth > MAX_FILTER_DEPTH:
+        raise InvalidRequestError(f"filters nest more than {MAX_FILTER_DEPTH} levels deep", param="filters")
+    if kind in ("and", "or") and isinstance(parts, list) and parts:
+        compiled = [_compile(p, depth + 1) for p in parts]
+        return f" {kind.upper()} ".join(f"({s})" for s, _ in compiled), [v for _, ps in compiled for v in ps]
+    if isinstance(key, str) and key:
+        column, key_params = (_BUILTIN_KEYS[key], []) if key in _BUILTIN_KEYS else (_ATTRIBUTE, [key])
+        if kind in _COMPARISONS and _scalar(value):
+            return f"{column} {_COMPARISONS[kind]} ?", [*key_params, value]
+        if kind in ("in", "nin") and isinstance(value, list) and value and all(_scalar(v) for v in value):
+            negation = "NOT " if kind == "nin" else ""
+            return f"{column} {negation}IN ({','.join('?' * len(value))})", [*key_params, *value]
     raise InvalidRequestError(
-        f"unknown filter type {kind!r}; use eq, ne, gt, gte, lt, lte, in, nin, and, or", param="filters"
+        f"cannot compile the filter {spec!r:.100}: use eq, ne, gt, gte, lt or lte with a key and a string, number or "
+        "boolean value; in or nin with a key and a non-empty list of them; and/or with a non-empty list of filters",
+        param="filters",
     )
+
+
+def _scalar(value: Any) -> bool:
+    """A value SQLite binds: a string, a float, a boolean, or an integer of 64 bits."""
+    return isinstance(value, str | float | bool) or (isinstance(value, int) and -(2**63) <= value < 2**63)
 
 
 def _store(row: Any) -> StoreInfo:

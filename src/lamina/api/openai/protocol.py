@@ -1,65 +1,62 @@
-"""Request and response models of the OpenAI-compatible API, with OpenAI's field names.
+"""Request, response and stream-chunk models of the OpenAI-compatible API, with OpenAI's field names: the one
+source of the wire format. The routes validate with them and publish them in /openapi.json, and the service
+builds every response and every Server-Sent Event from them.
 
 Requests accept unknown fields (SDKs add new ones; vLLM does the same) but refuse, with a 400 naming the
 field, the OpenAI features Lamina does not implement yet (tools, structured output, ...): a client must never
-believe a feature worked when it was silently ignored. Lamina's extras (`top_k`, `min_p`,
-`repetition_penalty`) arrive through the SDK's `extra_body`.
+believe a feature worked when it was silently ignored. The schema says what is accepted: ranges, lengths,
+the neutral values of the unsupported fields and the rules between fields. What depends on the loaded model
+cannot be published and is documented on the field instead: prompt plus `max_tokens` must fit the model's
+context (`max_model_len` in /v1/models, else 400 `context_length_exceeded`), token ids must be below its
+vocabulary size, and its chat template may refuse a conversation. Lamina's extras (`top_k`, `min_p`,
+`repetition_penalty`, `cache_salt`, `vector_store_ids`) arrive through the SDK's `extra_body`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import MISSING, BaseModel, ConfigDict, Field, model_validator
 
+from lamina.api.wire import EMPTY, Needs, OneOf, RuledModel, WireModel, unsupported
 from lamina.errors import InvalidRequestError
 
-# Fields OpenAI defines that Lamina does not implement: present (and not at their neutral value) -> 400.
-_UNSUPPORTED = {
-    "tools": "tool calling",
-    "tool_choice": "tool calling",
-    "functions": "function calling",
-    "function_call": "function calling",
-    "parallel_tool_calls": "tool calling",
-    "logit_bias": "logit_bias",
-    "audio": "audio output",
-    "modalities": "output modalities other than text",
-    "prediction": "predicted outputs",
-    "web_search_options": "web search",
-    "reasoning_effort": "reasoning effort (this model does not reason)",
-    "suffix": "suffix (fill-in-the-middle)",
-}
+MAX_N = 16
+TokenId = Annotated[int, Field(ge=0, description="A token id, below the model's vocabulary size.")]
+Stop = Annotated[str, Field(min_length=1)]
 
 
-def _neutral(name: str, value: Any) -> bool:
-    if value is None or value == [] or value == {}:
-        return True
-    if name == "tool_choice":
-        return value == "none"
-    if name == "modalities":
-        return value == ["text"]
-    return name == "parallel_tool_calls"  # meaningless without tools, which are refused on their own
+def _response_format_message(value: Any) -> str:
+    kind = value.get("type") if isinstance(value, dict) else value
+    return f"response_format {kind!r} is not supported by Lamina yet; only {{'type': 'text'}}"
 
 
-class _Request(BaseModel):
+class TextFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+
+
+class _Request(RuledModel):
     model_config = ConfigDict(extra="allow")
 
-    @model_validator(mode="after")
-    def _refuse_unsupported(self) -> _Request:
-        extra = self.model_extra or {}
-        for name, feature in _UNSUPPORTED.items():
-            if name in extra and not _neutral(name, extra[name]):
-                raise InvalidRequestError(f"'{name}' is not supported by Lamina yet ({feature}); remove the field", param=name)
-        response_format = extra.get("response_format")
-        if response_format not in (None, {"type": "text"}):
-            kind = response_format.get("type") if isinstance(response_format, dict) else response_format
-            raise InvalidRequestError(
-                f"response_format {kind!r} is not supported by Lamina yet; only {{'type': 'text'}}", param="response_format"
-            )
-        return self
+    # OpenAI's fields that Lamina does not implement: accepted at their neutral values only.
+    tools: unsupported(EMPTY, "tool calling") = None
+    tool_choice: unsupported(EMPTY | Literal["none"], "tool calling") = None
+    functions: unsupported(EMPTY, "function calling") = None
+    function_call: unsupported(EMPTY, "function calling") = None
+    parallel_tool_calls: Any = Field(default=None, description="Accepted and ignored: meaningless without tools.")
+    logit_bias: unsupported(EMPTY, "logit_bias") = None
+    audio: unsupported(EMPTY, "audio output") = None
+    modalities: unsupported(EMPTY | Annotated[list[Literal["text"]], Field(min_length=1, max_length=1)],
+                            "output modalities other than text") = None
+    prediction: unsupported(EMPTY, "predicted outputs") = None
+    web_search_options: unsupported(EMPTY, "web search") = None
+    reasoning_effort: unsupported(EMPTY, "reasoning effort (this model does not reason)") = None
+    suffix: unsupported(EMPTY, "suffix (fill-in-the-middle)") = None
+    response_format: unsupported(TextFormat | None, "structured output", _response_format_message) = None
 
     def unknown_fields(self) -> list[str]:
-        known = {"response_format", "store", "metadata", "service_tier", "stream_options", *_UNSUPPORTED}
+        known = {"store", "metadata", "service_tier", "stream_options"}
         return sorted(set(self.model_extra or {}) - known)
 
 
@@ -68,12 +65,12 @@ class StreamOptions(BaseModel):
 
 
 class _Sampling(_Request):
-    model: str
+    model: str = Field(description="A model served here (see /v1/models); another is a 404.")
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    n: int = Field(default=1, ge=1, le=16)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    stop: Stop | Annotated[list[Stop], Field(max_length=16)] | None = None
+    seed: int | None = Field(default=None, description="Any integer; the sampler's generator takes it modulo 2**64.")
     presence_penalty: float = Field(default=0.0, ge=-2, le=2)
     frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
     stream: bool = False
@@ -86,175 +83,291 @@ class _Sampling(_Request):
     cache_salt: str | None = Field(default=None, max_length=256)
     """vLLM's: prefix-cache reuse only between requests with the same salt (on top of the API key's own)."""
 
-    @model_validator(mode="after")
-    def _stream_options_need_stream(self) -> _Sampling:
-        if self.stream_options is not None and not self.stream:
-            raise InvalidRequestError("stream_options is only allowed when stream is true", param="stream_options")
-        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
-        if len(stops) > 16 or any(not s for s in stops):
-            raise InvalidRequestError("stop must be up to 16 non-empty strings", param="stop")
-        return self
+    rules = (Needs("stream_options", "stream", True, "stream_options is only allowed when stream is true"),)
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def stops(self) -> tuple[str, ...]:
+        return tuple([self.stop] if isinstance(self.stop, str) else self.stop or ())
+
 
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="allow")
-    type: str
-    text: str | None = None
+    type: Literal["text"]
+    text: str
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
-    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
     name: str | None = None
 
 
+def _refuse_tool_messages(data: Any) -> Any:
+    """Refuse tool turns and non-text content parts with a message that says why (the schema leaves them out)."""
+    messages = data.get("messages") if isinstance(data, dict) else None
+    for i, m in enumerate(messages if isinstance(messages, list) else []):
+        if not isinstance(m, dict):
+            continue
+        if m.get("role") in ("tool", "function"):
+            raise InvalidRequestError(f"messages[{i}]: role '{m['role']}' needs tool calling, which Lamina does not support yet",
+                                      param="messages")
+        for part in m.get("content") if isinstance(m.get("content"), list) else []:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if isinstance(kind, str) and kind != "text":
+                raise InvalidRequestError(f"messages[{i}]: content part type '{kind}' is not supported; only 'text' parts",
+                                          param="messages")
+    return data
+
+
+def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages as chat templates want them: plain string content; `developer` is `system`."""
+    out = []
+    for m in messages:
+        content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
+        out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+    return out
+
+
+_CONTEXT = "Prompt plus this must fit the model's context (max_model_len in /v1/models), else 400 context_length_exceeded."
+
+
 class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, description="The model's chat template may refuse some conversations.")
     # Lamina's grounded chat (through `extra_body`): retrieve from these vector stores and cite.
     vector_store_ids: list[str] | None = Field(default=None, max_length=8)
     max_num_results: int = Field(default=4, ge=1, le=20)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, description=_CONTEXT)
+    max_completion_tokens: int | None = Field(default=None, ge=1, description=_CONTEXT)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
-    @model_validator(mode="after")
-    def _check_messages(self) -> ChatCompletionRequest:
-        if self.top_logprobs is not None and not self.logprobs:
-            raise InvalidRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
-        for i, m in enumerate(self.messages):
-            if m.role in ("tool", "function"):
-                raise InvalidRequestError(f"messages[{i}]: role '{m.role}' needs tool calling, which Lamina does not support yet", param="messages")
-            if isinstance(m.content, list):
-                for part in m.content:
-                    if part.type != "text" or part.text is None:
-                        raise InvalidRequestError(
-                            f"messages[{i}]: content part type '{part.type}' is not supported; only 'text' parts", param="messages"
-                        )
-        return self
+    rules = (*_Sampling.rules, Needs("top_logprobs", "logprobs", True, "top_logprobs requires logprobs to be true"))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tool_messages(cls, data: Any) -> Any:
+        return _refuse_tool_messages(data)
 
     def chat_messages(self) -> list[dict[str, Any]]:
-        """Messages as chat templates want them: plain string content; `developer` is `system`."""
-        out = []
-        for m in self.messages:
-            content = m.content if isinstance(m.content, str) else "".join(p.text or "" for p in m.content or [])
-            out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
-        return out
+        return chat_messages(self.messages)
+
+
+Prompt = (Annotated[str, Field(min_length=1)]
+          | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+          | Annotated[list[TokenId], Field(min_length=1)]
+          | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)])
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for the legacy endpoint
+    prompt: Prompt
+    max_tokens: int | None = Field(default=16, ge=1, description=_CONTEXT)  # OpenAI's default for the legacy endpoint
     logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool = False
-    best_of: int | None = Field(default=None, ge=1)
+    best_of: int | None = Field(default=None, ge=1, le=MAX_N, description="Only equal to n (no best-of selection yet), else a 400.")
+
+    rules = (
+        *_Sampling.rules,
+        Needs("logprobs", "echo", False, "echo with logprobs is not supported by Lamina yet (no prompt logprobs)", param="echo"),
+    )
 
     @model_validator(mode="after")
-    def _check_best_of(self) -> CompletionRequest:
+    def _best_of(self) -> CompletionRequest:
+        # One field equal to another is a rule JSON Schema cannot state: it is documented on the field.
         if self.best_of is not None and self.best_of != self.n:
             raise InvalidRequestError("best_of other than n is not supported by Lamina yet", param="best_of")
-        if self.prompt == [] or self.prompt == "":
-            raise InvalidRequestError("prompt is empty: give some text or token ids", param="prompt")
         return self
 
 
 class TokenizeRequest(_Request):
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     add_generation_prompt: bool = True
     add_special_tokens: bool = True
 
-    @model_validator(mode="after")
-    def _one_input(self) -> TokenizeRequest:
-        if (self.prompt is None) == (self.messages is None):
-            raise InvalidRequestError("give exactly one of prompt or messages", param="prompt")
-        return self
+    rules = (OneOf(("prompt", "messages"), "give exactly one of prompt or messages"),)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tool_messages(cls, data: Any) -> Any:
+        return _refuse_tool_messages(data)
 
 
 class DetokenizeRequest(_Request):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[TokenId] = Field(description="Token ids below the model's vocabulary size, else a 400.")
 
 
-# --- responses (for the OpenAPI schema; handlers build plain dicts of the same shape) -----------------------
+# --- responses and stream chunks ----------------------------------------------------------------------------
 
 
-class Usage(BaseModel):
+class PromptTokensDetails(WireModel):
+    cached_tokens: int
+
+
+class Usage(WireModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
-    prompt_tokens_details: dict[str, int] | None = None
+    prompt_tokens_details: PromptTokensDetails
 
 
-class ChatCompletionMessage(BaseModel):
+class TopLogprob(WireModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(WireModel):
+    content: list[ChatTokenLogprob]
+
+
+class CompletionLogprobs(WireModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class Citation(WireModel):
+    """Lamina's addition to grounded chat: a passage the answer may cite as [index]."""
+
+    index: int
+    file_id: str
+    filename: str
+    page: int | None
+    score: float
+    snippet: str
+    vector_store_id: str
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class ChatCompletionMessage(WireModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: str | None = None
 
 
-class ChatChoice(BaseModel):
+class ChatChoice(WireModel):
     index: int
     message: ChatCompletionMessage
-    logprobs: dict[str, Any] | None = None
-    finish_reason: Literal["stop", "length"]
+    logprobs: ChatLogprobs | None
+    finish_reason: FinishReason
 
 
-class ChatCompletion(BaseModel):
+class ChatCompletion(WireModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
-    system_fingerprint: str | None = None
+    system_fingerprint: str
     choices: list[ChatChoice]
     usage: Usage
+    citations: list[Citation] | MISSING = MISSING
+    """Only for grounded chat (`vector_store_ids`)."""
 
 
-class CompletionChoice(BaseModel):
+class ChatDelta(WireModel):
+    """What a chunk adds to its choice; OpenAI sends only the keys that apply (role on the first chunk)."""
+
+    role: Literal["assistant"] | MISSING = MISSING
+    content: str | MISSING | None = MISSING
+    refusal: str | MISSING | None = MISSING
+
+
+class ChatChunkChoice(WireModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(WireModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    system_fingerprint: str
+    usage: Usage | MISSING | None = MISSING
+    """With `stream_options.include_usage`: null on every chunk but the last, which has `choices: []`."""
+    choices: list[ChatChunkChoice]
+    citations: list[Citation] | MISSING = MISSING
+    """Grounded chat: on each choice's last chunk, and on the usage chunk."""
+
+
+class CompletionChoice(WireModel):
     index: int
     text: str
-    logprobs: dict[str, Any] | None = None
-    finish_reason: Literal["stop", "length"]
+    logprobs: CompletionLogprobs | None
+    finish_reason: FinishReason
 
 
-class Completion(BaseModel):
+class Completion(WireModel):
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
-    system_fingerprint: str | None = None
+    system_fingerprint: str
     choices: list[CompletionChoice]
     usage: Usage
 
 
-class ModelCard(BaseModel):
+class CompletionChunkChoice(WireModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class CompletionChunk(WireModel):
+    """A streamed piece of a completion (OpenAI reuses the `text_completion` object for it)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    system_fingerprint: str
+    usage: Usage | MISSING | None = MISSING
+    choices: list[CompletionChunkChoice]
+
+
+class ModelCard(WireModel):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "lamina"
-    root: str | None = None
-    parent: str | None = None
-    max_model_len: int | None = None
-    task: Literal["generate", "embed"] | None = None
+    root: str | None
+    parent: str | None
+    max_model_len: int | None
+    task: Literal["generate", "embed"]
     """Lamina's addition: what the model is for (the web chat offers only `generate` models)."""
 
 
-class ModelList(BaseModel):
+class ModelList(WireModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
 
 
-class ErrorBody(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | int | None = None
+class TokenizeResponse(WireModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
 
 
-class ErrorResponse(BaseModel):
-    error: ErrorBody
+class DetokenizeResponse(WireModel):
+    prompt: str
+
+
+class Health(WireModel):
+    status: Literal["ok"] = "ok"

@@ -1,10 +1,14 @@
 """The logic behind the OpenAI routes: requests to prompts and sampling parameters, engine output to
 OpenAI responses and Server-Sent Events, usage and metrics along the way.
 
-Routes stay thin: each hands its validated request to a method here. Streams follow OpenAI exactly: the
-first chunk of each choice carries the role, text follows in `delta.content`, `finish_reason` arrives on the
-last chunk of each choice with an empty delta, an optional usage chunk with `choices: []`, then
-`data: [DONE]`. An error after the stream began becomes a final `data: {"error": ...}` event.
+Routes stay thin: each hands its validated request to a method here. Every body and every event is built
+from the models in `lamina.api.openai.protocol`, the one source of the wire format. Streams follow OpenAI
+exactly: the first chunk of each choice carries the role, text follows in `delta.content`, `finish_reason`
+arrives on the last chunk of each choice with an empty delta, an optional usage chunk with `choices: []`,
+then `data: [DONE]`. An error after the stream began becomes a final `data: {"error": ...}` event.
+
+A request never outlives its client: a stream is cancelled by Starlette when the connection drops, and a
+non-streamed request watches for the disconnect itself, so the engine aborts either within moments.
 """
 
 from __future__ import annotations
@@ -15,27 +19,54 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import MISSING, BaseModel
 
 from lamina.api.errors import APIError
 from lamina.api.keys import APIKey
 from lamina.api.loading import Loading
 from lamina.api.openai.protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionMessage,
     ChatCompletionRequest,
+    ChatDelta,
+    ChatLogprobs,
+    ChatTokenLogprob,
+    Citation,
+    Completion,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionChunkChoice,
+    CompletionLogprobs,
     CompletionRequest,
     DetokenizeRequest,
+    DetokenizeResponse,
+    Health,
+    ModelCard,
+    ModelList,
+    PromptTokensDetails,
     TokenizeRequest,
+    TokenizeResponse,
+    TopLogprob,
+    Usage,
+    chat_messages,
 )
 from lamina.api.usage import UsageLog
+from lamina.api.wire import ErrorResponse
 from lamina.errors import InvalidRequestError, LaminaError
 from lamina.infra.telemetry import Metrics
 from lamina.llm import LLM
 from lamina.llm.engine.sampling import SamplingParams
+from lamina.llm.rag import Citation as Cited
 from lamina.llm.text.stream import Delta, TokenLogprob
 
 if TYPE_CHECKING:
@@ -94,6 +125,11 @@ class OpenAIService:
     def ready(self) -> LLM:
         return self.loading.get()
 
+    def health(self) -> Health:
+        """200 once the model is loaded, else the 503 of `ready` (never waits: nothing here asks the engine)."""
+        self.ready()
+        return Health()
+
     def check_model(self, model: str | None, key: APIKey | None, *, embeddings: bool = False) -> None:
         served = {self.model_name, *self.adapters}
         served |= {self.rag.embedding_model} if embeddings and self.rag is not None else set()
@@ -104,141 +140,122 @@ class OpenAIService:
             raise APIError(403, f"This API key may not use the model '{model}'; it may use: {', '.join(key.models)}.",
                            code="model_not_allowed", param="model")
 
-    def model_cards(self) -> list[dict[str, Any]]:
+    def model_cards(self) -> list[ModelCard]:
         """The chat model, and the embedding model when one is served (`task` tells them apart)."""
         max_len = self.llm.config.max_seq_len if self.llm else None
-        cards = [{"id": self.model_name, "object": "model", "created": self.created, "owned_by": "lamina",
-                  "root": self.model_name, "parent": None, "max_model_len": max_len, "task": "generate"}]
-        cards += [{"id": name, "object": "model", "created": self.created, "owned_by": "lamina", "root": path,
-                   "parent": self.model_name, "max_model_len": max_len, "task": "generate"}
+        cards = [ModelCard(id=self.model_name, created=self.created, root=self.model_name, parent=None, max_model_len=max_len,
+                           task="generate")]
+        cards += [ModelCard(id=name, created=self.created, root=path, parent=self.model_name, max_model_len=max_len, task="generate")
                   for name, path in self.adapters.items()]
         if self.rag is not None and self.rag.embedder is not None:
             e = self.rag.embedder
-            cards.append({"id": e.name, "object": "model", "created": self.created, "owned_by": "lamina", "root": e.name,
-                          "parent": None, "max_model_len": e.max_tokens, "task": "embed"})
+            cards.append(ModelCard(id=e.name, created=self.created, root=e.name, parent=None, max_model_len=e.max_tokens, task="embed"))
         return cards
+
+    def model_list(self, key: APIKey | None) -> ModelList:
+        """The models this key may use."""
+        return ModelList(data=[c for c in self.model_cards() if key is None or key.allows(c.id)])
+
+    def model_card(self, model_id: str, key: APIKey | None) -> ModelCard:
+        self.check_model(model_id, key, embeddings=True)
+        card = next((c for c in self.model_cards() if c.id == model_id), None)
+        if card is None:  # the embedding model is still loading
+            raise APIError(503, f"The model '{model_id}' is still loading.", code="model_loading")
+        return card
 
     # --- chat -----------------------------------------------------------------------------------------
 
     async def chat(self, req: ChatCompletionRequest, request: Request, key: APIKey | None) -> JSONResponse | StreamingResponse:
         self.check_model(req.model, key)
         llm = self.ready()
-        messages, cited = req.chat_messages(), []
+        messages, cited = req.chat_messages(), None
         if req.vector_store_ids:
             if self.rag is None:
                 raise InvalidRequestError("this server has no vector stores", param="vector_store_ids")
             grounding = await run_in_threadpool(self.rag.ground, messages, req.vector_store_ids, req.max_num_results)
-            messages, cited = grounding.messages, [c.to_dict() for c in grounding.citations]
+            messages, cited = grounding.messages, [_citation(c) for c in grounding.citations]
         prompt_ids = llm.encode_chat(messages)
         max_tokens = req.max_completion_tokens or req.max_tokens
         top = (req.top_logprobs or 0) if req.logprobs else None
         choices = self._choices(req, [prompt_ids], max_tokens, top)
         admission = self._admit(request, key, req, choices)
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        head = self._head(f"chatcmpl-{uuid.uuid4().hex}", req)
         if req.stream:
-            stream = self._chat_events(request, request_id, req, choices, cited)
-            return StreamingResponse(stream, media_type="text/event-stream", headers={**SSE_HEADERS, **admission})
-        await self._run(request, choices)
-        body = {
-            "id": request_id, "object": "chat.completion", "created": int(time.time()), "model": req.model or self.model_name,
-            "system_fingerprint": self.fingerprint,
-            "choices": [
-                {"index": c.index, "message": {"role": "assistant", "content": "".join(c.text), "refusal": None},
-                 "logprobs": {"content": [_chat_logprob(lp) for lp in c.logprobs]} if top is not None else None,
-                 "finish_reason": c.finish_reason}
-                for c in choices
-            ],
-            "usage": self._usage(choices),
-        }
-        if req.vector_store_ids:
-            body["citations"] = cited
-        return JSONResponse(body, headers=admission)
+            return _stream(self._chat_chunks(request, head, req, choices, cited), "chat", admission)
+        await self._collect(request, head["id"], choices)
+        body = ChatCompletion(
+            **head,
+            choices=[ChatChoice(index=c.index, message=ChatCompletionMessage(content="".join(c.text)),
+                                logprobs=_chat_logprobs(c.logprobs) if top is not None else None,
+                                finish_reason=c.finish_reason)  # type: ignore[arg-type]
+                     for c in choices],
+            usage=self._usage(choices),
+            citations=MISSING if cited is None else cited,
+        )
+        return _json(body, admission)
 
-    async def _chat_events(self, request: Request, request_id: str, req: ChatCompletionRequest, choices: list[_Choice],
-                           cited: list[dict[str, Any]]) -> AsyncIterator[str]:
-        base: dict[str, Any] = {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()),
-                                "model": req.model or self.model_name, "system_fingerprint": self.fingerprint}
+    async def _chat_chunks(self, request: Request, head: dict[str, Any], req: ChatCompletionRequest, choices: list[_Choice],
+                           cited: list[Citation] | None) -> AsyncIterator[ChatCompletionChunk]:
+        usage = None if req.include_usage else MISSING  # present (null) on every chunk only when asked for
+        citations = MISSING if cited is None else cited
+
+        def chunk(index: int, delta: ChatDelta, finish: str | None = None, lps: list[TokenLogprob] | None = None) -> ChatCompletionChunk:
+            choice = ChatChunkChoice(index=index, delta=delta, logprobs=_chat_logprobs(lps) if lps else None,
+                                     finish_reason=finish)  # type: ignore[arg-type]
+            return ChatCompletionChunk(**head, usage=usage, choices=[choice], citations=MISSING if finish is None else citations)
+
+        for c in choices:
+            yield chunk(c.index, ChatDelta(role="assistant", content="", refusal=None))
+        async for c, delta in self._deltas(request, head["id"], choices):
+            if delta.text or (req.logprobs and delta.logprobs):
+                yield chunk(c.index, ChatDelta(content=delta.text), None, delta.logprobs if req.logprobs else None)
+            if delta.finish_reason is not None:
+                yield chunk(c.index, ChatDelta(), delta.finish_reason)
         if req.include_usage:
-            base["usage"] = None
-        logprobs = req.logprobs
-
-        def chunk(index: int, delta: dict[str, Any], finish: str | None = None, lps: list[TokenLogprob] | None = None) -> str:
-            choice = {"index": index, "delta": delta, "logprobs": {"content": [_chat_logprob(lp) for lp in lps]} if lps else None,
-                      "finish_reason": finish}
-            extra = {"citations": cited} if finish is not None and req.vector_store_ids else {}
-            return _sse({**base, "choices": [choice], **extra})
-
-        try:
-            for c in choices:
-                yield chunk(c.index, {"role": "assistant", "content": "", "refusal": None})
-            async for c, delta in self._deltas(request, choices):
-                if delta.text or (logprobs and delta.logprobs):
-                    yield chunk(c.index, {"content": delta.text}, None, delta.logprobs if logprobs else None)
-                if delta.finish_reason is not None:
-                    yield chunk(c.index, {}, delta.finish_reason)
-            if req.include_usage:
-                extra = {"citations": cited} if req.vector_store_ids else {}
-                yield _sse({**base, "choices": [], "usage": self._usage(choices), **extra})
-        except LaminaError as e:
-            yield _sse(e.to_dict())
-        except Exception:
-            logger.exception("error in a chat stream")
-            yield _sse({"error": {"message": "The server had an internal error; it has been logged.", "type": "server_error",
-                                  "param": None, "code": "internal_error"}})
-        yield "data: [DONE]\n\n"
+            yield ChatCompletionChunk(**head, usage=self._usage(choices), choices=[], citations=citations)
 
     # --- completions ----------------------------------------------------------------------------------
 
     async def complete(self, req: CompletionRequest, request: Request, key: APIKey | None) -> JSONResponse | StreamingResponse:
         self.check_model(req.model, key)
         llm = self.ready()
-        if req.echo and req.logprobs is not None:
-            raise InvalidRequestError("echo with logprobs is not supported by Lamina yet (no prompt logprobs)", param="echo")
         prompts = self._prompts(req.prompt, llm)
         choices = self._choices(req, prompts, req.max_tokens, req.logprobs)
         admission = self._admit(request, key, req, choices)
-        request_id = f"cmpl-{uuid.uuid4().hex}"
+        head = self._head(f"cmpl-{uuid.uuid4().hex}", req)
         echo = {c.index: llm.tokenizer.decode(c.prompt_ids) if req.echo else "" for c in choices}
         if req.stream:
-            return StreamingResponse(self._completion_events(request, request_id, req, choices, echo), media_type="text/event-stream",
-                                     headers={**SSE_HEADERS, **admission})
-        await self._run(request, choices)
-        body = {
-            "id": request_id, "object": "text_completion", "created": int(time.time()), "model": req.model or self.model_name,
-            "system_fingerprint": self.fingerprint,
-            "choices": [{"index": c.index, "text": echo[c.index] + "".join(c.text),
-                         "logprobs": _completion_logprobs(c.logprobs, 0) if req.logprobs is not None else None,
-                         "finish_reason": c.finish_reason} for c in choices],
-            "usage": self._usage(choices),
-        }
-        return JSONResponse(body, headers=admission)
+            return _stream(self._completion_chunks(request, head, req, choices, echo), "completion", admission)
+        await self._collect(request, head["id"], choices)
+        body = Completion(
+            **head,
+            choices=[CompletionChoice(index=c.index, text=echo[c.index] + "".join(c.text),
+                                      logprobs=_completion_logprobs(c.logprobs, 0) if req.logprobs is not None else None,
+                                      finish_reason=c.finish_reason)  # type: ignore[arg-type]
+                     for c in choices],
+            usage=self._usage(choices),
+        )
+        return _json(body, admission)
 
-    async def _completion_events(self, request: Request, request_id: str, req: CompletionRequest, choices: list[_Choice],
-                                 echo: dict[int, str]) -> AsyncIterator[str]:
-        base: dict[str, Any] = {"id": request_id, "object": "text_completion", "created": int(time.time()),
-                                "model": req.model or self.model_name, "system_fingerprint": self.fingerprint}
-        if req.include_usage:
-            base["usage"] = None
+    async def _completion_chunks(self, request: Request, head: dict[str, Any], req: CompletionRequest, choices: list[_Choice],
+                                 echo: dict[int, str]) -> AsyncIterator[CompletionChunk]:
+        usage = None if req.include_usage else MISSING
+
+        def chunk(index: int, text: str, lps: CompletionLogprobs | None = None, finish: str | None = None) -> CompletionChunk:
+            choice = CompletionChunkChoice(index=index, text=text, logprobs=lps, finish_reason=finish)  # type: ignore[arg-type]
+            return CompletionChunk(**head, usage=usage, choices=[choice])
+
         offsets = {c.index: len(echo[c.index]) for c in choices}
-        try:
-            for c in choices:
-                if echo[c.index]:
-                    yield _sse({**base, "choices": [{"index": c.index, "text": echo[c.index], "logprobs": None, "finish_reason": None}]})
-            async for c, delta in self._deltas(request, choices):
-                lps = _completion_logprobs(delta.logprobs, offsets[c.index]) if req.logprobs is not None else None
-                offsets[c.index] += len(delta.text)
-                if delta.text or delta.finish_reason is not None or lps:
-                    yield _sse({**base, "choices": [{"index": c.index, "text": delta.text, "logprobs": lps,
-                                                     "finish_reason": delta.finish_reason}]})
-            if req.include_usage:
-                yield _sse({**base, "choices": [], "usage": self._usage(choices)})
-        except LaminaError as e:
-            yield _sse(e.to_dict())
-        except Exception:
-            logger.exception("error in a completion stream")
-            yield _sse({"error": {"message": "The server had an internal error; it has been logged.", "type": "server_error",
-                                  "param": None, "code": "internal_error"}})
-        yield "data: [DONE]\n\n"
+        for c in choices:
+            if echo[c.index]:
+                yield chunk(c.index, echo[c.index])
+        async for c, delta in self._deltas(request, head["id"], choices):
+            lps = _completion_logprobs(delta.logprobs, offsets[c.index]) if req.logprobs is not None else None
+            offsets[c.index] += len(delta.text)
+            if delta.text or delta.finish_reason is not None or lps is not None:
+                yield chunk(c.index, delta.text, lps, delta.finish_reason)
+        if req.include_usage:
+            yield CompletionChunk(**head, usage=self._usage(choices), choices=[])
 
     def _prompts(self, prompt: str | list[str] | list[int] | list[list[int]], llm: LLM) -> list[list[int]]:
         tok = llm.tokenizer
@@ -246,22 +263,21 @@ class OpenAIService:
             return [tok.encode(prompt)]
         if all(isinstance(p, int) for p in prompt):
             return [list(prompt)]  # type: ignore[arg-type]
-        out = []
-        for p in prompt:
-            ids = tok.encode(p) if isinstance(p, str) else list(p)  # type: ignore[arg-type]
-            if not ids:
-                raise InvalidRequestError("a prompt is empty: give some text or token ids", param="prompt")
-            out.append(ids)
-        return out
+        return [tok.encode(p) if isinstance(p, str) else list(p) for p in prompt]  # type: ignore[arg-type]
 
     # --- shared ---------------------------------------------------------------------------------------
+
+    def _head(self, request_id: str, req: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
+        """The fields every body and chunk of one response shares."""
+        return {"id": request_id, "created": int(time.time()), "model": req.model or self.model_name,
+                "system_fingerprint": self.fingerprint}
 
     def _choices(self, req: ChatCompletionRequest | CompletionRequest, prompts: list[list[int]], max_tokens: int | None,
                  logprobs: int | None) -> list[_Choice]:
         llm = self.ready()
         choices = []
         for p, prompt_ids in enumerate(prompts):
-            if not prompt_ids:
+            if not prompt_ids:  # text that the tokenizer turns into nothing
                 raise InvalidRequestError("the prompt is empty: give some text", param="prompt")
             limit = max_tokens or max(1, llm.config.max_seq_len - len(prompt_ids))
             for i in range(req.n):
@@ -274,8 +290,10 @@ class OpenAIService:
                     repetition_penalty=req.repetition_penalty or 1.0,
                     presence_penalty=req.presence_penalty,
                     frequency_penalty=req.frequency_penalty,
-                    seed=None if req.seed is None else req.seed + i,  # n choices differ, yet reproduce together
-                    stop=tuple([req.stop] if isinstance(req.stop, str) else req.stop or ()),
+                    # n choices differ, yet reproduce together; torch's generators are 64-bit and wrap a negative
+                    # seed modulo 2**64 themselves, so every seed they took before means what it meant.
+                    seed=None if req.seed is None else (req.seed + i) % 2**64,
+                    stop=req.stops,
                     logprobs=logprobs,
                 )
                 adapter = req.model if req.model in self.adapters else None
@@ -296,19 +314,34 @@ class OpenAIService:
             logger.info("ignoring unknown request fields %s", unknown)
         return admission.headers
 
-    def _usage(self, choices: list[_Choice]) -> dict[str, Any]:
+    def _usage(self, choices: list[_Choice]) -> Usage:
         prompts = {id(c.prompt_ids): c for c in choices}.values()
         prompt_tokens = sum(len(c.prompt_ids) for c in prompts)
         completion = sum(c.completion_tokens for c in choices)
         cached = sum(c.cached_tokens for c in prompts)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion,
-                "prompt_tokens_details": {"cached_tokens": cached}}
+        return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
-    async def _run(self, request: Request, choices: list[_Choice]) -> None:
-        async for _ in self._deltas(request, choices):
-            pass
+    async def _collect(self, request: Request, request_id: str, choices: list[_Choice]) -> None:
+        """Run every choice to its end, for a non-streamed response. A client that disconnects first cancels the
+        run, which aborts the engine's requests (as leaving a stream does): nobody is left to read the answer."""
 
-    async def _deltas(self, request: Request, choices: list[_Choice]) -> AsyncIterator[tuple[_Choice, Delta]]:
+        async def drain() -> None:
+            async for _ in self._deltas(request, request_id, choices):
+                pass
+
+        run, gone = asyncio.ensure_future(drain()), asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait((run, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            run.cancel()  # a no-op once it is done
+            await asyncio.gather(run, gone, return_exceptions=True)
+        if run.cancelled():
+            raise APIError(499, "The client closed the connection before the response was ready.", code="client_closed_request")
+        run.result()  # an engine error becomes the request's error
+
+    async def _deltas(self, request: Request, request_id: str, choices: list[_Choice]) -> AsyncIterator[tuple[_Choice, Delta]]:
         """Every choice's deltas as they come (interleaved), with metrics and usage kept up to date."""
         llm = self.ready()
         m, name = self.metrics, self.model_name
@@ -318,7 +351,8 @@ class OpenAIService:
         # Tenants never share cached prefixes: the key is part of every salt.
         key = getattr(request.state, "key", None)
         tenant = f"key{key.id}" if key is not None else "open"
-        streams = [(c, llm.astream(c.prompt_ids, c.params, cache_salt=f"{tenant}|{c.salt}", adapter=c.adapter)) for c in choices]
+        streams = [(c, llm.astream(c.prompt_ids, c.params, request_id=f"{request_id}-{c.index}", cache_salt=f"{tenant}|{c.salt}",
+                                   adapter=c.adapter)) for c in choices]
         for c in {id(c.prompt_ids): c for c in choices}.values():
             m.prompt_tokens.labels(name).inc(len(c.prompt_ids))
             m.request_prompt_tokens.labels(name).observe(len(c.prompt_ids))
@@ -346,24 +380,62 @@ class OpenAIService:
 
     # --- tokenizer ------------------------------------------------------------------------------------
 
-    def tokenize(self, req: TokenizeRequest, key: APIKey | None) -> dict[str, Any]:
+    def tokenize(self, req: TokenizeRequest, key: APIKey | None) -> TokenizeResponse:
         self.check_model(req.model, key)
-        llm = self.ready().llm
+        llm = self.ready()
         if req.messages is not None:
-            chat = ChatCompletionRequest(model=self.model_name, messages=req.messages)
-            tokens = llm.encode_chat(chat.chat_messages(), add_generation_prompt=req.add_generation_prompt)
+            tokens = llm.encode_chat(chat_messages(req.messages), add_generation_prompt=req.add_generation_prompt)
         else:
             tokens = llm.tokenizer.encode(req.prompt or "", add_special_tokens=req.add_special_tokens)
-        return {"count": len(tokens), "max_model_len": llm.config.max_seq_len, "tokens": tokens}
+        return TokenizeResponse(count=len(tokens), max_model_len=llm.config.max_seq_len, tokens=tokens)
 
-    def detokenize(self, req: DetokenizeRequest, key: APIKey | None) -> dict[str, Any]:
+    def detokenize(self, req: DetokenizeRequest, key: APIKey | None) -> DetokenizeResponse:
         self.check_model(req.model, key)
-        llm = self.ready().llm
+        llm = self.ready()
         vocab = llm.config.vocab_size
         bad = [t for t in req.tokens if not 0 <= t < vocab]
         if bad:
             raise InvalidRequestError(f"token ids must be in [0, {vocab}); got {bad[:5]}", param="tokens")
-        return {"prompt": llm.tokenizer.decode(req.tokens)}
+        return DetokenizeResponse(prompt=llm.tokenizer.decode(req.tokens))
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has gone. The body has been read, so the next ASGI message can only say so."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _json(body: BaseModel, headers: dict[str, str]) -> JSONResponse:
+    return JSONResponse(body.model_dump(mode="json"), headers=headers)
+
+
+def _sse(payload: BaseModel) -> str:
+    # json.dumps of the dumped model rather than `model_dump_json`: the bytes stay what they were (Python's float
+    # spelling), which OpenAI-compatible clients and the byte-for-byte tests read.
+    return f"data: {json.dumps(payload.model_dump(mode='json'), ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def _stream(chunks: AsyncIterator[BaseModel], what: str, headers: dict[str, str]) -> StreamingResponse:
+    return StreamingResponse(_events(chunks, what), media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
+
+
+async def _events(chunks: AsyncIterator[BaseModel], what: str) -> AsyncIterator[str]:
+    """The Server-Sent Events of a stream of chunks: each as `data:`, an error as the last one, then [DONE]."""
+    async with aclosing(chunks):  # type: ignore[type-var]
+        try:
+            async for chunk in chunks:
+                yield _sse(chunk)
+        except LaminaError as e:
+            yield _sse(ErrorResponse.of(e))
+        except Exception:
+            logger.exception("error in a %s stream", what)
+            yield _sse(ErrorResponse.internal())
+    yield "data: [DONE]\n\n"
+
+
+def _citation(c: Cited) -> Citation:
+    return Citation(index=c.index, file_id=c.file_id, filename=c.filename, page=c.page, score=round(c.score, 6),
+                    snippet=c.snippet, vector_store_id=c.vector_store_id)
 
 
 async def _merge(streams: list[tuple[_Choice, AsyncIterator[Delta]]]) -> AsyncIterator[tuple[_Choice, Delta]]:
@@ -405,21 +477,18 @@ async def _merge(streams: list[tuple[_Choice, AsyncIterator[Delta]]]) -> AsyncIt
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _sse(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+def _chat_logprobs(lps: list[TokenLogprob]) -> ChatLogprobs:
+    return ChatLogprobs(content=[
+        ChatTokenLogprob(token=lp.token, logprob=lp.logprob, bytes=list(lp.bytes),
+                         top_logprobs=[TopLogprob(token=t.token, logprob=t.logprob, bytes=list(t.bytes)) for t in lp.top_logprobs])
+        for lp in lps])
 
 
-def _chat_logprob(lp: TokenLogprob) -> dict[str, Any]:
-    return {"token": lp.token, "logprob": lp.logprob, "bytes": list(lp.bytes),
-            "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": list(t.bytes)} for t in lp.top_logprobs]}
-
-
-def _completion_logprobs(lps: list[TokenLogprob], offset: int) -> dict[str, Any]:
+def _completion_logprobs(lps: list[TokenLogprob], offset: int) -> CompletionLogprobs:
     tokens, offsets = [], []
     for lp in lps:
         tokens.append(lp.token)
         offsets.append(offset)
         offset += len(lp.token)
-    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
-            "top_logprobs": [{t.token: t.logprob for t in lp.top_logprobs} for lp in lps], "text_offset": offsets}
-
+    return CompletionLogprobs(tokens=tokens, token_logprobs=[lp.logprob for lp in lps],
+                              top_logprobs=[{t.token: t.logprob for t in lp.top_logprobs} for lp in lps], text_offset=offsets)

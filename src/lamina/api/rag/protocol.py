@@ -1,19 +1,32 @@
-"""Request models of the files, vector-store and embeddings routes, with OpenAI's field names."""
+"""Request and response models of the files, vector-store and embeddings routes, with OpenAI's field names:
+the one source of their wire format (validation, /openapi.json, the bodies sent).
+
+What depends on the loaded embedding model is documented on the field rather than published as a bound: a
+static chunk must fit what the model reads (`max_chunk_size_tokens` at most its `max_model_len` in
+/v1/models, less 2), and `dimensions` can only be the model's own.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from lamina.api.wire import EMPTY, NON_BLANK, WireModel, non_blank, unsupported
 from lamina.errors import InvalidRequestError
+from lamina.infra.files import PURPOSES
 
-AttributeValue = str | int | float | bool
+Purpose = Literal[PURPOSES]  # type: ignore[valid-type]
+# Integers SQLite can hold; a larger one is read as a float (the JSON number it is), never refused.
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+Scalar = str | bool | Int64 | float
+Metadata = Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]], Field(max_length=16)]
 
 
 class StaticChunking(BaseModel):
-    max_chunk_size_tokens: int = Field(default=200, ge=16, le=4096)
-    chunk_overlap_tokens: int = Field(default=40, ge=0)
+    max_chunk_size_tokens: int = Field(default=200, ge=16, le=4096,
+                                       description="At most what the embedding model reads (its max_model_len less 2).")
+    chunk_overlap_tokens: int = Field(default=40, ge=0, description="At most half of max_chunk_size_tokens.")
 
     @model_validator(mode="after")
     def _overlap(self) -> StaticChunking:
@@ -41,40 +54,50 @@ class ChunkingStrategy(BaseModel):
 
 class VectorStoreCreate(BaseModel):
     model_config = ConfigDict(extra="allow")
-    name: str | None = Field(default=None, max_length=256)
+    name: str | None = Field(default=None, max_length=256, description="Unique on this server (another store's is a 409).")
     file_ids: list[str] = Field(default_factory=list, max_length=500)
-    metadata: dict[str, str] | None = None
+    metadata: Metadata | None = None
     chunking_strategy: ChunkingStrategy | None = None
-    expires_after: dict[str, Any] | None = None
-
-    @model_validator(mode="after")
-    def _refuse(self) -> VectorStoreCreate:
-        if self.expires_after:
-            raise InvalidRequestError("expires_after is not supported by Lamina yet; remove the field", param="expires_after")
-        _check_metadata(self.metadata)
-        return self
+    expires_after: unsupported(EMPTY, "expiry") = None
 
 
 class VectorStoreUpdate(BaseModel):
-    name: str | None = Field(default=None, max_length=256)
-    metadata: dict[str, str] | None = None
-
-    @model_validator(mode="after")
-    def _meta(self) -> VectorStoreUpdate:
-        _check_metadata(self.metadata)
-        return self
+    name: str | None = Field(default=None, max_length=256, description="Unique on this server (another store's is a 409).")
+    metadata: Metadata | None = None
 
 
 class VectorStoreFileCreate(BaseModel):
     file_id: str
-    attributes: dict[str, AttributeValue] | None = None
+    attributes: Annotated[dict[str, Scalar], Field(max_length=16)] | None = None
     chunking_strategy: ChunkingStrategy | None = None
 
-    @model_validator(mode="after")
-    def _attributes(self) -> VectorStoreFileCreate:
-        if self.attributes and len(self.attributes) > 16:
-            raise InvalidRequestError("at most 16 attributes per file", param="attributes")
-        return self
+
+# --- OpenAI's file-search filters: a comparison, a membership test, or `and`/`or` of filters -----------------
+
+
+class ComparisonFilter(BaseModel):
+    """`key` compared with `value`: an attribute of the file (or `filename`, `file_id`, `page`)."""
+
+    type: Literal["eq", "ne", "gt", "gte", "lt", "lte"]
+    key: str = Field(min_length=1)
+    value: Scalar
+
+
+class MembershipFilter(BaseModel):
+    """`key` is (`in`) or is not (`nin`) one of `value`."""
+
+    type: Literal["in", "nin"]
+    key: str = Field(min_length=1)
+    value: list[Scalar] = Field(min_length=1)
+
+
+class CompoundFilter(BaseModel):
+    type: Literal["and", "or"]
+    filters: list[Filter] = Field(min_length=1)
+
+
+Filter = Annotated[ComparisonFilter | MembershipFilter | CompoundFilter, Field(discriminator="type")]
+CompoundFilter.model_rebuild()
 
 
 class RankingOptions(BaseModel):
@@ -86,54 +109,198 @@ class RankingOptions(BaseModel):
         return "hybrid" if self.ranker in ("auto", "default-2024-11-15") else self.ranker  # type: ignore[return-value]
 
 
+Query = str | list[str]
+
+
 class SearchRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
-    query: str | list[str]
+    query: (Annotated[str, Field(pattern=NON_BLANK)]
+            | Annotated[list[str], Field(min_length=1, json_schema_extra={"contains": {"type": "string", "pattern": NON_BLANK}})]) = Field(
+        description="Text to search for: something besides white space (in one item at least, for a list).")
     max_num_results: int = Field(default=10, ge=1, le=50)
-    filters: dict[str, Any] | None = None
+    filters: Filter | None = None
     ranking_options: RankingOptions = Field(default_factory=RankingOptions)
-    rewrite_query: bool = False
+    rewrite_query: unsupported(Literal[False] | None, "query rewriting",
+                               lambda _: "rewrite_query is not supported by Lamina yet; set it to false") = False
 
     @model_validator(mode="after")
     def _query(self) -> SearchRequest:
-        text = self.query if isinstance(self.query, str) else " ".join(self.query)
-        if not text.strip():
+        if not non_blank(self.text):  # a list of blank items; the schema's `contains` says the same
             raise InvalidRequestError("the query is empty: give some text to search for", param="query")
-        if self.rewrite_query:
-            raise InvalidRequestError("rewrite_query is not supported by Lamina yet; set it to false", param="rewrite_query")
         return self
 
     @property
     def text(self) -> str:
         return self.query if isinstance(self.query, str) else " ".join(self.query)
 
+    def filter_spec(self) -> dict[str, Any] | None:
+        """The filter as the plain structure the vector store compiles to SQL."""
+        return None if self.filters is None else self.filters.model_dump()
+
+
+def _token_input(data: Any) -> Any:
+    """Refuse token-id input with a message that says why (the schema publishes strings only)."""
+    items = data.get("input") if isinstance(data, dict) else None
+    items = items if isinstance(items, list) else [items]
+    if any(isinstance(i, int | list) and not isinstance(i, bool) for i in items):
+        raise InvalidRequestError("token-id input is not supported by Lamina yet; send strings", param="input")
+    return data
+
 
 class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
-    input: str | list[str] | list[int] | list[list[int]]
-    model: str
+    input: str | Annotated[list[str], Field(min_length=1, max_length=2048)]
+    model: str = Field(description="The embedding model served here (see /v1/models); another is a 404.")
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = None
+    dimensions: int | None = Field(default=None, ge=1, description="Only the model's own (384 for all-minilm-l6-v2).")
     user: str | None = None
 
-    @model_validator(mode="after")
-    def _inputs(self) -> EmbeddingRequest:
-        items = [self.input] if isinstance(self.input, str) else self.input
-        if not items:
-            raise InvalidRequestError("input is empty: give a string or a list of strings", param="input")
-        if not all(isinstance(i, str) for i in items):
-            raise InvalidRequestError("token-id input is not supported by Lamina yet; send strings", param="input")
-        if len(items) > 2048:
-            raise InvalidRequestError(f"at most 2048 inputs per request (got {len(items)})", param="input")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _inputs(cls, data: Any) -> Any:
+        return _token_input(data)
 
     @property
     def texts(self) -> list[str]:
-        return [self.input] if isinstance(self.input, str) else list(self.input)  # type: ignore[arg-type]
+        return [self.input] if isinstance(self.input, str) else list(self.input)
 
 
-def _check_metadata(metadata: dict[str, str] | None) -> None:
-    if not metadata:
-        return
-    if len(metadata) > 16 or any(len(k) > 64 or len(v) > 512 for k, v in metadata.items()):
-        raise InvalidRequestError("metadata holds at most 16 pairs, keys up to 64 and values up to 512 characters", param="metadata")
+# --- responses ----------------------------------------------------------------------------------------------
+
+
+class FileObject(WireModel):
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: Literal["processed"] = "processed"
+    status_details: None = None
+
+
+class FileList(WireModel):
+    object: Literal["list"] = "list"
+    data: list[FileObject]
+    has_more: bool = False
+
+
+class FileDeleted(WireModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool = True
+
+
+class FileCounts(WireModel):
+    in_progress: int = 0
+    completed: int
+    failed: int
+    cancelled: int = 0
+    total: int
+
+
+class VectorStoreObject(WireModel):
+    id: str
+    object: Literal["vector_store"] = "vector_store"
+    created_at: int
+    name: str
+    usage_bytes: int
+    file_counts: FileCounts
+    status: Literal["completed"] = "completed"
+    expires_after: None = None
+    expires_at: None = None
+    last_active_at: int
+    metadata: dict[str, Any]
+
+
+class VectorStoreList(WireModel):
+    object: Literal["list"] = "list"
+    data: list[VectorStoreObject]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool = False
+
+
+class VectorStoreDeleted(WireModel):
+    id: str
+    object: Literal["vector_store.deleted"] = "vector_store.deleted"
+    deleted: bool = True
+
+
+class LastError(WireModel):
+    code: Literal["invalid_file"] = "invalid_file"
+    message: str
+
+
+class StaticChunkingObject(WireModel):
+    type: Literal["static"] = "static"
+    static: StaticChunking
+
+
+class VectorStoreFileObject(WireModel):
+    id: str
+    object: Literal["vector_store.file"] = "vector_store.file"
+    created_at: int
+    vector_store_id: str
+    status: Literal["completed", "failed"]
+    usage_bytes: int
+    last_error: LastError | None
+    attributes: dict[str, Any]
+    filename: str
+    chunk_count: int
+    chunking_strategy: StaticChunkingObject
+
+
+class VectorStoreFileList(WireModel):
+    object: Literal["list"] = "list"
+    data: list[VectorStoreFileObject]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool = False
+
+
+class VectorStoreFileDeleted(WireModel):
+    id: str
+    object: Literal["vector_store.file.deleted"] = "vector_store.file.deleted"
+    deleted: bool = True
+
+
+class TextContent(WireModel):
+    type: Literal["text"] = "text"
+    text: str
+
+
+class SearchResult(WireModel):
+    file_id: str
+    filename: str
+    score: float
+    attributes: dict[str, Any]
+    content: list[TextContent]
+
+
+class SearchResultsPage(WireModel):
+    object: Literal["vector_store.search_results.page"] = "vector_store.search_results.page"
+    search_query: Query
+    data: list[SearchResult]
+    has_more: bool = False
+    next_page: None = None
+
+
+class Embedding(WireModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+    """Floats, or with `encoding_format: base64` their little-endian float32 bytes in base64."""
+
+
+class EmbeddingUsage(WireModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(WireModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
