@@ -3,7 +3,8 @@
 Before each call they make the generated request what a client that read /v1/models sends: the served
 model's id, token ids within its vocabulary, a short `max_tokens` (the tiny model's context is long, and a
 case must take milliseconds), a static chunk the embedding model can read with an overlap of at most half
-of it, `best_of` equal to `n`, `dimensions` of the embedding model's own. These are the rules the schema
+of it, `best_of` equal to `n`, `dimensions` of the embedding model's own, the served model in
+`/v1/models/{model_id}`. These are the rules the schema
 documents on its fields but cannot state (they depend on the loaded models, or tie one field to another).
 Everything else is sent as generated. Ids in paths are the seeded store and file (DELETEs get their own
 ids, so that deleting does not empty what the other operations read). After each call the response's
@@ -70,7 +71,7 @@ def _chunking(body: dict[str, Any]) -> None:
     if size is not None and size > EMBEDDER_TOKENS:
         static["max_chunk_size_tokens"] = size = EMBEDDER_TOKENS
     overlap = _int(static.get("chunk_overlap_tokens"))
-    limit = (size if size is not None else 200) // 2  # 200: the default size
+    limit = (size if size is not None else 200) // 2  # 200: the default size; an absent overlap keeps to it
     if overlap is not None and overlap > limit:
         static["chunk_overlap_tokens"] = limit
 
@@ -78,6 +79,8 @@ def _chunking(body: dict[str, Any]) -> None:
 @schemathesis.hook
 def before_call(context: Any, case: Any, kwargs: dict[str, Any]) -> None:
     path, body = case.operation.path, case.body
+    if case.path_parameters and isinstance(case.path_parameters.get("model_id"), str):
+        case.path_parameters["model_id"] = MODEL  # a made-up id is a 404, which the e2e tests cover
     ids = IDS.get(f"{case.method.upper()} {path}", IDS) if case.method.upper() == "DELETE" else IDS
     for name in ("store_id", "file_id"):
         if case.path_parameters and name in case.path_parameters and isinstance(ids.get(name), str):

@@ -162,7 +162,8 @@ class Outcome:
         return out
 
     def failures_per_operation(self) -> Counter[str]:
-        return Counter(str(f.get("operation") or f.get("label") or "?") for f in self.report.get("failures", []))
+        """Kinds of failure (schemathesis' groups: ST101 server error, ST202 valid data refused, ...) per operation."""
+        return Counter(op for group in self.report.get("failures", []) for op in group.get("operations", []))
 
 
 def run_schemathesis(server: LiveServer, *, max_examples: int, coverage: str = "positive", paths: list[str] | None = None,

@@ -23,16 +23,29 @@ Scalar = str | bool | Int64 | float
 Metadata = Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]], Field(max_length=16)]
 
 
+DEFAULT_OVERLAP = 40
+
+
 class StaticChunking(BaseModel):
     max_chunk_size_tokens: int = Field(default=200, ge=16, le=4096,
                                        description="At most what the embedding model reads (its max_model_len less 2).")
-    chunk_overlap_tokens: int = Field(default=40, ge=0, description="At most half of max_chunk_size_tokens.")
+    chunk_overlap_tokens: int | None = Field(default=None, ge=0, description=(
+        f"At most half of max_chunk_size_tokens; when absent, {DEFAULT_OVERLAP} or half of a smaller chunk."))
 
     @model_validator(mode="after")
     def _overlap(self) -> StaticChunking:
-        if self.chunk_overlap_tokens > self.max_chunk_size_tokens // 2:
+        # Half the chunk at most is a rule between two fields that JSON Schema cannot state: documented above. The
+        # default keeps to it, so that leaving the overlap out is never refused.
+        if self.chunk_overlap_tokens is None:
+            self.chunk_overlap_tokens = min(DEFAULT_OVERLAP, self.max_chunk_size_tokens // 2)
+        elif self.chunk_overlap_tokens > self.max_chunk_size_tokens // 2:
             raise InvalidRequestError("chunk_overlap_tokens must not exceed half of max_chunk_size_tokens", param="chunking_strategy")
         return self
+
+    @property
+    def overlap(self) -> int:
+        assert self.chunk_overlap_tokens is not None  # set by the validator
+        return self.chunk_overlap_tokens
 
 
 class ChunkingStrategy(BaseModel):
@@ -47,7 +60,7 @@ class ChunkingStrategy(BaseModel):
                 raise InvalidRequestError(
                     f"max_chunk_size_tokens {static.max_chunk_size_tokens} exceeds what the embedding model reads "
                     f"({encoder_max_tokens - 2} tokens)", param="chunking_strategy")
-            return static.max_chunk_size_tokens, static.chunk_overlap_tokens
+            return static.max_chunk_size_tokens, static.overlap
         size = min(200, encoder_max_tokens - 2)
         return size, size // 5
 
@@ -232,9 +245,14 @@ class LastError(WireModel):
     message: str
 
 
+class ChunkSizes(WireModel):
+    max_chunk_size_tokens: int
+    chunk_overlap_tokens: int
+
+
 class StaticChunkingObject(WireModel):
     type: Literal["static"] = "static"
-    static: StaticChunking
+    static: ChunkSizes
 
 
 class VectorStoreFileObject(WireModel):

@@ -23,6 +23,7 @@ from lamina.api.keys import APIKey
 from lamina.api.loading import Loading
 from lamina.api.rag.protocol import (
     ChunkingStrategy,
+    ChunkSizes,
     Embedding,
     EmbeddingList,
     EmbeddingRequest,
@@ -35,7 +36,6 @@ from lamina.api.rag.protocol import (
     SearchRequest,
     SearchResult,
     SearchResultsPage,
-    StaticChunking,
     StaticChunkingObject,
     TextContent,
     VectorStoreCreate,
@@ -193,8 +193,8 @@ class RagService:
             id=record.file_id, created_at=int(record.created_at), vector_store_id=store_id, status=record.status,
             usage_bytes=record.bytes, last_error=LastError(message=record.error or "") if record.status == "failed" else None,
             attributes=record.attributes, filename=record.filename, chunk_count=record.chunk_count,
-            chunking_strategy=StaticChunkingObject(static=StaticChunking.model_construct(
-                max_chunk_size_tokens=store.chunk_tokens, chunk_overlap_tokens=store.chunk_overlap)),
+            chunking_strategy=StaticChunkingObject(static=ChunkSizes(max_chunk_size_tokens=store.chunk_tokens,
+                                                                    chunk_overlap_tokens=store.chunk_overlap)),
         )
 
     # --- search, embeddings, grounding ------------------------------------------------------------------
