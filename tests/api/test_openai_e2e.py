@@ -89,9 +89,13 @@ def test_n_choices(client) -> None:
 
 
 def test_stop_strings(client) -> None:
-    r = client.chat.completions.create(model=MODEL, messages=ASK, temperature=0, stop=["Paris", "zzz"])
-    assert r.choices[0].finish_reason == "stop" and "Paris" not in r.choices[0].message.content
-    assert r.choices[0].message.content.startswith("The capital of France is")
+    # A prompt whose greedy answer is far from any near-tie (fp32 and bf16 alike, alone or after other requests):
+    # "What is the capital of France?" is a near-tie in bf16 between "The capital..." and "L'...", so a stop
+    # string taken from one of them says nothing about stop strings. max_tokens bounds a miss.
+    count = [{"role": "user", "content": "Count from 1 to 10, separated by commas."}]
+    r = client.chat.completions.create(model=MODEL, messages=count, temperature=0, stop=[", 6", "zzz"], max_tokens=40)
+    assert r.choices[0].finish_reason == "stop" and ", 6" not in r.choices[0].message.content
+    assert r.choices[0].message.content.startswith("1, 2, 3, 4")
 
 
 def test_seed_reproducibility(client) -> None:
@@ -288,7 +292,10 @@ def test_sixteen_concurrent_streams_and_a_responsive_health(server: Server) -> N
 
     texts, health = asyncio.run(main())
     assert len(texts) == 16 and all(texts)
-    assert len(health) > 5 and max(health) < 0.1, f"slowest /health {max(health) * 1000:.0f} ms"
+    # /health never waits on the engine: a health check queued behind engine steps would take seconds, not the
+    # tens of milliseconds a loaded 2-core machine gives anything else (the bound is on the median, the max is loose)
+    typical, slowest = sorted(health)[len(health) // 2], max(health)
+    assert len(health) > 5 and typical < 0.1 and slowest < 1.0, f"/health median {typical * 1000:.0f} ms, slowest {slowest * 1000:.0f} ms"
     # the same request alone gives the same greedy text: interleaving did not mix sequences up
     alone = openai.OpenAI(base_url=server.api, api_key="x", max_retries=0).chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Say something about the number 7."}], max_tokens=24, temperature=0)
