@@ -386,7 +386,7 @@ static int step_init(Step *s, const LamDecodeConfig *c, const float *inv_freq, f
     s->att = alloc(sizeof(float) * (size_t)M * s->nq);
     s->ff = alloc(sizeof(float) * (size_t)M * s->hidden);
     s->score_ld = ((size_t)max_pos + 1 + 15) / 16 * 16; /* whole cache lines: no two threads share one */
-    s->scores = alloc(sizeof(float) * s->score_ld * (size_t)s->threads);
+    s->scores = aligned_alloc(64, sizeof(float) * s->score_ld * (size_t)s->threads);
     const int acts = act_alloc(&s->a_dim, M, s->dim) | act_alloc(&s->a_att, M, s->nq) | act_alloc(&s->a_ff, M, s->hidden);
     if (!s->h || !s->qkv || !s->att || !s->ff || !s->scores || acts != LAM_OK) {
         step_free(s);
