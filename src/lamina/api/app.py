@@ -148,9 +148,7 @@ def create_app(
 
 
 def _load(args: ServeArgs) -> LLM:
-    s = args.settings
-    llm = LLM.load(s.model, device=s.device, dtype=s.dtype, home=s.home, engine_args=args.engine, quantize=args.quantize,
-                   settings=s)
+    llm = LLM.load(settings=args.settings, engine_args=args.engine, quantize=args.quantize)  # model, home, device, dtype
     for name, path in args.lora:
         llm.load_adapter(name, path)
     return llm
