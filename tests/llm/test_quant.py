@@ -65,7 +65,7 @@ def test_native_matmul_equals_float_arithmetic_on_the_quantised_numbers(lib, fmt
     blocks = (native.pack_q4 if fmt == native.Q4 else native.pack_q8)(w)
     x = torch.randn(rows, 160)
     x[0, 32:64] = 0.0  # a zero activation block
-    y = native.matmul(lib, fmt, blocks, 160, x)
+    y = native.matmul(lib, fmt, native.tile_blocks(blocks, fmt, 160), 100, 160, x)
     ref = _fake_quant_activations(x) @ native.unpack(blocks, fmt, 160).double().t()
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
     # and close to the float product it approximates
@@ -74,10 +74,20 @@ def test_native_matmul_equals_float_arithmetic_on_the_quantised_numbers(lib, fmt
 
 @pytest.mark.parametrize("fmt", [native.Q4, native.Q8])
 def test_native_dequantize_equals_unpack(lib, fmt: int) -> None:  # type: ignore[no-untyped-def]
-    blocks = (native.pack_q4 if fmt == native.Q4 else native.pack_q8)(torch.randn(48, 64))
-    assert torch.equal(native.dequantize(lib, fmt, blocks, 64, torch.float32), native.unpack(blocks, fmt, 64))
-    bf16 = native.dequantize(lib, fmt, blocks, 64, torch.bfloat16)
+    blocks = (native.pack_q4 if fmt == native.Q4 else native.pack_q8)(torch.randn(40, 64))  # 2.5 tiles
+    tiles = native.tile_blocks(blocks, fmt, 64)
+    assert torch.equal(native.dequantize(lib, fmt, tiles, 40, 64, torch.float32), native.unpack(blocks, fmt, 64))
+    bf16 = native.dequantize(lib, fmt, tiles, 40, 64, torch.bfloat16)
     assert torch.equal(bf16, native.unpack(blocks, fmt, 64).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("fmt", [native.Q4, native.Q8])
+def test_tiles_hold_the_blocks_bytes_and_nothing_else(fmt: int) -> None:
+    blocks = torch.randint(0, 256, (37, 3 * native.BLOCK_BYTES[fmt]), dtype=torch.uint8)
+    tiles = native.tile_blocks(blocks, fmt, 96)
+    assert tiles.shape == (3, 3 * 16 * native.BLOCK_BYTES[fmt])  # 37 rows -> 3 tiles, the last one padded
+    assert torch.equal(native.untile_blocks(tiles, fmt, 96, 37), blocks)
+    assert int(tiles.sum()) == int(blocks.sum())  # the padding rows are zeros
 
 
 def test_quant_linear_uses_the_float_gemm_for_long_inputs(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -86,7 +96,7 @@ def test_quant_linear_uses_the_float_gemm_for_long_inputs(tmp_path) -> None:  # 
     layer = QuantLinear(linear, Kernel("int4", torch.float32, "native"), tmp_path)
     layer.gemm_rows = 8
     x = torch.randn(2, 8, 64)  # 16 rows: the float path, exact on the dequantised weight
-    expected = x @ native.unpack(layer.blocks, native.Q4, 64).t() + linear.bias
+    expected = x @ native.unpack(layer.row_blocks(), native.Q4, 64).t() + linear.bias
     torch.testing.assert_close(layer(x), expected.detach(), rtol=1e-5, atol=1e-5)
     short = layer(x[:1, :3])  # 3 rows: integer dots, on int8 activations
     assert short.shape == (1, 3, 40)
@@ -171,6 +181,39 @@ def test_fused_step_feeds_prompt_chunks_with_decoding_rows(name: str, tmp_path) 
         decoder.step(torch.tensor([1]), [5], [0], [0], native_cache)
 
 
+@pytest.mark.parametrize("overrides", [dict(n_kv_heads=4), dict(n_kv_heads=1), dict(n_kv_heads=2, sliding_window=200)],
+                         ids=["mha", "mqa", "gqa-window"])
+def test_fused_attention_over_many_kv_chunks_equals_the_pytorch_forward(overrides: dict, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Rows of 300 and 450 positions, head_dim 64: the step splits each row's keys and values into chunks of 128
+    positions (flash-decoding), attends each chunk for the kv head's whole group of query heads and merges the
+    chunks; that equals PyTorch's forward, and a bfloat16 copy of the cache stays close."""
+    model = _tiny("int8", torch.float32, tmp_path, dim=256, max_seq_len=512, **overrides)
+    decoder = NativeDecoder.for_model(model)
+    assert decoder is not None
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 96, (300,), generator=g).tolist(), torch.randint(0, 96, (450,), generator=g).tolist()]
+    c = model.config
+    native_cache = SlotCache(c.n_layers, c.n_kv_heads, c.head_dim, dtype=torch.float32, device="cpu")  # type: ignore[arg-type]
+    native_cache.reserve(2, 512)
+    with torch.inference_mode():
+        for b, ids in enumerate(prompts):
+            model(torch.tensor([ids]), native_cache.row(b))
+    torch_cache = copy.deepcopy(native_cache)
+    bf16 = SlotCache(c.n_layers, c.n_kv_heads, c.head_dim, dtype=torch.bfloat16, device="cpu")  # type: ignore[arg-type]
+    bf16.reserve(2, 512)
+    bf16.k[:], bf16.v[:] = native_cache.k.to(torch.bfloat16), native_cache.v.to(torch.bfloat16)
+    bf16.lengths = list(native_cache.lengths)
+    tokens = torch.tensor([[21], [22]])
+    for _ in range(2):
+        got = decoder.decode(tokens, native_cache, 2)
+        with torch.inference_mode():
+            want = model(tokens, torch_cache.decode(2))[:, -1].float()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        near = decoder.decode(tokens, bf16, 2)
+        assert ((near - want).norm() / want.norm()).item() < 0.02
+        tokens = want.argmax(-1, keepdim=True)
+
+
 def test_fused_decode_with_a_bfloat16_cache_tracks_the_float32_one(tmp_path) -> None:  # type: ignore[no-untyped-def]
     model = _tiny("int4", torch.float32, tmp_path)
     decoder = NativeDecoder.for_model(model)
@@ -237,18 +280,54 @@ def test_kernel_choice_is_measured_and_cached(tmp_path) -> None:  # type: ignore
     assert again == kernel and seconds_again == seconds  # read back, not re-measured
 
 
-@pytest.mark.parametrize("march", ["haswell", "native"])
-def test_the_avx2_build_computes_what_the_vnni_build_does(march: str, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """`-march=haswell` compiles the AVX2 dot products (vpmaddubsw), the path of CPUs without AVX-VNNI."""
-    monkeypatch.setenv("LAMINA_NATIVE_MARCH", march)
-    lib = native.library(tmp_path / march, native.NativeOptions.from_settings(Settings()))
-    assert lib is not None
+# Each integer-dot path a build can take, with the CPU features it needs to run: -march=haswell is AVX2's
+# vpmaddubsw (CPUs without VNNI), alderlake AVX-VNNI on ymm, skylake-avx512 AVX-512 without VNNI, and
+# icelake-server AVX-512 VNNI. The ones this CPU cannot run are skipped, and say so.
+ISA_BUILDS = {
+    "haswell": ("avx2", ["avx2", "fma", "f16c"]),
+    "alderlake": ("avx2-vnni", ["avx2", "fma", "f16c", "avx_vnni"]),
+    "skylake-avx512": ("avx512", ["avx512f", "avx512bw", "avx512vl"]),
+    "icelake-server": ("avx512-vnni", ["avx512f", "avx512bw", "avx512vl", "avx512_vnni"]),
+}
+
+
+@pytest.fixture(scope="module")
+def native_reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """What the native build of this machine computes, for every other build to match bit for bit."""
+    lib = native.library(tmp_path_factory.mktemp("native-ref"))
+    return _isa_outputs(lib)
+
+
+def _isa_outputs(lib) -> dict:  # type: ignore[no-untyped-def]
     torch.manual_seed(1)
+    out = {}
     for fmt, pack in ((native.Q4, native.pack_q4), (native.Q8, native.pack_q8)):
         w, x = torch.randn(70, 96) * 0.1, torch.randn(11, 96)
         blocks = pack(w)
         ref = _fake_quant_activations(x) @ native.unpack(blocks, fmt, 96).double().t()
-        torch.testing.assert_close(native.matmul(lib, fmt, blocks, 96, x).double(), ref, rtol=1e-5, atol=1e-5)
+        for rows in (1, 2, 5, 11):  # every tail of the row loops
+            y = native.matmul(lib, fmt, native.tile_blocks(blocks, fmt, 96), 70, 96, x[:rows].contiguous())
+            torch.testing.assert_close(y.double(), ref[:rows], rtol=1e-5, atol=1e-5)
+            out[fmt, rows] = y
+    return out
+
+
+@pytest.mark.parametrize("march", sorted(ISA_BUILDS))
+def test_every_isa_build_computes_the_same_bits(march: str, native_reference: dict, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The AVX2, AVX-VNNI and AVX-512 builds all sum each block's products exactly, then do the same float
+    operations: each matches the float reference and the machine's own build to the bit."""
+    from lamina.infra.device import cpu_features
+
+    isa, needs = ISA_BUILDS[march]
+    missing = [f for f in needs if f not in cpu_features()]
+    if missing:
+        pytest.skip(f"this CPU lacks {', '.join(missing)} for the {isa} build")
+    monkeypatch.setenv("LAMINA_NATIVE_MARCH", march)
+    options = native.NativeOptions.from_settings(Settings())
+    lib = native.library(tmp_path / march, options)
+    assert lib is not None and native.isa(tmp_path / march, options) == isa
+    for key, y in _isa_outputs(lib).items():
+        assert torch.equal(y, native_reference[key]), key
 
 
 def test_native_kernels_can_be_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -429,9 +508,9 @@ def test_gguf_blocks_are_served_as_they_are(tmp_path, qtype: str, mode: str) -> 
     for name, module in quant.model.named_modules():
         if not isinstance(module, QuantLinear) or module.fmt != fmt:
             continue  # (under int4 the head is int8, re-packed from the Q4_1 output weight's floats)
-        assert torch.equal(module.blocks, stored[f"{name}.weight"][1]), name  # the bytes, Q/K rows un-permuted
+        assert torch.equal(module.row_blocks(), stored[f"{name}.weight"][1]), name  # the bytes, Q/K rows un-permuted
         float_weight = floats.model.get_submodule(name).weight.float()
-        assert torch.equal(native.unpack(module.blocks, fmt, module.in_features), float_weight), name
+        assert torch.equal(native.unpack(module.row_blocks(), fmt, module.in_features), float_weight), name
         checked += 1
     assert checked == 2 * 7 + (mode == "int8")  # every projection of both layers, and the head under int8
     ids = torch.randint(0, 400, (1, 12), generator=torch.Generator().manual_seed(0))

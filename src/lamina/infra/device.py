@@ -202,7 +202,8 @@ def cpu_model() -> str:
 
 def cpu_features() -> list[str]:
     """The SIMD features that decide which kernels are fast (from /proc/cpuinfo where there is one)."""
-    interesting = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_bf16", "amx_tile")
+    interesting = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+                   "avx_vnni", "amx_bf16", "amx_int8", "amx_tile")
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

@@ -88,7 +88,8 @@ class QuantLinear(nn.Module):
                 raise InvalidRequestError(f"native kernels unavailable: {native.unavailable_reason(options)}", param="quantize")
             self.fmt = native.Q4 if kernel.mode == "int4" else native.Q8
             pack = native.pack_q4 if kernel.mode == "int4" else native.pack_q8
-            self.register_buffer("blocks", blocks if blocks is not None else pack(linear.weight))
+            rows = blocks if blocks is not None else pack(linear.weight)
+            self.register_buffer("blocks", native.tile_blocks(rows, self.fmt, self.in_features))  # the kernels' tiles
         elif kernel.mode == "int8":
             q, scale = quantize_int8(linear.weight)
             self.register_buffer("qweight", q)
@@ -99,15 +100,19 @@ class QuantLinear(nn.Module):
             self.register_buffer("scales", scales_zeros.to(act))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
+    def row_blocks(self) -> torch.Tensor:
+        """Native backend: the weight as plain row-major blocks (N, K/32 * bytes), as a GGUF stores them."""
+        return native.untile_blocks(self.blocks, self.fmt, self.in_features, self.out_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
         flat = x.reshape(-1, self.in_features).to(self.activation)
         if self.lib is not None and flat.shape[0] >= self.gemm_rows:  # a prompt: compute-bound, the float GEMM wins
             gemm = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
-            w = native.dequantize(self.lib, self.fmt, self.blocks, self.in_features, gemm)
+            w = native.dequantize(self.lib, self.fmt, self.blocks, self.out_features, self.in_features, gemm)
             y = F.linear(x.reshape(-1, self.in_features).to(gemm), w)
         elif self.lib is not None:
-            y = native.matmul(self.lib, self.fmt, self.blocks, self.in_features, flat.contiguous())
+            y = native.matmul(self.lib, self.fmt, self.blocks, self.out_features, self.in_features, flat.contiguous())
         elif self.mode == "int8":
             y = torch._weight_int8pack_mm(flat, self.qweight, self.scales)
         else:

@@ -4,7 +4,10 @@ Why native code: at batch 1 a 135M-parameter decoder spends more time dispatchin
 per token than reading its quantised weights, and PyTorch's int8/int4 CPU kernels are themselves slower
 than the float ones on AVX2 machines. The C file does what llama.cpp does: weights in blocks of 32 with an
 fp16 scale (Q4 with an offset, Q8 symmetric), activations quantised to int8 per block, integer dot products
-(AVX-VNNI where present, AVX2 otherwise), and one call per decode step that runs every layer.
+(AVX-512 VNNI, AVX-512, AVX-VNNI or AVX2, whichever the build targets: `isa()`), and one call per decode step
+that runs every layer. The kernels read the blocks in tiles of 16 output rows (`tile_blocks`), so one vector
+instruction meets 16 rows at once; `pack_q4`, `pack_q8`, `unpack` and the GGUF files speak the plain
+row-major blocks.
 
 Threads: each call runs on torch.get_num_threads() OpenMP threads, passed explicitly (an OpenMP thread
 count set in one Python thread does not carry to the engine's worker thread).
@@ -45,6 +48,7 @@ QK = 32
 Q4, Q8 = 4, 8
 BF16, F32 = 16, 32  # float weights (the fused step reads float32/bfloat16 `nn.Linear`s as they are)
 BLOCK_BYTES = {Q4: 20, Q8: 34}
+TILE = 16  # output rows per tile (NR in csrc/lamina_cpu.c)
 REQUIRED_FEATURES = ("avx2", "fma", "f16c")
 DEFAULT_CC = "cc"
 
@@ -79,7 +83,7 @@ class DecodeConfig(ctypes.Structure):
     two layouts when it loads the library), so a field added on one side only fails loudly.
     """
 
-    VERSION = 1  # LAM_DECODE_CONFIG_VERSION
+    VERSION = 2  # LAM_DECODE_CONFIG_VERSION
     _fields_ = [(name, ctypes.c_int64) for name in (
         "size", "version", "n_layers", "dim", "n_heads", "n_kv_heads", "head_dim", "hidden", "vocab",
         "rows", "slots", "capacity", "kv_bf16", "window", "head_fmt", "threads", "n_logits",
@@ -106,6 +110,12 @@ def library_path(cache_dir: Path | None = None, options: NativeOptions = DEFAULT
     """Where the compiled kernels were loaded from (building them first if needed); None if they cannot be."""
     lib = library(cache_dir, options)
     return None if lib is None else lib._name
+
+
+def isa(cache_dir: Path | None = None, options: NativeOptions = DEFAULT_OPTIONS) -> str | None:
+    """The integer-dot path the built kernels run ("avx512-vnni", "avx512", "avx2-vnni", "avx2"), or None."""
+    lib = library(cache_dir, options)
+    return None if lib is None else lib.lam_isa().decode()
 
 
 def unavailable_reason(options: NativeOptions = DEFAULT_OPTIONS) -> str | None:
@@ -176,6 +186,8 @@ def _build_and_load(cache_dir: Path | None, options: NativeOptions) -> ctypes.CD
     lib.lam_matmul.restype = i32
     lib.lam_dequant.argtypes = [i32, vp, i32, i32, vp, i32, i32]
     lib.lam_dequant.restype = None
+    lib.lam_isa.argtypes = []
+    lib.lam_isa.restype = ctypes.c_char_p
     lib.lam_decode_config_size.argtypes = lib.lam_decode_config_version.argtypes = []
     lib.lam_decode_config_size.restype = lib.lam_decode_config_version.restype = i64
     lib.lam_llama_decode.argtypes = [ctypes.POINTER(DecodeConfig)] + [vp] * 11
@@ -241,22 +253,51 @@ def _bytes(half: torch.Tensor) -> torch.Tensor:
     return half.contiguous().view(torch.uint8).reshape(*half.shape, 2)
 
 
-def matmul(lib: ctypes.CDLL, fmt: int, blocks: torch.Tensor, in_features: int, x: torch.Tensor) -> torch.Tensor:
-    """x (M, K) float32 contiguous @ W^T -> (M, N) float32."""
-    m, n = x.shape[0], blocks.shape[0]
+def tile_blocks(blocks: torch.Tensor, fmt: int, in_features: int) -> torch.Tensor:
+    """Row-major blocks (N, K/32 * bytes) -> the kernels' tiles (ceil(N/16), K/32 * 16 * bytes).
+
+    Per tile and block column: the 16 rows' fp16 d, for Q4 their fp16 m, then the quants in 64-byte chunks of
+    4 bytes per row (csrc/lamina_cpu.c describes it). The last tile is padded with zero rows.
+    """
+    n, nb, bb = blocks.shape[0], in_features // QK, BLOCK_BYTES[fmt]
+    if tuple(blocks.shape) != (n, nb * bb):
+        raise ValueError(f"blocks of shape {tuple(blocks.shape)} are not {n} rows of {nb} blocks of {bb} bytes")
+    tiles = -(-n // TILE)
+    padded = torch.zeros(tiles * TILE, nb, bb, dtype=torch.uint8)
+    padded[:n] = blocks.reshape(n, nb, bb)
+    b = padded.reshape(tiles, TILE, nb, bb).transpose(1, 2)  # (tiles, nb, 16 rows, bytes)
+    head = 4 if fmt == Q4 else 2  # d (and m) per row
+    scales = [b[..., i : i + 2].reshape(tiles, nb, TILE * 2) for i in range(0, head, 2)]
+    quants = b[..., head:].reshape(tiles, nb, TILE, -1, 4).transpose(2, 3)  # (tiles, nb, chunks, 16 rows, 4)
+    return torch.cat([*scales, quants.reshape(tiles, nb, -1)], dim=-1).reshape(tiles, nb * TILE * bb).contiguous()
+
+
+def untile_blocks(tiles: torch.Tensor, fmt: int, in_features: int, out_features: int) -> torch.Tensor:
+    """The row-major blocks (N, K/32 * bytes) that `tile_blocks` laid out as `tiles`."""
+    nb, bb = in_features // QK, BLOCK_BYTES[fmt]
+    t = tiles.shape[0]
+    b = tiles.reshape(t, nb, TILE * bb)
+    head = 4 if fmt == Q4 else 2
+    scales = [b[..., TILE * i : TILE * (i + 2)].reshape(t, nb, TILE, 2) for i in range(0, head, 2)]
+    quants = b[..., TILE * head :].reshape(t, nb, -1, TILE, 4).transpose(2, 3).reshape(t, nb, TILE, -1)
+    rows = torch.cat([*scales, quants], dim=-1)  # (tiles, nb, 16 rows, bytes)
+    return rows.transpose(1, 2).reshape(t * TILE, nb * bb)[:out_features].contiguous()
+
+
+def matmul(lib: ctypes.CDLL, fmt: int, tiles: torch.Tensor, out_features: int, in_features: int, x: torch.Tensor) -> torch.Tensor:
+    """x (M, K) float32 contiguous @ W^T -> (M, N) float32, W in tiles (`tile_blocks`)."""
+    m, n = x.shape[0], out_features
     y = torch.empty(m, n, dtype=torch.float32)
     if m:
-        status = lib.lam_matmul(fmt, blocks.data_ptr(), n, in_features, x.data_ptr(), m, y.data_ptr(), torch.get_num_threads())
+        status = lib.lam_matmul(fmt, tiles.data_ptr(), n, in_features, x.data_ptr(), m, y.data_ptr(), torch.get_num_threads())
         raise_for_status(status, f"a ({m}, {in_features}) x ({n}, {in_features}) native matmul")
     return y
 
 
-def dequantize(lib: ctypes.CDLL, fmt: int, blocks: torch.Tensor, in_features: int, dtype: torch.dtype) -> torch.Tensor:
+def dequantize(lib: ctypes.CDLL, fmt: int, tiles: torch.Tensor, out_features: int, in_features: int, dtype: torch.dtype) -> torch.Tensor:
     """The (N, K) weight in float32 or bfloat16, expanded by the native code (for long inputs' float GEMM)."""
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"dequantize to float32 or bfloat16, not {dtype}")
-    w = torch.empty(blocks.shape[0], in_features, dtype=dtype)
-    lib.lam_dequant(
-        fmt, blocks.data_ptr(), blocks.shape[0], in_features, w.data_ptr(), int(dtype == torch.bfloat16), torch.get_num_threads()
-    )
+    w = torch.empty(out_features, in_features, dtype=dtype)
+    lib.lam_dequant(fmt, tiles.data_ptr(), out_features, in_features, w.data_ptr(), int(dtype == torch.bfloat16), torch.get_num_threads())
     return w

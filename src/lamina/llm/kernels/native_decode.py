@@ -125,8 +125,9 @@ class NativeDecoder:
         same call). Returns logits (len(logit_rows), vocab) float32 for the rows listed. The cache's
         `lengths` are left to the caller.
         """
-        if cache.dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"the native decode step keeps keys and values in float32 or bfloat16, not {cache.dtype}")
+        kv_dtype = cache.k.dtype  # (what the tensors hold, which the C side reads)
+        if kv_dtype not in (torch.float32, torch.bfloat16) or cache.v.dtype != kv_dtype:
+            raise ValueError(f"the native decode step keeps keys and values in float32 or bfloat16, not {kv_dtype}")
         m = len(positions)
         if not (len(tokens) == len(slots) == m):
             raise ValueError(f"{len(tokens)} tokens, {len(slots)} slots and {m} positions: one of each per row")
@@ -139,7 +140,7 @@ class NativeDecoder:
         n_layers, dim, n_heads, n_kv_heads, head_dim, hidden, vocab = self.shape
         cfg = DecodeConfig(
             n_layers=n_layers, dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, hidden=hidden, vocab=vocab,
-            rows=m, slots=cache.slots, capacity=cache.capacity, kv_bf16=int(cache.dtype == torch.bfloat16), window=self.window,
+            rows=m, slots=cache.slots, capacity=cache.capacity, kv_bf16=int(kv_dtype == torch.bfloat16), window=self.window,
             head_fmt=head_fmt, threads=torch.get_num_threads(), n_logits=len(logit_rows), eps=self.eps,
         )
         assert cache.k.is_contiguous() and cache.v.is_contiguous()

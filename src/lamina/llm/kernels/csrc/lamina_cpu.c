@@ -4,15 +4,26 @@
  * Python or PyTorch headers, so it compiles in about a second. OpenMP is the same libgomp PyTorch loads
  * (one thread pool, sized by torch.set_num_threads).
  *
- * Weight blocks (32 inputs each, one row of blocks per output feature):
+ * Weight blocks (32 inputs each) are llama.cpp's Q4_1 and Q8_0:
  *   Q4: { fp16 d; fp16 m; u8 qs[16] }  w[j] = d * q[j] + m, q[j] = qs[j] & 15 (j < 16), qs[j - 16] >> 4
  *   Q8: { fp16 d; i8 qs[32] }          w[j] = d * qs[j]
- * Activations are quantised per row in blocks of 32 to int8 with a float scale (and the scaled sum of
- * the block, for Q4's offset), so each block's dot product is an integer dot product: u8 x s8 pairs
- * summed into int32 (AVX-VNNI's vpdpbusd where the CPU has it, AVX2's vpmaddubsw + vpmaddwd otherwise).
+ * and are kept in tiles of NR = 16 output rows (lamina.llm.kernels.native.tile_blocks lays them out): for
+ * each block column b, the 16 rows' d (16 fp16), for Q4 their m (16 fp16), then the quants in chunks of 64
+ * bytes, chunk c holding 4 bytes of each row (row r at bytes 4r..4r+3). Q4 has 4 chunks, chunk c being bytes
+ * qs[4c..4c+3] of every row (low nibbles: inputs 4c..4c+3, high nibbles: inputs 16+4c..16+4c+3); Q8 has 8,
+ * chunk g being inputs 4g..4g+3. A tile's blocks follow each other, then the next tile's; the last tile is
+ * padded with zero rows. So one vector load holds 4 inputs of 16 rows, and each 4 activation bytes, broadcast,
+ * meet 16 rows in one integer dot instruction: no horizontal sums, 16 outputs per accumulator.
  *
- * Every output row is computed by the same instructions whatever the batch size M, so a sequence's
- * result does not depend on what it is batched with.
+ * Activations are quantised per row in blocks of 32 to int8 with a float scale (with the block's integer sum
+ * and scaled sum, for Q4's offset and the Q8 trick below), so each block's dot product is an integer dot
+ * product of u8 x s8 pairs summed into int32: AVX-512 VNNI's vpdpbusd on zmm where the CPU has it, AVX-VNNI's
+ * on ymm, AVX2's vpmaddubsw + vpmaddwd otherwise (no pair can saturate: Q4 quants are at most 15, and Q8
+ * goes through |w| and sign(x, w) there). VNNI runs Q8 as unsigned (w + 128) and takes 128 * sum(x) back off.
+ *
+ * Every path sums each block's integer products exactly and then does the same float operations in the same
+ * order for each (row, output): so a sequence's result does not depend on what it is batched with, and the
+ * AVX2, AVX-VNNI and AVX-512 builds give the same bits.
  *
  * The entry points that allocate return LAM_OK or an error code (the Python side raises on anything
  * else), and free what they allocated on every path.
@@ -25,13 +36,43 @@
 #include <omp.h>
 
 #define QK 32
+#define NR 16 /* output rows per weight tile */
+#define KV_CHUNK 128 /* positions per attention work unit */
+#define MAX_HEAD_DIM 512 /* the largest head the decode step takes */
 enum { FMT_Q4 = 4, FMT_Q8 = 8, FMT_BF16 = 16, FMT_F32 = 32 };
 
 /* Return codes, mirrored in lamina.llm.kernels.native (LAM_OK ...). */
 enum { LAM_OK = 0, LAM_ERR_RANGE = 1, LAM_ERR_NOMEM = 2, LAM_ERR_CONFIG = 3 };
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define LAM_AVX512 1
+#endif
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define LAM_VNNI 1
+#define LAM_VNNI256(acc, u, s) _mm256_dpbusd_epi32(acc, u, s)
+#elif defined(__AVXVNNI__)
+#define LAM_VNNI 1
+#define LAM_VNNI256(acc, u, s) _mm256_dpbusd_avx_epi32(acc, u, s)
+#endif
+
+/* Which integer-dot path this build runs (lamina info shows it). */
+const char *lam_isa(void) {
+#if defined(LAM_AVX512) && defined(LAM_VNNI)
+    return "avx512-vnni";
+#elif defined(LAM_AVX512)
+    return "avx512";
+#elif defined(LAM_VNNI)
+    return "avx2-vnni";
+#else
+    return "avx2";
+#endif
+}
+
 static inline int block_bytes(int fmt) { return fmt == FMT_Q4 ? 20 : fmt == FMT_Q8 ? 34 : fmt == FMT_BF16 ? 2 * QK : 4 * QK; }
 static inline size_t row_bytes_of(int fmt, int K) { return (size_t)(K / QK) * block_bytes(fmt); }
+static inline int tiles_of(int N) { return (N + NR - 1) / NR; }
+/* Tile t of a weight with K inputs: tiled blocks and row-major float rows have the same bytes per tile. */
+static inline const uint8_t *tile_at(const uint8_t *w, int fmt, int K, int t) { return w + (size_t)t * NR * row_bytes_of(fmt, K); }
 
 static inline float f16_to_f32(const uint8_t *p) {
     uint16_t h;
@@ -46,6 +87,32 @@ static inline float hsum256(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* The 8 sums of a[0..7]'s lanes, in order (sum p = a[p]'s 8 lanes added pairwise: the same as a lane order
+ * independent of p, so one position's score never depends on its neighbours). */
+static inline __m256 hsum8x8(const __m256 *a) {
+    const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+    const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+/* e^x for 8 floats (x <= 88): Cephes' expf, a degree-5 polynomial on x - n ln2, within 2 ulp. */
+static inline __m256 exp256(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
 /* 8 floats from float32 or bfloat16 memory. */
 static inline __m256 load8(const void *p, int bf16) {
     if (!bf16) return _mm256_loadu_ps((const float *)p);
@@ -53,169 +120,319 @@ static inline __m256 load8(const void *p, int bf16) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-/* Sum of u[i] * s[i] over each group of 4 bytes: 8 int32 (u unsigned, s signed). */
-static inline __m256i dot_u8s8(__m256i u, __m256i s) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
-#elif defined(__AVXVNNI__)
-    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
-#else
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
-#endif
-}
-
-static inline __m256i q4_unpack(const uint8_t *qs) {
-    const __m128i b = _mm_loadu_si128((const __m128i *)qs);
-    const __m128i mask = _mm_set1_epi8(15);
-    const __m128i lo = _mm_and_si128(b, mask);
-    const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
-    return _mm256_set_m128i(hi, lo);
+static inline int32_t load32(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
 }
 
 /* ---- activations ------------------------------------------------------------------------------------ */
 
-/* One row x (K floats) -> int8 qa (K); block b's scale goes to da[b * ld] and its scaled sum to sa[b * ld]. */
-static void quantize_row(const float *x, int K, int8_t *qa, float *da, float *sa, size_t ld) {
+/* One row x (K floats) -> int8 qa (K): block b's scale goes to da[b * ld], its integer sum to si[b * ld] and
+ * the scaled sum to sa[b * ld]. Rounding is to nearest even (vcvtps2dq under the default MXCSR). */
+static void quantize_row(const float *x, int K, int8_t *qa, float *da, float *sa, int32_t *si, size_t ld) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (int b = 0; b < K / QK; b++) {
         const float *xb = x + b * QK;
-        float amax = 0.0f;
-        for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(xb[j]));
-        const float d = amax / 127.0f;
-        const float id = d > 0.0f ? 1.0f / d : 0.0f;
-        int sum = 0;
-        for (int j = 0; j < QK; j++) {
-            const int q = (int)nearbyintf(xb[j] * id);
-            qa[b * QK + j] = (int8_t)q;
-            sum += q;
+        __m256 v[4], mx = _mm256_setzero_ps();
+        for (int i = 0; i < 4; i++) {
+            v[i] = _mm256_loadu_ps(xb + 8 * i);
+            mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[i]));
         }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        const float d = _mm_cvtss_f32(m4) / 127.0f;
+        const __m256 id = _mm256_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
+        __m256i q[4];
+        for (int i = 0; i < 4; i++) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], id));
+        const __m256i s4 = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        __m128i s = _mm_add_epi32(_mm256_castsi256_si128(s4), _mm256_extracti128_si256(s4, 1));
+        s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+        s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+        const int32_t sum = _mm_cvtsi128_si32(s);
+        /* packs work within 128-bit lanes: the dwords come out as q0 q1 q2 q3 (low halves), then the high ones */
+        const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        _mm256_storeu_si256((__m256i *)(qa + b * QK), _mm256_permutevar8x32_epi32(p, order));
         da[b * ld] = d;
+        si[b * ld] = sum;
         sa[b * ld] = d * (float)sum;
     }
 }
 
-/* M quantised activation rows: q row-major (M x K); scales block-major (K/32 x ld), so the scales of 8
- * consecutive rows for one block are one vector load. */
+/* M quantised activation rows: q row-major (M x K); scales and sums block-major (K/32 x ld). */
 typedef struct {
     int8_t *q;
     float *d, *s;
+    int32_t *si;
     int K;
     size_t ld;
     const float *f; /* the float rows themselves (row stride ldf), for float weights */
     size_t ldf;
 } Act;
 
-#define MT 8 /* activation rows per pass over a weight row */
-
 static void act_free(Act *a) {
     free(a->q);
     free(a->d);
     free(a->s);
+    free(a->si);
 }
 
 /* LAM_OK or LAM_ERR_NOMEM; either way act_free releases what was allocated. */
 static int act_alloc(Act *a, int M, int K) {
     a->K = K;
-    a->ld = (size_t)M + MT; /* room to load a whole tile of scales past the last row */
+    a->ld = (size_t)M;
     a->q = aligned_alloc(64, ((size_t)M * K + 63) / 64 * 64 + 64);
     a->d = calloc((size_t)(K / QK) * a->ld + 1, sizeof(float)); /* (+1: never a request for 0 bytes) */
     a->s = calloc((size_t)(K / QK) * a->ld + 1, sizeof(float));
+    a->si = calloc((size_t)(K / QK) * a->ld + 1, sizeof(int32_t));
     a->f = NULL;
     a->ldf = (size_t)K;
-    return a->q && a->d && a->s ? LAM_OK : LAM_ERR_NOMEM;
+    return a->q && a->d && a->s && a->si ? LAM_OK : LAM_ERR_NOMEM;
 }
 
 static inline void act_quantize(const Act *a, const float *x, int m, int ldx) {
-    quantize_row(x + (size_t)m * ldx, a->K, a->q + (size_t)m * a->K, a->d + m, a->s + m, a->ld);
+    quantize_row(x + (size_t)m * ldx, a->K, a->q + (size_t)m * a->K, a->d + m, a->s + m, a->si + m, a->ld);
 }
 
-/* ---- one output feature for M activation rows --------------------------------------------------------- */
+/* ---- float weights: one row at a time ----------------------------------------------------------------- */
 
-/* Rows m0..m0+MTC-1 (MTC a constant after inlining, so the accumulators stay in registers). */
-static inline __attribute__((always_inline)) void dot_tile(int fmt, const uint8_t *row, const Act *a, int m0, const int MTC, float *out, int ldo) {
-    const int nb = a->K / QK;
-    static const int32_t lane[MT][8] = {{0, 0, 0, 0, 0, 0, 0, 0}, {1, 1, 1, 1, 1, 1, 1, 1}, {2, 2, 2, 2, 2, 2, 2, 2}, {3, 3, 3, 3, 3, 3, 3, 3},
-                                        {4, 4, 4, 4, 4, 4, 4, 4}, {5, 5, 5, 5, 5, 5, 5, 5}, {6, 6, 6, 6, 6, 6, 6, 6}, {7, 7, 7, 7, 7, 7, 7, 7}};
+#define MT 8 /* activation rows per pass over a float weight row */
+
+/* out[t * ldo] = dot(float weight row, activation row m0 + t) for t < MTC (a constant after inlining). */
+static inline __attribute__((always_inline)) void float_tile(int bf, const uint8_t *row, const Act *a, int m0, const int MTC, float *out, int ldo) {
     __m256 acc[MT];
-    __m256 accm = _mm256_setzero_ps(); /* Q4's offsets: lane t for row m0 + t */
-    float accm1 = 0.0f;                /* (the same for a single row) */
     for (int t = 0; t < MTC; t++) acc[t] = _mm256_setzero_ps();
-    const int8_t *xq = a->q + (size_t)m0 * a->K;
-    if (fmt == FMT_F32 || fmt == FMT_BF16) { /* float weights, float activations: plain FMAs */
-        const float *xf = a->f + (size_t)m0 * a->ldf;
-        const int bf = fmt == FMT_BF16;
-        if (MTC == 1) { /* one row: four independent chains hide the FMA latency */
-            __m256 c1 = _mm256_setzero_ps(), c2 = _mm256_setzero_ps(), c3 = _mm256_setzero_ps();
-            int k = 0;
-            for (; k + 32 <= a->K; k += 32) {
-                acc[0] = _mm256_fmadd_ps(load8(row + (size_t)k * (bf ? 2 : 4), bf), _mm256_loadu_ps(xf + k), acc[0]);
-                c1 = _mm256_fmadd_ps(load8(row + (size_t)(k + 8) * (bf ? 2 : 4), bf), _mm256_loadu_ps(xf + k + 8), c1);
-                c2 = _mm256_fmadd_ps(load8(row + (size_t)(k + 16) * (bf ? 2 : 4), bf), _mm256_loadu_ps(xf + k + 16), c2);
-                c3 = _mm256_fmadd_ps(load8(row + (size_t)(k + 24) * (bf ? 2 : 4), bf), _mm256_loadu_ps(xf + k + 24), c3);
-            }
-            acc[0] = _mm256_add_ps(_mm256_add_ps(acc[0], c1), _mm256_add_ps(c2, c3));
-        } else {
-            for (int k = 0; k < a->K; k += 8) {
-                const __m256 w = load8(row + (size_t)k * (bf ? 2 : 4), bf);
-                for (int t = 0; t < MTC; t++) acc[t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xf + (size_t)t * a->ldf + k), acc[t]);
-            }
+    const float *xf = a->f + (size_t)m0 * a->ldf;
+    const size_t es = bf ? 2 : 4;
+    if (MTC == 1) { /* one row: four independent chains hide the FMA latency */
+        __m256 c1 = _mm256_setzero_ps(), c2 = _mm256_setzero_ps(), c3 = _mm256_setzero_ps();
+        for (int k = 0; k + 32 <= a->K; k += 32) {
+            acc[0] = _mm256_fmadd_ps(load8(row + (size_t)k * es, bf), _mm256_loadu_ps(xf + k), acc[0]);
+            c1 = _mm256_fmadd_ps(load8(row + (size_t)(k + 8) * es, bf), _mm256_loadu_ps(xf + k + 8), c1);
+            c2 = _mm256_fmadd_ps(load8(row + (size_t)(k + 16) * es, bf), _mm256_loadu_ps(xf + k + 16), c2);
+            c3 = _mm256_fmadd_ps(load8(row + (size_t)(k + 24) * es, bf), _mm256_loadu_ps(xf + k + 24), c3);
         }
-    } else if (fmt == FMT_Q4) {
-        for (int b = 0; b < nb; b++) {
-            const uint8_t *blk = row + (size_t)b * 20;
-            const float d = f16_to_f32(blk);
-            const __m256 scales = MTC == 1 ? _mm256_set1_ps(d * a->d[b * a->ld + m0]) : _mm256_mul_ps(_mm256_set1_ps(d), _mm256_loadu_ps(a->d + b * a->ld + m0));
-            if (MTC == 1)
-                accm1 += f16_to_f32(blk + 2) * a->s[b * a->ld + m0];
-            else
-                accm = _mm256_fmadd_ps(_mm256_set1_ps(f16_to_f32(blk + 2)), _mm256_loadu_ps(a->s + b * a->ld + m0), accm);
-            const __m256i w = q4_unpack(blk + 4);
-            for (int t = 0; t < MTC; t++) {
-                const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + (size_t)t * a->K + b * QK));
-                const __m256 p = _mm256_cvtepi32_ps(dot_u8s8(w, x));
-                const __m256 sc = MTC == 1 ? scales : _mm256_permutevar8x32_ps(scales, _mm256_loadu_si256((const __m256i *)lane[t]));
-                acc[t] = _mm256_fmadd_ps(p, sc, acc[t]);
-            }
-        }
+        acc[0] = _mm256_add_ps(_mm256_add_ps(acc[0], c1), _mm256_add_ps(c2, c3));
     } else {
-        for (int b = 0; b < nb; b++) {
-            const uint8_t *blk = row + (size_t)b * 34;
-            const float d = f16_to_f32(blk);
-            const __m256 scales = MTC == 1 ? _mm256_set1_ps(d * a->d[b * a->ld + m0]) : _mm256_mul_ps(_mm256_set1_ps(d), _mm256_loadu_ps(a->d + b * a->ld + m0));
-            const __m256i w = _mm256_loadu_si256((const __m256i *)(blk + 2));
-            const __m256i wabs = _mm256_sign_epi8(w, w);
-            for (int t = 0; t < MTC; t++) {
-                const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + (size_t)t * a->K + b * QK));
-                const __m256 p = _mm256_cvtepi32_ps(dot_u8s8(wabs, _mm256_sign_epi8(x, w)));
-                const __m256 sc = MTC == 1 ? scales : _mm256_permutevar8x32_ps(scales, _mm256_loadu_si256((const __m256i *)lane[t]));
-                acc[t] = _mm256_fmadd_ps(p, sc, acc[t]);
-            }
+        for (int k = 0; k < a->K; k += 8) {
+            const __m256 w = load8(row + (size_t)k * es, bf);
+            for (int t = 0; t < MTC; t++) acc[t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xf + (size_t)t * a->ldf + k), acc[t]);
         }
     }
-    float offs[8];
-    _mm256_storeu_ps(offs, accm);
-    offs[0] += accm1;
-    for (int t = 0; t < MTC; t++) out[(size_t)(m0 + t) * ldo] = hsum256(acc[t]) + offs[t];
+    for (int t = 0; t < MTC; t++) out[(size_t)t * ldo] = hsum256(acc[t]);
 }
 
-/* out[m * ldo] = dot(weight row n, activation row m) for m0 <= m < m1. */
-static void dot_rows(int fmt, const uint8_t *row, const Act *a, int m0, int m1, float *out, int ldo) {
+/* out[(m - m0) * ldo] = dot(float weight row, activation row m) for m0 <= m < m1. (A single row takes the
+ * four-chain path, a batch the one-chain one: float weights are batch-invariant only row by row.) */
+static void float_rows(int fmt, const uint8_t *row, const Act *a, int m0, int m1, float *out, int ldo) {
+    const int bf = fmt == FMT_BF16;
     int m = m0;
-    for (; m + MT <= m1; m += MT) dot_tile(fmt, row, a, m, MT, out, ldo);
+    for (; m + MT <= m1; m += MT) float_tile(bf, row, a, m, MT, out + (size_t)(m - m0) * ldo, ldo);
+    float *o = out + (size_t)(m - m0) * ldo;
     switch (m1 - m) {
-    case 7: dot_tile(fmt, row, a, m, 7, out, ldo); break;
-    case 6: dot_tile(fmt, row, a, m, 6, out, ldo); break;
-    case 5: dot_tile(fmt, row, a, m, 5, out, ldo); break;
-    case 4: dot_tile(fmt, row, a, m, 4, out, ldo); break;
-    case 3: dot_tile(fmt, row, a, m, 3, out, ldo); break;
-    case 2: dot_tile(fmt, row, a, m, 2, out, ldo); break;
-    case 1: dot_tile(fmt, row, a, m, 1, out, ldo); break;
+    case 7: float_tile(bf, row, a, m, 7, o, ldo); break;
+    case 6: float_tile(bf, row, a, m, 6, o, ldo); break;
+    case 5: float_tile(bf, row, a, m, 5, o, ldo); break;
+    case 4: float_tile(bf, row, a, m, 4, o, ldo); break;
+    case 3: float_tile(bf, row, a, m, 3, o, ldo); break;
+    case 2: float_tile(bf, row, a, m, 2, o, ldo); break;
+    case 1: float_tile(bf, row, a, m, 1, o, ldo); break;
     default: break;
     }
 }
 
-static inline void dot_row(int fmt, const uint8_t *row, const Act *a, int M, float *out, int ldo) { dot_rows(fmt, row, a, 0, M, out, ldo); }
+/* ---- quantised weights: one tile of 16 rows at a time ---------------------------------------------------- */
 
-/* ---- y = x W^T for a block-quantised W (N x K); x (M x K) float32, y (M x N) float32 -------------------- */
+#ifdef LAM_AVX512
+#define RT 4 /* activation rows per pass over a tile */
+
+static inline __m512i dot512(__m512i acc, __m512i u, __m512i s) {
+#ifdef LAM_VNNI
+    return _mm512_dpbusd_epi32(acc, u, s);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
+#endif
+}
+
+/* y[t * NR + r] = tile row r . activation row m0 + t, t < R (a constant after inlining). */
+static inline __attribute__((always_inline)) void q4_tile(const uint8_t *tile, const Act *a, int m0, const int R, float *y) {
+    const int nb = a->K / QK;
+    const __m512i mask = _mm512_set1_epi8(15);
+    __m512 acc[RT];
+    for (int t = 0; t < R; t++) acc[t] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *tb = tile + (size_t)b * NR * 20;
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)tb));
+        const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(tb + 32)));
+        __m512i s[RT];
+        for (int t = 0; t < R; t++) s[t] = _mm512_setzero_si512();
+        for (int c = 0; c < 4; c++) {
+            const __m512i raw = _mm512_loadu_si512(tb + 64 + 64 * c);
+            const __m512i lo = _mm512_and_si512(raw, mask), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask);
+            for (int t = 0; t < R; t++) {
+                const int8_t *xq = a->q + (size_t)(m0 + t) * a->K + b * QK;
+                s[t] = dot512(s[t], lo, _mm512_set1_epi32(load32(xq + 4 * c)));
+                s[t] = dot512(s[t], hi, _mm512_set1_epi32(load32(xq + 16 + 4 * c)));
+            }
+        }
+        for (int t = 0; t < R; t++) {
+            const size_t at = (size_t)b * a->ld + m0 + t;
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[t]), _mm512_mul_ps(d, _mm512_set1_ps(a->d[at])), acc[t]);
+            acc[t] = _mm512_fmadd_ps(mn, _mm512_set1_ps(a->s[at]), acc[t]);
+        }
+    }
+    for (int t = 0; t < R; t++) _mm512_storeu_ps(y + t * NR, acc[t]);
+}
+
+static inline __attribute__((always_inline)) void q8_tile(const uint8_t *tile, const Act *a, int m0, const int R, float *y) {
+    const int nb = a->K / QK;
+    __m512 acc[RT];
+    for (int t = 0; t < R; t++) acc[t] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *tb = tile + (size_t)b * NR * 34;
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)tb));
+        __m512i s[RT];
+        for (int t = 0; t < R; t++) s[t] = _mm512_setzero_si512();
+        for (int g = 0; g < 8; g++) {
+            const __m512i w = _mm512_loadu_si512(tb + 32 + 64 * g);
+#ifdef LAM_VNNI
+            const __m512i wu = _mm512_xor_si512(w, _mm512_set1_epi8((char)0x80)); /* w + 128, as unsigned */
+            for (int t = 0; t < R; t++) {
+                const int8_t *xq = a->q + (size_t)(m0 + t) * a->K + b * QK;
+                s[t] = dot512(s[t], wu, _mm512_set1_epi32(load32(xq + 4 * g)));
+            }
+#else
+            const __m512i wa = _mm512_abs_epi8(w);
+            const __mmask64 neg = _mm512_movepi8_mask(w);
+            for (int t = 0; t < R; t++) {
+                const int8_t *xq = a->q + (size_t)(m0 + t) * a->K + b * QK;
+                const __m512i x = _mm512_set1_epi32(load32(xq + 4 * g));
+                s[t] = dot512(s[t], wa, _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x));
+            }
+#endif
+        }
+        for (int t = 0; t < R; t++) {
+            const size_t at = (size_t)b * a->ld + m0 + t;
+#ifdef LAM_VNNI
+            s[t] = _mm512_sub_epi32(s[t], _mm512_set1_epi32(a->si[at] * 128));
+#endif
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[t]), _mm512_mul_ps(d, _mm512_set1_ps(a->d[at])), acc[t]);
+        }
+    }
+    for (int t = 0; t < R; t++) _mm512_storeu_ps(y + t * NR, acc[t]);
+}
+
+#else /* AVX2: each tile as two halves of 8 rows */
+#define RT 2
+
+static inline __m256i dot256(__m256i acc, __m256i u, __m256i s) {
+#ifdef LAM_VNNI
+    return LAM_VNNI256(acc, u, s);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+
+static inline __attribute__((always_inline)) void q4_half(const uint8_t *tile, int h, const Act *a, int m0, const int R, float *y) {
+    const int nb = a->K / QK;
+    const __m256i mask = _mm256_set1_epi8(15);
+    __m256 acc[RT];
+    for (int t = 0; t < R; t++) acc[t] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *tb = tile + (size_t)b * NR * 20;
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(tb + 16 * h)));
+        const __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(tb + 32 + 16 * h)));
+        __m256i s[RT];
+        for (int t = 0; t < R; t++) s[t] = _mm256_setzero_si256();
+        for (int c = 0; c < 4; c++) {
+            const __m256i raw = _mm256_loadu_si256((const __m256i *)(tb + 64 + 64 * c + 32 * h));
+            const __m256i lo = _mm256_and_si256(raw, mask), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+            for (int t = 0; t < R; t++) {
+                const int8_t *xq = a->q + (size_t)(m0 + t) * a->K + b * QK;
+                s[t] = dot256(s[t], lo, _mm256_set1_epi32(load32(xq + 4 * c)));
+                s[t] = dot256(s[t], hi, _mm256_set1_epi32(load32(xq + 16 + 4 * c)));
+            }
+        }
+        for (int t = 0; t < R; t++) {
+            const size_t at = (size_t)b * a->ld + m0 + t;
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[t]), _mm256_mul_ps(d, _mm256_set1_ps(a->d[at])), acc[t]);
+            acc[t] = _mm256_fmadd_ps(mn, _mm256_set1_ps(a->s[at]), acc[t]);
+        }
+    }
+    for (int t = 0; t < R; t++) _mm256_storeu_ps(y + t * NR + 8 * h, acc[t]);
+}
+
+static inline __attribute__((always_inline)) void q8_half(const uint8_t *tile, int h, const Act *a, int m0, const int R, float *y) {
+    const int nb = a->K / QK;
+    __m256 acc[RT];
+    for (int t = 0; t < R; t++) acc[t] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *tb = tile + (size_t)b * NR * 34;
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(tb + 16 * h)));
+        __m256i s[RT];
+        for (int t = 0; t < R; t++) s[t] = _mm256_setzero_si256();
+        for (int g = 0; g < 8; g++) {
+            const __m256i w = _mm256_loadu_si256((const __m256i *)(tb + 32 + 64 * g + 32 * h));
+#ifdef LAM_VNNI
+            const __m256i wu = _mm256_xor_si256(w, _mm256_set1_epi8((char)0x80)); /* w + 128, as unsigned */
+            for (int t = 0; t < R; t++) {
+                const int8_t *xq = a->q + (size_t)(m0 + t) * a->K + b * QK;
+                s[t] = dot256(s[t], wu, _mm256_set1_epi32(load32(xq + 4 * g)));
+            }
+#else
+            const __m256i wa = _mm256_sign_epi8(w, w);
+            for (int t = 0; t < R; t++) {
+                const int8_t *xq = a->q + (size_t)(m0 + t) * a->K + b * QK;
+                s[t] = dot256(s[t], wa, _mm256_sign_epi8(_mm256_set1_epi32(load32(xq + 4 * g)), w));
+            }
+#endif
+        }
+        for (int t = 0; t < R; t++) {
+            const size_t at = (size_t)b * a->ld + m0 + t;
+#ifdef LAM_VNNI
+            s[t] = _mm256_sub_epi32(s[t], _mm256_set1_epi32(a->si[at] * 128));
+#endif
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[t]), _mm256_mul_ps(d, _mm256_set1_ps(a->d[at])), acc[t]);
+        }
+    }
+    for (int t = 0; t < R; t++) _mm256_storeu_ps(y + t * NR + 8 * h, acc[t]);
+}
+
+static inline __attribute__((always_inline)) void q4_tile(const uint8_t *tile, const Act *a, int m0, const int R, float *y) {
+    q4_half(tile, 0, a, m0, R, y);
+    q4_half(tile, 1, a, m0, R, y);
+}
+
+static inline __attribute__((always_inline)) void q8_tile(const uint8_t *tile, const Act *a, int m0, const int R, float *y) {
+    q8_half(tile, 0, a, m0, R, y);
+    q8_half(tile, 1, a, m0, R, y);
+}
+#endif
+
+/* y[(m - m0) * NR + r] = weight row (tile start + r) . activation row m, for m0 <= m < m1 and r < nr. `tile`
+ * is tile_at(...): NR rows of tiled blocks (all NR computed; padding rows give 0) or nr float rows. */
+static void tile_dot(int fmt, const uint8_t *tile, int nr, const Act *a, int m0, int m1, float *y) {
+    if (fmt == FMT_F32 || fmt == FMT_BF16) {
+        const size_t rb = row_bytes_of(fmt, a->K);
+        for (int r = 0; r < nr; r++) float_rows(fmt, tile + r * rb, a, m0, m1, y + r, NR);
+        return;
+    }
+    int m = m0;
+    if (fmt == FMT_Q4) {
+        for (; m + RT <= m1; m += RT) q4_tile(tile, a, m, RT, y + (size_t)(m - m0) * NR);
+        for (; m < m1; m++) q4_tile(tile, a, m, 1, y + (size_t)(m - m0) * NR);
+    } else {
+        for (; m + RT <= m1; m += RT) q8_tile(tile, a, m, RT, y + (size_t)(m - m0) * NR);
+        for (; m < m1; m++) q8_tile(tile, a, m, 1, y + (size_t)(m - m0) * NR);
+    }
+}
+
+/* Up to STACK_ROWS activation rows, one tile's results fit a buffer on the stack; more go in chunks of this many. */
+#define STACK_ROWS 64
+
+/* ---- y = x W^T for a block-quantised W (N x K, tiled); x (M x K) float32, y (M x N) float32 --------------- */
 
 int lam_matmul(int fmt, const uint8_t *w, int N, int K, const float *x, int M, float *y, int threads) {
     Act a;
@@ -223,14 +440,22 @@ int lam_matmul(int fmt, const uint8_t *w, int N, int K, const float *x, int M, f
         act_free(&a);
         return LAM_ERR_NOMEM;
     }
-    const size_t row_bytes = row_bytes_of(fmt, K);
     a.f = x;
+    const int nt = tiles_of(N);
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static)
         for (int m = 0; m < M; m++) act_quantize(&a, x, m, K);
 #pragma omp for schedule(static)
-        for (int n = 0; n < N; n++) dot_row(fmt, w + n * row_bytes, &a, M, y + n, N);
+        for (int t = 0; t < nt; t++) {
+            float buf[STACK_ROWS * NR];
+            const int nr = N - t * NR < NR ? N - t * NR : NR;
+            for (int m0 = 0; m0 < M; m0 += STACK_ROWS) {
+                const int m1 = M - m0 < STACK_ROWS ? M : m0 + STACK_ROWS;
+                tile_dot(fmt, tile_at(w, fmt, K, t), nr, &a, m0, m1, buf);
+                for (int m = m0; m < m1; m++) memcpy(y + (size_t)m * N + t * NR, buf + (size_t)(m - m0) * NR, sizeof(float) * nr);
+            }
+        }
     }
     act_free(&a);
     return LAM_OK;
@@ -247,28 +472,34 @@ static inline uint16_t f32_to_bf16(float f) {
 }
 
 void lam_dequant(int fmt, const uint8_t *w, int N, int K, void *out, int bf16, int threads) {
-    const int nb = K / QK;
-    const size_t row_bytes = (size_t)nb * block_bytes(fmt);
+    const int nb = K / QK, nt = tiles_of(N);
+    const size_t tbb = (size_t)NR * block_bytes(fmt);
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int n = 0; n < N; n++) {
+    for (int t = 0; t < nt; t++) {
         float tmp[QK];
+        const int nr = N - t * NR < NR ? N - t * NR : NR;
         for (int b = 0; b < nb; b++) {
-            const uint8_t *blk = w + n * row_bytes + (size_t)b * block_bytes(fmt);
-            const float d = f16_to_f32(blk);
-            if (fmt == FMT_Q4) {
-                const float mn = f16_to_f32(blk + 2);
-                for (int j = 0; j < 16; j++) {
-                    tmp[j] = d * (float)(blk[4 + j] & 15) + mn;
-                    tmp[j + 16] = d * (float)(blk[4 + j] >> 4) + mn;
+            const uint8_t *tb = tile_at(w, fmt, K, t) + (size_t)b * tbb;
+            for (int r = 0; r < nr; r++) {
+                const float d = f16_to_f32(tb + 2 * r);
+                if (fmt == FMT_Q4) {
+                    const float mn = f16_to_f32(tb + 32 + 2 * r);
+                    for (int c = 0; c < 4; c++)
+                        for (int i = 0; i < 4; i++) {
+                            const uint8_t q = tb[64 + 64 * c + 4 * r + i];
+                            tmp[4 * c + i] = d * (float)(q & 15) + mn;
+                            tmp[16 + 4 * c + i] = d * (float)(q >> 4) + mn;
+                        }
+                } else {
+                    for (int g = 0; g < 8; g++)
+                        for (int i = 0; i < 4; i++) tmp[4 * g + i] = d * (float)(int8_t)tb[32 + 64 * g + 4 * r + i];
                 }
-            } else {
-                for (int j = 0; j < QK; j++) tmp[j] = d * (float)(int8_t)blk[2 + j];
+                const size_t at = (size_t)(t * NR + r) * K + (size_t)b * QK;
+                if (bf16)
+                    for (int j = 0; j < QK; j++) ((uint16_t *)out)[at + j] = f32_to_bf16(tmp[j]);
+                else
+                    memcpy((float *)out + at, tmp, sizeof tmp);
             }
-            const size_t at = (size_t)n * K + (size_t)b * QK;
-            if (bf16)
-                for (int j = 0; j < QK; j++) ((uint16_t *)out)[at + j] = f32_to_bf16(tmp[j]);
-            else
-                memcpy((float *)out + at, tmp, sizeof tmp);
         }
     }
 }
@@ -297,7 +528,7 @@ static void rope(float *v, int hd, const float *inv_freq, float pos) {
  * `size` and `version` are checked on every call (LAM_ERR_CONFIG), and Python compares both with
  * lam_decode_config_size/_version when it loads the library: the two cannot drift apart silently. Bump the
  * version when a field changes meaning. */
-#define LAM_DECODE_CONFIG_VERSION 1
+#define LAM_DECODE_CONFIG_VERSION 2 /* 2: quantised weights in tiles of NR rows */
 typedef struct {
     int64_t size;    /* sizeof(LamDecodeConfig) as the caller laid it out */
     int64_t version; /* LAM_DECODE_CONFIG_VERSION */
@@ -319,10 +550,6 @@ int64_t lam_decode_config_version(void) { return LAM_DECODE_CONFIG_VERSION; }
  * (attention, mlp), biases q k v (0 when absent). */
 enum { L_WQ, L_WK, L_WV, L_WO, L_WG, L_WU, L_WD, L_FQ, L_FK, L_FV, L_FO, L_FG, L_FU, L_FD, L_NA, L_NM, L_BQ, L_BK, L_BV, L_N };
 
-/* Up to STACK_ROWS activation rows, one output feature's results fit a buffer on the stack; past that the
- * projections write into scratch rows that are free at that point, and the MLP goes in chunks of this many. */
-#define STACK_ROWS (MT * 16)
-
 /* What every phase of one step reads: shapes, the cache layout, the token rows and the scratch buffers
  * (row-major, one row per token row). Shared by the threads; only the buffers' contents change. */
 typedef struct {
@@ -338,8 +565,14 @@ typedef struct {
     float *qkv;        /* (M, nqkv) */
     float *att;        /* (M, nq) attention outputs, heads side by side */
     float *ff;         /* (M, hidden) silu(gate) * up */
-    float *scores;     /* score_ld floats per thread: one head's attention weights */
+    float *scores;     /* score_ld floats per thread: one KV chunk's attention weights for a group of heads */
     size_t score_ld;
+    /* attention's work units: (row, kv head, KV chunk); unit_row0[m] is row m's first, row_chunks[m] its count per
+     * kv head; each unit leaves rep partial results of part_ld floats (max, sum, hd unnormalised outputs) */
+    int n_units;
+    int *unit_row0, *row_chunks;
+    float *partials;
+    size_t part_ld;
     Act a_dim, a_att, a_ff; /* h, att and ff as int8 blocks (and as the float rows, for float weights) */
 } Step;
 
@@ -347,7 +580,7 @@ typedef struct {
 typedef struct {
     const uint8_t *w[7]; /* indexed by L_WQ .. L_WD */
     int fmt[7];
-    size_t rb[7]; /* bytes per weight row */
+    int n[7], k[7]; /* output rows and inputs of each weight */
     const float *bias[3], *norm_att, *norm_mlp;
     char *kl, *vl; /* this layer's keys and values in the cache */
 } Layer;
@@ -356,6 +589,7 @@ static void *alloc(size_t bytes) { return malloc(bytes ? bytes : 1); /* (NULL me
 
 static void step_free(Step *s) {
     free(s->h), free(s->qkv), free(s->att), free(s->ff), free(s->scores);
+    free(s->unit_row0), free(s->row_chunks), free(s->partials);
     act_free(&s->a_dim), act_free(&s->a_att), act_free(&s->a_ff);
 }
 
@@ -363,7 +597,7 @@ static void step_free(Step *s) {
 static int step_init(Step *s, const LamDecodeConfig *c, const float *inv_freq, float *x, const int64_t *row_slots,
                      const int64_t *positions, const int64_t *logit_rows) {
     memset(s, 0, sizeof *s);
-    if (c->n_kv_heads < 1 || c->n_heads % c->n_kv_heads || c->head_dim % 8 || c->rows < 0 || c->n_logits < 0 || c->threads < 1)
+    if (c->n_kv_heads < 1 || c->n_heads % c->n_kv_heads || c->head_dim % 8 || c->head_dim > MAX_HEAD_DIM || c->rows < 0 || c->n_logits < 0 || c->threads < 1)
         return LAM_ERR_CONFIG;
     s->n_layers = (int)c->n_layers, s->dim = (int)c->dim, s->nh = (int)c->n_heads, s->nkv = (int)c->n_kv_heads;
     s->hd = (int)c->head_dim, s->hidden = (int)c->hidden, s->vocab = (int)c->vocab, s->M = (int)c->rows;
@@ -385,10 +619,26 @@ static int step_init(Step *s, const LamDecodeConfig *c, const float *inv_freq, f
     s->qkv = alloc(sizeof(float) * (size_t)M * s->nqkv);
     s->att = alloc(sizeof(float) * (size_t)M * s->nq);
     s->ff = alloc(sizeof(float) * (size_t)M * s->hidden);
-    s->score_ld = ((size_t)max_pos + 1 + 15) / 16 * 16; /* whole cache lines: no two threads share one */
+    (void)max_pos;
+    /* per thread: the scores of a chunk for a group of heads, then the chunk's keys as float32 */
+    s->score_ld = ((size_t)s->rep * KV_CHUNK + (size_t)KV_CHUNK * s->hd + 15) / 16 * 16; /* whole cache lines apart */
     s->scores = aligned_alloc(64, sizeof(float) * s->score_ld * (size_t)s->threads);
+    s->unit_row0 = alloc(sizeof(int) * (size_t)(M + 1));
+    s->row_chunks = alloc(sizeof(int) * (size_t)(M + 1));
+    if (s->unit_row0 && s->row_chunks) {
+        int units = 0;
+        for (int m = 0; m < M; m++) {
+            const int64_t last = positions[m], first = s->window > 0 && last - s->window + 1 > 0 ? last - s->window + 1 : 0;
+            s->row_chunks[m] = (int)(last / KV_CHUNK - first / KV_CHUNK + 1);
+            s->unit_row0[m] = units;
+            units += s->nkv * s->row_chunks[m];
+        }
+        s->n_units = units;
+    }
+    s->part_ld = (size_t)s->hd + 2;
+    s->partials = alloc(sizeof(float) * (size_t)s->n_units * s->rep * s->part_ld);
     const int acts = act_alloc(&s->a_dim, M, s->dim) | act_alloc(&s->a_att, M, s->nq) | act_alloc(&s->a_ff, M, s->hidden);
-    if (!s->h || !s->qkv || !s->att || !s->ff || !s->scores || acts != LAM_OK) {
+    if (!s->h || !s->qkv || !s->att || !s->ff || !s->scores || !s->unit_row0 || !s->row_chunks || !s->partials || acts != LAM_OK) {
         step_free(s);
         return LAM_ERR_NOMEM;
     }
@@ -402,7 +652,10 @@ static inline void layer_view(Layer *L, const Step *s, const int64_t *table, int
         L->w[i] = (const uint8_t *)(intptr_t)row[L_WQ + i];
         L->fmt[i] = (int)row[L_FQ + i];
     }
-    for (int i = 0; i < 7; i++) L->rb[i] = row_bytes_of(L->fmt[i], i == L_WO ? s->nq : i == L_WD ? s->hidden : s->dim);
+    for (int i = 0; i < 7; i++) {
+        L->k[i] = i == L_WO ? s->nq : i == L_WD ? s->hidden : s->dim;
+        L->n[i] = i == L_WQ ? s->nq : i == L_WK || i == L_WV ? s->nk : i == L_WO || i == L_WD ? s->dim : s->hidden;
+    }
     for (int i = 0; i < 3; i++) L->bias[i] = (const float *)(intptr_t)row[L_BQ + i];
     L->norm_att = (const float *)(intptr_t)row[L_NA], L->norm_mlp = (const float *)(intptr_t)row[L_NM];
     const size_t layer_bytes = (size_t)s->slots * s->nkv * s->cap * s->hd * s->esz;
@@ -422,18 +675,31 @@ static inline void norm_rows(const Step *s, const float *weight) {
     }
 }
 
+/* Tile t of weight i for activation rows m0..m1-1 into buf (NR per row); returns the tile's real rows. */
+static inline int layer_tile(const Layer *L, int i, int t, const Act *a, int m0, int m1, float *buf) {
+    const int nr = L->n[i] - t * NR < NR ? L->n[i] - t * NR : NR;
+    tile_dot(L->fmt[i], tile_at(L->w[i], L->fmt[i], L->k[i], t), nr, a, m0, m1, buf);
+    return nr;
+}
+
 /* qkv = rmsnorm(x) [Wq | Wk | Wv]^T (+ biases), one fused row per token row. */
 static inline void norm_qkv(const Step *s, const Layer *L) {
     norm_rows(s, L->norm_att);
-    const int nq = s->nq, nk = s->nk, nqkv = s->nqkv, M = s->M;
+    const int nqkv = s->nqkv, M = s->M, tq = tiles_of(s->nq), tk = tiles_of(s->nk);
     float *qkv = s->qkv;
 #pragma omp for schedule(static)
-    for (int n = 0; n < nqkv; n++) {
-        const int which = n < nq ? 0 : n < nq + nk ? 1 : 2;
-        const int r = which == 0 ? n : which == 1 ? n - nq : n - nq - nk;
-        dot_row(L->fmt[L_WQ + which], L->w[L_WQ + which] + r * L->rb[L_WQ + which], &s->a_dim, M, qkv + n, nqkv);
-        if (L->bias[which])
-            for (int m = 0; m < M; m++) qkv[(size_t)m * nqkv + n] += L->bias[which][r];
+    for (int u = 0; u < tq + 2 * tk; u++) {
+        const int which = u < tq ? 0 : u < tq + tk ? 1 : 2;
+        const int t = which == 0 ? u : which == 1 ? u - tq : u - tq - tk;
+        const int col = (which == 0 ? 0 : which == 1 ? s->nq : s->nq + s->nk) + t * NR;
+        const float *bias = L->bias[which] ? L->bias[which] + t * NR : NULL;
+        float buf[STACK_ROWS * NR];
+        for (int m0 = 0; m0 < M; m0 += STACK_ROWS) {
+            const int m1 = M - m0 < STACK_ROWS ? M : m0 + STACK_ROWS;
+            const int nr = layer_tile(L, L_WQ + which, t, &s->a_dim, m0, m1, buf);
+            for (int m = m0; m < m1; m++)
+                for (int r = 0; r < nr; r++) qkv[(size_t)m * nqkv + col + r] = buf[(m - m0) * NR + r] + (bias ? bias[r] : 0.0f);
+        }
     }
 }
 
@@ -463,58 +729,161 @@ static inline void rope_kv_write(const Step *s, const Layer *L) {
     }
 }
 
-/* att = softmax(q k^T / sqrt(hd)) v per row and head, over the slot's positions up to the row's own (within
- * the sliding window, where there is one). */
-static inline void attention(const Step *s, const Layer *L) {
-    const int nh = s->nh, nkv = s->nkv, hd = s->hd, rep = s->rep, kv_bf16 = s->kv_bf16, window = s->window;
-    const int64_t cap = s->cap;
+/* Attention is flash-decoding: each row's keys and values are split into chunks of KV_CHUNK positions (at
+ * fixed positions, multiples of KV_CHUNK: the split depends on neither the batch nor the thread count), each
+ * (row, kv head, chunk) is a work unit that attends all the kv head's query heads at once (reading each key
+ * and value once for the group, as GQA allows), and the chunks' partial softmaxes are merged in order. */
+static inline void attend_chunk(const Step *s, const Layer *L, int m, int g, int64_t j0, int64_t j1, float *sc, float *part) {
+    const int hd = s->hd, rep = s->rep, kv_bf16 = s->kv_bf16, n = (int)(j1 - j0);
     const size_t esz = s->esz;
-    const float scale = s->scale;
-    float *scores = s->scores + (size_t)omp_get_thread_num() * s->score_ld;
-#pragma omp for schedule(static)
-    for (int i = 0; i < s->M * nh; i++) {
-        const int m = i / nh, hh = i % nh, g = hh / rep;
-        const float *q = s->qkv + (size_t)m * s->nqkv + (size_t)hh * hd;
-        const int64_t last = s->positions[m];
-        const int64_t first = window > 0 && last - window + 1 > 0 ? last - window + 1 : 0;
-        const char *kb = L->kl + ((size_t)s->row_slots[m] * nkv + g) * cap * hd * esz;
-        const char *vb = L->vl + ((size_t)s->row_slots[m] * nkv + g) * cap * hd * esz;
-        float mx = -INFINITY;
-        for (int64_t j = first; j <= last; j++) {
-            __m256 acc = _mm256_setzero_ps();
-            const char *kr = kb + (size_t)j * hd * esz;
-            for (int d = 0; d < hd; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(kr + d * esz, kv_bf16), acc);
-            const float sc = hsum256(acc) * scale;
-            scores[j - first] = sc;
-            mx = sc > mx ? sc : mx;
+    const float *q = s->qkv + (size_t)m * s->nqkv + (size_t)g * rep * hd; /* the group's rep query heads, side by side */
+    const size_t head = ((size_t)s->row_slots[m] * s->nkv + g) * s->cap * hd * esz;
+    const char *kb = L->kl + head + (size_t)j0 * hd * esz, *vb = L->vl + head + (size_t)j0 * hd * esz;
+    const float *kf = (const float *)kb; /* the chunk's keys as float32: converted once into the thread's buffer */
+    if (kv_bf16) {
+        float *buf = sc + (size_t)rep * KV_CHUNK;
+        for (int i = 0; i < n * hd; i += 8) _mm256_storeu_ps(buf + i, load8(kb + (size_t)i * 2, 1));
+        kf = buf;
+    }
+    for (int h = 0; h < rep; h++) { /* scores q . k / sqrt(hd), 8 positions at a time (8 independent sums) */
+        const float *qh = q + h * hd;
+        float *r = sc + h * KV_CHUNK;
+        const __m256 scale = _mm256_set1_ps(s->scale);
+        int j = 0;
+        for (; j + 8 <= n; j += 8) {
+            const float *k0 = kf + (size_t)j * hd;
+            __m256 a[8];
+            for (int p = 0; p < 8; p++) a[p] = _mm256_setzero_ps();
+            for (int d = 0; d < hd; d += 8) {
+                const __m256 qd = _mm256_loadu_ps(qh + d);
+                for (int p = 0; p < 8; p++) a[p] = _mm256_fmadd_ps(_mm256_loadu_ps(k0 + (size_t)p * hd + d), qd, a[p]);
+            }
+            _mm256_storeu_ps(r + j, _mm256_mul_ps(hsum8x8(a), scale));
         }
-        float sum = 0.0f;
-        for (int64_t j = first; j <= last; j++) {
-            const float e = expf(scores[j - first] - mx);
-            scores[j - first] = e;
-            sum += e;
-        }
-        float *o = s->att + (size_t)m * s->nq + (size_t)hh * hd;
-        for (int d = 0; d < hd; d += 8) {
+        for (; j < n; j++) {
             __m256 acc = _mm256_setzero_ps();
-            for (int64_t j = first; j <= last; j++)
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(scores[j - first]), load8(vb + ((size_t)j * hd + d) * esz, kv_bf16), acc);
-            _mm256_storeu_ps(o + d, _mm256_mul_ps(acc, _mm256_set1_ps(1.0f / sum)));
+            for (int d = 0; d < hd; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(kf + (size_t)j * hd + d), _mm256_loadu_ps(qh + d), acc);
+            r[j] = hsum256(acc) * s->scale;
+        }
+    }
+    for (int h = 0; h < rep; h++) { /* softmax numerators, their max and sum */
+        float *r = sc + h * KV_CHUNK;
+        __m256 m8 = _mm256_set1_ps(-INFINITY);
+        int j = 0;
+        for (; j + 8 <= n; j += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(r + j));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps(m8, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        float mx = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+        for (; j < n; j++) mx = r[j] > mx ? r[j] : mx;
+        const __m256 vmx = _mm256_set1_ps(mx);
+        __m256 sum = _mm256_setzero_ps();
+        for (j = 0; j + 8 <= n; j += 8) {
+            const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(r + j), vmx));
+            _mm256_storeu_ps(r + j, e);
+            sum = _mm256_add_ps(sum, e);
+        }
+        if (j < n) { /* the tail through the same vector exp, the lanes past n zeroed */
+            float tail[8] = {0};
+            memcpy(tail, r + j, sizeof(float) * (n - j));
+            const __m256 keep = _mm256_cmp_ps(_mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_ps((float)(n - j)), _CMP_LT_OQ);
+            const __m256 e = _mm256_and_ps(exp256(_mm256_sub_ps(_mm256_loadu_ps(tail), vmx)), keep);
+            _mm256_storeu_ps(tail, e);
+            memcpy(r + j, tail, sizeof(float) * (n - j));
+            sum = _mm256_add_ps(sum, e);
+        }
+        part[h * s->part_ld] = mx;
+        part[h * s->part_ld + 1] = hsum256(sum);
+    }
+    const char *vf = vb; /* the chunk's values as float32, like the keys (their buffer is free again) */
+    size_t vsz = esz;
+    if (kv_bf16 && rep > 1) {
+        float *buf = sc + (size_t)rep * KV_CHUNK;
+        for (int i = 0; i < n * hd; i += 8) _mm256_storeu_ps(buf + i, load8(vb + (size_t)i * 2, 1));
+        vf = (const char *)buf, vsz = 4;
+    }
+    const int vbf = vsz == 2;
+    for (int h = 0; h < rep; h++) { /* outputs: sum of p v, 64 dimensions at a time in registers */
+        const float *pr = sc + h * KV_CHUNK;
+        float *out = part + h * s->part_ld + 2;
+        for (int d0 = 0; d0 < hd; d0 += 64) {
+            if (hd - d0 >= 64) {
+                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+                for (int j = 0; j < n; j++) {
+                    const __m256 pj = _mm256_set1_ps(pr[j]);
+                    const char *vr = vf + ((size_t)j * hd + d0) * vsz;
+                    a0 = _mm256_fmadd_ps(pj, load8(vr, vbf), a0);
+                    a1 = _mm256_fmadd_ps(pj, load8(vr + 8 * vsz, vbf), a1);
+                    a2 = _mm256_fmadd_ps(pj, load8(vr + 16 * vsz, vbf), a2);
+                    a3 = _mm256_fmadd_ps(pj, load8(vr + 24 * vsz, vbf), a3);
+                    a4 = _mm256_fmadd_ps(pj, load8(vr + 32 * vsz, vbf), a4);
+                    a5 = _mm256_fmadd_ps(pj, load8(vr + 40 * vsz, vbf), a5);
+                    a6 = _mm256_fmadd_ps(pj, load8(vr + 48 * vsz, vbf), a6);
+                    a7 = _mm256_fmadd_ps(pj, load8(vr + 56 * vsz, vbf), a7);
+                }
+                _mm256_storeu_ps(out + d0, a0), _mm256_storeu_ps(out + d0 + 8, a1), _mm256_storeu_ps(out + d0 + 16, a2);
+                _mm256_storeu_ps(out + d0 + 24, a3), _mm256_storeu_ps(out + d0 + 32, a4), _mm256_storeu_ps(out + d0 + 40, a5);
+                _mm256_storeu_ps(out + d0 + 48, a6), _mm256_storeu_ps(out + d0 + 56, a7);
+            } else {
+                for (int d = d0; d < hd; d += 8) {
+                    __m256 a = _mm256_setzero_ps();
+                    for (int j = 0; j < n; j++) a = _mm256_fmadd_ps(_mm256_set1_ps(pr[j]), load8(vf + ((size_t)j * hd + d) * vsz, vbf), a);
+                    _mm256_storeu_ps(out + d, a);
+                }
+            }
         }
     }
 }
 
-/* x += a W^T for W (dim x K): o_proj and down_proj, each with its residual add. */
-static inline void add_projection(const Step *s, int fmt, const uint8_t *w, size_t rb, const Act *a) {
-    const int dim = s->dim, M = s->M;
-    float *x = s->x, *h = s->h;
+/* att = softmax(q k^T / sqrt(hd)) v per row and head, over the slot's positions up to the row's own (within
+ * the sliding window, where there is one). */
+static inline void attention(const Step *s, const Layer *L) {
+    const int nh = s->nh, hd = s->hd, rep = s->rep, window = s->window;
+    float *sc = s->scores + (size_t)omp_get_thread_num() * s->score_ld;
+    int m = 0;
 #pragma omp for schedule(static)
-    for (int n = 0; n < dim; n++) {
-        float y[STACK_ROWS];
-        float *yp = M <= STACK_ROWS ? y : h + n; /* (large M: h is free here, one column each) */
-        const int ld = M <= STACK_ROWS ? 1 : dim;
-        dot_row(fmt, w + n * rb, a, M, yp, ld);
-        for (int m = 0; m < M; m++) x[(size_t)m * dim + n] += yp[(size_t)m * ld];
+    for (int u = 0; u < s->n_units; u++) {
+        while (m + 1 < s->M && s->unit_row0[m + 1] <= u) m++; /* (each thread's units ascend) */
+        while (s->unit_row0[m] > u) m--;
+        const int k = u - s->unit_row0[m], g = k / s->row_chunks[m], c = k % s->row_chunks[m];
+        const int64_t last = s->positions[m], first = window > 0 && last - window + 1 > 0 ? last - window + 1 : 0;
+        const int64_t c0 = (first / KV_CHUNK + c) * KV_CHUNK;
+        const int64_t j0 = c0 > first ? c0 : first, j1 = c0 + KV_CHUNK < last + 1 ? c0 + KV_CHUNK : last + 1;
+        attend_chunk(s, L, m, g, j0, j1, sc, s->partials + (size_t)u * rep * s->part_ld);
+    }
+#pragma omp for schedule(static)
+    for (int i = 0; i < s->M * nh; i++) { /* merge the chunks, in order */
+        const int row = i / nh, hh = i % nh, g = hh / rep, h = hh % rep, chunks = s->row_chunks[row];
+        const float *p0 = s->partials + ((size_t)(s->unit_row0[row] + g * chunks) * rep + h) * s->part_ld;
+        const size_t stride = (size_t)rep * s->part_ld;
+        float mx = -INFINITY;
+        for (int c = 0; c < chunks; c++) mx = p0[c * stride] > mx ? p0[c * stride] : mx;
+        float total = 0.0f;
+        float *o = s->att + (size_t)row * s->nq + (size_t)hh * hd;
+        for (int d = 0; d < hd; d++) o[d] = 0.0f;
+        for (int c = 0; c < chunks; c++) {
+            const float *p = p0 + c * stride, w = expf(p[0] - mx);
+            total += w * p[1];
+            for (int d = 0; d < hd; d += 8)
+                _mm256_storeu_ps(o + d, _mm256_fmadd_ps(_mm256_set1_ps(w), _mm256_loadu_ps(p + 2 + d), _mm256_loadu_ps(o + d)));
+        }
+        const __m256 inv = _mm256_set1_ps(1.0f / total);
+        for (int d = 0; d < hd; d += 8) _mm256_storeu_ps(o + d, _mm256_mul_ps(_mm256_loadu_ps(o + d), inv));
+    }
+}
+
+/* x += a W^T for W (dim x K), weight i of the layer: o_proj and down_proj, each with its residual add. */
+static inline void add_projection(const Step *s, const Layer *L, int i, const Act *a) {
+    const int dim = s->dim, M = s->M;
+    float *x = s->x;
+#pragma omp for schedule(static)
+    for (int t = 0; t < tiles_of(dim); t++) {
+        float buf[STACK_ROWS * NR];
+        for (int m0 = 0; m0 < M; m0 += STACK_ROWS) {
+            const int m1 = M - m0 < STACK_ROWS ? M : m0 + STACK_ROWS;
+            const int nr = layer_tile(L, i, t, a, m0, m1, buf);
+            for (int m = m0; m < m1; m++)
+                for (int r = 0; r < nr; r++) x[(size_t)m * dim + t * NR + r] += buf[(m - m0) * NR + r];
+        }
     }
 }
 
@@ -522,36 +891,31 @@ static inline void add_projection(const Step *s, int fmt, const uint8_t *w, size
 static inline void o_proj_residual(const Step *s, const Layer *L) {
 #pragma omp for schedule(static)
     for (int m = 0; m < s->M; m++) act_quantize(&s->a_att, s->att, m, s->nq);
-    add_projection(s, L->fmt[L_WO], L->w[L_WO], L->rb[L_WO], &s->a_att);
+    add_projection(s, L, L_WO, &s->a_att);
 }
 
 /* x += (silu(h Wg^T) * h Wu^T) Wd^T, h = rmsnorm(x). */
 static inline void mlp(const Step *s, const Layer *L) {
     norm_rows(s, L->norm_mlp);
     const int hidden = s->hidden, M = s->M;
-    const int fg = L->fmt[L_WG], fu = L->fmt[L_WU];
-    const uint8_t *wg = L->w[L_WG], *wu = L->w[L_WU];
-    const size_t rg = L->rb[L_WG], ru = L->rb[L_WU];
     float *ff = s->ff;
 #pragma omp for schedule(static)
-    for (int n = 0; n < hidden; n++) {
-        float gbuf[STACK_ROWS], ubuf[STACK_ROWS];
-        if (M <= STACK_ROWS) {
-            dot_row(fg, wg + n * rg, &s->a_dim, M, gbuf, 1);
-            dot_row(fu, wu + n * ru, &s->a_dim, M, ubuf, 1);
-            for (int m = 0; m < M; m++) ff[(size_t)m * hidden + n] = gbuf[m] / (1.0f + expf(-gbuf[m])) * ubuf[m];
-        } else {
-            for (int m0 = 0; m0 < M; m0 += STACK_ROWS) {
-                const int m1 = M - m0 < STACK_ROWS ? M : m0 + STACK_ROWS;
-                dot_rows(fg, wg + n * rg, &s->a_dim, m0, m1, gbuf - m0, 1);
-                dot_rows(fu, wu + n * ru, &s->a_dim, m0, m1, ubuf - m0, 1);
-                for (int m = m0; m < m1; m++) ff[(size_t)m * hidden + n] = gbuf[m - m0] / (1.0f + expf(-gbuf[m - m0])) * ubuf[m - m0];
+    for (int t = 0; t < tiles_of(hidden); t++) {
+        float gbuf[STACK_ROWS * NR], ubuf[STACK_ROWS * NR];
+        for (int m0 = 0; m0 < M; m0 += STACK_ROWS) {
+            const int m1 = M - m0 < STACK_ROWS ? M : m0 + STACK_ROWS;
+            const int nr = layer_tile(L, L_WG, t, &s->a_dim, m0, m1, gbuf);
+            layer_tile(L, L_WU, t, &s->a_dim, m0, m1, ubuf);
+            for (int i = 0; i < (m1 - m0) * NR; i += 8) { /* silu(g) * u, in place in gbuf */
+                const __m256 g = _mm256_loadu_ps(gbuf + i), e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), g));
+                _mm256_storeu_ps(gbuf + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), _mm256_loadu_ps(ubuf + i)));
             }
+            for (int m = m0; m < m1; m++) memcpy(ff + (size_t)m * hidden + t * NR, gbuf + (size_t)(m - m0) * NR, sizeof(float) * nr);
         }
     }
 #pragma omp for schedule(static)
     for (int m = 0; m < M; m++) act_quantize(&s->a_ff, ff, m, hidden);
-    add_projection(s, L->fmt[L_WD], L->w[L_WD], L->rb[L_WD], &s->a_ff);
+    add_projection(s, L, L_WD, &s->a_ff);
 }
 
 /* logits[i] = rmsnorm(x[logit_rows[i]]) Whead^T. */
@@ -562,9 +926,16 @@ static inline void output_head(const Step *s, const float *final_norm, const uin
         rmsnorm(s->x + (size_t)s->logit_rows[i] * dim, final_norm, dim, s->eps, s->h + (size_t)i * dim);
         act_quantize(&s->a_dim, s->h, i, dim);
     }
-    const size_t head_rb = row_bytes_of(head_fmt, dim);
 #pragma omp for schedule(static)
-    for (int n = 0; n < vocab; n++) dot_row(head_fmt, head + n * head_rb, &s->a_dim, n_logits, logits + n, vocab);
+    for (int t = 0; t < tiles_of(vocab); t++) {
+        float buf[STACK_ROWS * NR];
+        const int nr = vocab - t * NR < NR ? vocab - t * NR : NR;
+        for (int m0 = 0; m0 < n_logits; m0 += STACK_ROWS) {
+            const int m1 = n_logits - m0 < STACK_ROWS ? n_logits : m0 + STACK_ROWS;
+            tile_dot(head_fmt, tile_at(head, head_fmt, dim, t), nr, &s->a_dim, m0, m1, buf);
+            for (int m = m0; m < m1; m++) memcpy(logits + (size_t)m * vocab + t * NR, buf + (size_t)(m - m0) * NR, sizeof(float) * nr);
+        }
+    }
 }
 
 /* One step over M token rows, row m being token x[m] of the sequence in cache row (slot) row_slots[m] at
