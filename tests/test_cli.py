@@ -60,7 +60,9 @@ def test_info_and_models(lamina_home) -> None:
     from lamina.llm.kernels import native
 
     if native.unavailable_reason() is None:  # built into this LAMINA_HOME, and says where
-        assert f"native CPU kernels: built ({lamina_home / 'cache' / 'native'}" in info.stdout
+        assert f"native CPU kernels: built for {native.isa()} ({lamina_home / 'cache' / 'native'}" in info.stdout
+        # the default model is a Q4_1 GGUF: served on its own blocks, and info says so and why
+        assert "default precision for smollm2-135m-instruct: int4 (quantize auto: the GGUF's own Q4_1 blocks" in info.stdout
     models = lamina("models", home=lamina_home)
     assert models.returncode == 0, models.stderr
     assert "smollm2-135m-instruct" in models.stdout and "134.5M" in models.stdout and "llama" in models.stdout

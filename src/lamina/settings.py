@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     """auto|cpu|cuda|cuda:N|mps (LAMINA_DEVICE)."""
     dtype: str = "auto"
     """auto|float32|bfloat16|float16 (LAMINA_DTYPE)."""
+    quantize: str = "auto"
+    """auto|none|int8|int4 (LAMINA_QUANTIZE). auto: a GGUF whose weights are all Q4_1 (Q8_0) blocks is served on
+    those very blocks, int4 (int8), where the native CPU kernels run and no dtype was asked for; else floats."""
     threads: int | None = None
     """CPU threads for torch; None keeps torch's default, one per physical core (LAMINA_THREADS)."""
     host: str = "127.0.0.1"

@@ -542,3 +542,48 @@ def test_the_settings_reach_the_kernels_through_llm_load(tmp_path) -> None:  # t
         assert llm.generate("hello", max_tokens=3, temperature=0, ignore_eos=True).completion_tokens == 3
     finally:
         llm.close()
+
+
+@pytest.mark.peer
+def test_the_default_precision_is_the_ggufs_own_blocks_and_dtype_is_the_way_out(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """quantize auto: a GGUF of Q4_1 (Q8_0) blocks is served on them as int4 (int8), bit for bit; asking for a
+    dtype, quantize none, another format, a file of other blocks or no native kernels each give floats."""
+    transformers = pytest.importorskip("transformers")
+    from lamina.infra.registry import Registry
+    from lamina.llm.llm import resolve_precision
+    from tests.tiny import hf_llama_folder, write_llama_gguf
+
+    hf = hf_llama_folder(tmp_path / "hf", "llama")
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    files = {q: write_llama_gguf(tmp_path / f"tiny-{q}.gguf", hf, tok, q) for q in ("Q4_1", "Q8_0", "Q4_K")}
+    registry = Registry(tmp_path / "home")
+    cpu = torch.device("cpu")
+
+    def precision(q: str, **kw):  # type: ignore[no-untyped-def]
+        return resolve_precision(registry.resolve(str(files[q])), cpu, **kw)
+
+    assert (precision("Q4_1").quantize, precision("Q8_0").quantize) == ("int4", "int8")
+    assert "own Q4_1 blocks" in precision("Q4_1").reason
+    assert precision("Q4_1", dtype="bfloat16") == resolve_precision(registry.resolve(str(files["Q4_1"])), cpu, "bfloat16")
+    assert precision("Q4_1", dtype="bfloat16").quantize is None and precision("Q4_1", dtype="bfloat16").dtype == "bfloat16"
+    assert precision("Q4_1", quantize="none").quantize is None
+    assert precision("Q4_K").quantize is None and "not all Q4_1 or all Q8_0" in precision("Q4_K").reason
+    assert precision("Q8_0", quantize="int4").quantize == "int4"  # asked for: re-packed, as before
+    off = precision("Q4_1", native=native.NativeOptions(enabled=False))
+    assert off.quantize is None and "unavailable" in off.reason
+    assert resolve_precision(registry.resolve(str(tmp_path / "hf")), cpu).quantize is None  # a Hugging Face folder
+    with pytest.raises(InvalidRequestError, match="unknown quantisation 'int3'"):
+        precision("Q4_1", quantize="int3")
+
+    # LLM.load with no precision arguments: every projection and the head are the file's own bytes
+    from lamina.llm.formats import gguf
+
+    llm = LLM.load(str(files["Q8_0"]), device="cpu", home=tmp_path / "home")
+    stored = gguf.native_blocks(gguf.open_gguf(files["Q8_0"]), llm.config)
+    quantised = {n: m for n, m in llm.model.named_modules() if isinstance(m, QuantLinear)}
+    assert len(quantised) == 2 * 7 + 1
+    for name, module in quantised.items():
+        key = f"{name}.weight" if f"{name}.weight" in stored else "embed_tokens.weight"  # (a tied head: the embedding)
+        assert torch.equal(module.row_blocks(), stored[key][1]), name
+    floats = LLM.load(str(files["Q8_0"]), device="cpu", dtype="float32", home=tmp_path / "home")
+    assert not any(isinstance(m, QuantLinear) for m in floats.model.modules())

@@ -73,9 +73,27 @@ def info() -> None:
     reason = native.unavailable_reason(options)
     path = None if reason else native.library_path(settings.home / "cache", options)
     if path is not None:
-        click.echo(f"native CPU kernels: built ({path})")
+        click.echo(f"native CPU kernels: built for {native.isa(settings.home / 'cache', options)} ({path})")
     else:
         click.echo(f"native CPU kernels: unavailable ({reason or 'compiling failed; see the log'}); PyTorch's kernels serve")
+    _default_precision(settings, device, options)
     click.echo("models:")
     for entry in Registry(settings.home).list():
         click.echo(f"  {entry.id:24} {entry.format:5} {human(entry.size_bytes, 'B'):>8}  {entry.path}")
+
+
+def _default_precision(settings, device, options) -> None:  # type: ignore[no-untyped-def]
+    """What `lamina serve` with no flags serves the default model in, and why."""
+    from lamina.errors import LaminaError
+    from lamina.infra.registry import Registry
+    from lamina.llm.llm import resolve_precision
+
+    try:
+        entry = Registry(settings.home).resolve(settings.model)
+    except LaminaError as e:
+        click.echo(f"default precision: unknown ({e})")
+        return
+    asked = settings.dtype if settings.dtype != "auto" else None
+    p = resolve_precision(entry, device, asked, settings.quantize, options)
+    weights = p.quantize or f"{p.dtype} floats"
+    click.echo(f"default precision for {entry.id}: {weights} (quantize {settings.quantize}: {p.reason})")

@@ -31,8 +31,9 @@ class EngineDefault(click.Option):
 @click.option("--max-upload-mb", type=float, default=64, show_default=True, help="largest file POST /v1/files accepts")
 @click.option("--kv-cache-gb", cls=EngineDefault, type=float, show_default=True,
               help="memory for keys/values of running requests; requests that do not fit wait")
-@click.option("--quantize", type=click.Choice(["int8", "int4"]), default=None,
-              help="weight-only quantisation (faster decoding where the kernels are; refused where they are not)")
+@click.option("--quantize", type=click.Choice(["auto", "none", "int8", "int4"]), default=None,
+              help="weight-only quantisation [LAMINA_QUANTIZE, default auto: a GGUF's own Q4_1/Q8_0 blocks where the "
+                   "native kernels run and no --dtype is given; `lamina info` says what it resolves to]")
 @click.option("--lora", multiple=True, metavar="NAME=PATH",
               help="serve a LoRA adapter (PEFT folder) as model NAME beside the base model (repeatable)")
 @model_options

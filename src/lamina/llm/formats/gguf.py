@@ -366,6 +366,13 @@ NATIVE_BLOCK_TYPES = {"Q4_1": 4, "Q8_0": 8}
 Q4_1 {fp16 d, fp16 m, 16 bytes of nibbles} is its int4 format, Q8_0 {fp16 d, 32 int8} its int8 one."""
 
 
+def native_block_type(g: GGUFFile) -> str | None:
+    """The block type ("Q4_1" or "Q8_0") every 2-D weight of the transformer blocks is stored in, or None when
+    they are not all one of Lamina's native block types (other quantisations, floats, a mix)."""
+    types = {t.type.name for t in g.tensors if len(t.shape) == 2 and t.name.startswith("blk.")}
+    return types.pop() if len(types) == 1 and next(iter(types)) in NATIVE_BLOCK_TYPES else None
+
+
 def native_blocks(g: GGUFFile, config: LlamaConfig | GPT2Config) -> dict[str, tuple[int, torch.Tensor]]:
     """The 2-D weights stored as Q4_1 or Q8_0: name -> (native format, (rows, row bytes) uint8 blocks).
 

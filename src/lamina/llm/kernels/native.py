@@ -112,6 +112,11 @@ def library_path(cache_dir: Path | None = None, options: NativeOptions = DEFAULT
     return None if lib is None else lib._name
 
 
+def source_key() -> str:
+    """A short digest of the kernels' source: measurements of one version are not reused for another."""
+    return "kernels " + hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+
+
 def isa(cache_dir: Path | None = None, options: NativeOptions = DEFAULT_OPTIONS) -> str | None:
     """The integer-dot path the built kernels run ("avx512-vnni", "avx512", "avx2-vnni", "avx2"), or None."""
     lib = library(cache_dir, options)

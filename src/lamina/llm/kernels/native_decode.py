@@ -194,5 +194,5 @@ def native_float_pays(model: Llama, cache_dir: Path | None = None, options: Nati
         pytorch_s = time_decode(small, dtype, None, cache_dir)
         return {"native_s": native_s, "pytorch_s": pytorch_s, "use": native_s < pytorch_s}
 
-    key = f"native decode step, {c.dim}x{c.hidden_dim} {c.n_heads}/{c.n_kv_heads} heads {dtype} | {device_key(torch.device('cpu'))}"
+    key = f"native decode step, {c.dim}x{c.hidden_dim} {c.n_heads}/{c.n_kv_heads} heads {dtype} | {native.source_key()} | {device_key(torch.device('cpu'))}"
     return cached_probe(cache_dir, key, measure)

@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 
 def choose_kernel(
     mode: Mode, float_dtype: torch.dtype, device: torch.device, cache_dir: Path | None = None, config: LlamaConfig | None = None,
-    options: NativeOptions = DEFAULT_OPTIONS,
+    options: NativeOptions = DEFAULT_OPTIONS, native_only: bool = False,
 ) -> tuple[Kernel | None, dict]:
     """The fastest kernel for `mode` on this machine, or None when the float `linear` is faster.
 
@@ -62,9 +62,11 @@ def choose_kernel(
     if device.type != "cpu":
         raise InvalidRequestError("weight-only quantisation runs on CPU kernels; on a GPU serve in bfloat16", param="quantize")
 
-    candidates = [Kernel(mode, torch.bfloat16), Kernel(mode, torch.float32)]
+    candidates = [] if native_only else [Kernel(mode, torch.bfloat16), Kernel(mode, torch.float32)]
     if native.library(cache_dir, options) is not None:
         candidates.insert(0, Kernel(mode, torch.float32, "native"))
+    if not candidates:
+        raise InvalidRequestError(f"the native kernels are unavailable: {native.unavailable_reason(options)}", param="quantize")
     if config is not None and (config.moe is not None or config.dim % GROUP or config.hidden_dim % GROUP):
         config = None
     if config is not None:
@@ -88,7 +90,7 @@ def choose_kernel(
 
     names = "+".join(k.name for k in candidates)
     shape = f"llama {config.dim}x{config.hidden_dim} {config.n_heads}/{config.n_kv_heads} heads" if config else "matmuls"
-    key = f"quant {names} vs {str(float_dtype).removeprefix('torch.')} on {shape} | {device_key(device)}"
+    key = f"quant {names} vs {str(float_dtype).removeprefix('torch.')} on {shape} | {native.source_key()} | {device_key(device)}"
     seconds = cached_probe(cache_dir, key, measure)["seconds"]
     best = min(seconds, key=seconds.get)
     if best == "float":
@@ -116,22 +118,23 @@ def gemm_rows(kernel: Kernel, float_dtype: torch.dtype, cache_dir: Path | None =
                 return {"rows": rows}
         return {"rows": 1 << 30}
 
-    key = f"native {kernel.mode} gemm rows, {str(gemm).removeprefix('torch.')} | {device_key(torch.device('cpu'))}"
+    key = f"native {kernel.mode} gemm rows, {str(gemm).removeprefix('torch.')} | {native.source_key()} | {device_key(torch.device('cpu'))}"
     return int(cached_probe(cache_dir, key, measure)["rows"])
 
 
 def quantize_model(
     model: nn.Module, mode: Mode, cache_dir: Path | None = None, stored: dict[str, tuple[int, torch.Tensor]] | None = None,
-    options: NativeOptions = DEFAULT_OPTIONS,
+    options: NativeOptions = DEFAULT_OPTIONS, native_only: bool = False,
 ) -> dict:
     """Replace every Linear (and the output head) with a QuantLinear using the measured-fastest kernel.
 
     `stored`: weights the checkpoint already holds in a native block format (`gguf.native_blocks`); where
     the chosen kernel is native and the format matches, those bytes are used instead of re-packing.
+    `native_only`: consider the native kernels alone (serving the stored blocks as they are, or nothing).
     """
     ref = next(model.parameters())
     config = model.config if isinstance(model, Llama) else None
-    kernel, seconds = choose_kernel(mode, ref.dtype, ref.device, cache_dir, config, options)
+    kernel, seconds = choose_kernel(mode, ref.dtype, ref.device, cache_dir, config, options, native_only)
     shown = ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in seconds.items())
     if kernel is None:
         raise InvalidRequestError(
