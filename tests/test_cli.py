@@ -21,13 +21,13 @@ def lamina(*args: str, stdin: str | None = None, home=None, timeout: int = 300) 
 
 
 def test_generate_answers_paris(lamina_home) -> None:
-    result = lamina("generate", "--temperature", "0", "What is the capital of France?", home=lamina_home)
+    result = lamina("generate", "--temperature", "0", "What is the capital of France? Answer in one sentence.", home=lamina_home)
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
 
 
 def test_chat_repl_streams_keeps_history_and_resets(lamina_home) -> None:
-    script = "What is the capital of France?\nWhat did I just ask you?\n/reset\n/nonsense\n/exit\n"
+    script = "What is the capital of France? Answer in one sentence.\nWhat did I just ask you?\n/reset\n/nonsense\n/exit\n"
     result = lamina("chat", "--temperature", "0", "--max-tokens", "40", stdin=script, home=lamina_home)
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout

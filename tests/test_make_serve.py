@@ -44,7 +44,7 @@ def test_make_serve_answers_chat_completions(tmp_path) -> None:
             time.sleep(0.25)
         # exactly what a curl user sends: no SDK, no extras
         r = httpx.post(f"{url}/v1/chat/completions", timeout=60, headers={"content-type": "application/json"},
-                       content=b'{"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "What is the capital of France?"}], "temperature": 0}')
+                       content=b'{"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}], "temperature": 0}')
         assert r.status_code == 200 and "Paris" in r.json()["choices"][0]["message"]["content"]
         assert "<title>Lamina chat</title>" in httpx.get(url + "/").text
     finally:
@@ -60,8 +60,8 @@ def test_langchain_chat_openai_works_unchanged(tmp_path) -> None:
     try:
         llm = langchain_openai.ChatOpenAI(base_url=server.api, api_key="unused", model="smollm2-135m-instruct",
                                           temperature=0, max_retries=0)
-        assert "Paris" in llm.invoke("What is the capital of France?").content
-        streamed = "".join(chunk.content for chunk in llm.stream("What is the capital of France?"))
+        assert "Paris" in llm.invoke("What is the capital of France? Answer in one sentence.").content
+        streamed = "".join(chunk.content for chunk in llm.stream("What is the capital of France? Answer in one sentence."))
         assert "Paris" in streamed
     finally:
         server.stop()

@@ -15,7 +15,7 @@ openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.e2e
 
 MODEL = "smollm2-135m-instruct"
-ASK = [{"role": "user", "content": "What is the capital of France?"}]
+ASK = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 
 
 @pytest.fixture(scope="module")

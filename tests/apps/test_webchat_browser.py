@@ -59,7 +59,7 @@ def test_send_stream_stop_and_reload(page, server: Server) -> None:
     assert page.locator("#model option").all_inner_texts() == ["smollm2-135m-instruct"]
     page.fill("#temperature", "0")
     page.dispatch_event("#temperature", "change")
-    _send(page, "What is the capital of France?")
+    _send(page, "What is the capital of France? Answer in one sentence.")
     page.wait_for_selector("#stop:not([hidden])")
     page.wait_for_selector("#send:not([hidden])", timeout=60_000)
     reply = page.locator(".message.assistant").last

@@ -7,7 +7,7 @@ import pytest
 from lamina.errors import ContextLengthError, InvalidRequestError
 from lamina.llm import SamplingParams
 
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 
 
 def test_stream_chat_pieces_add_up_to_chat(smollm) -> None:

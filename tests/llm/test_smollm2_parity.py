@@ -10,7 +10,7 @@ pytestmark = [pytest.mark.peer, pytest.mark.slow]
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):\n    if n < 2:\n        return n\n",
-    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>user\nWhat is the capital of France? Answer in one sentence.<|im_end|>\n<|im_start|>assistant\n",
     "Unicode café 東京 🙂 and numbers 1234567890 " * 8,
 ]
 
@@ -49,6 +49,6 @@ def _greedy(n: int):  # type: ignore[no-untyped-def]
 
 
 def test_greedy_answer_is_paris(smollm) -> None:
-    completion = smollm.chat([{"role": "user", "content": "What is the capital of France?"}], temperature=0, max_tokens=30)
+    completion = smollm.chat([{"role": "user", "content": "What is the capital of France? Answer in one sentence."}], temperature=0, max_tokens=30)
     assert "Paris" in completion.text
     assert completion.finish_reason == "stop"

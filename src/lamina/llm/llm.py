@@ -2,7 +2,7 @@
 
     from lamina import LLM
     llm = LLM.load("smollm2-135m-instruct")
-    print(llm.chat([{"role": "user", "content": "What is the capital of France?"}], temperature=0).text)
+    print(llm.chat([{"role": "user", "content": "What is the capital of France? Answer in one sentence."}], temperature=0).text)
     for piece in llm.stream_chat([{"role": "user", "content": "Tell me a story"}], max_tokens=200):
         print(piece, end="", flush=True)
 

@@ -24,9 +24,10 @@ from typing import Literal
 from torch import nn
 
 from lamina.errors import ContextLengthError, InvalidRequestError
+from lamina.llm.engine import speculative
 from lamina.llm.engine.runner import ModelRunner
 from lamina.llm.engine.sampling import Sampler, SamplingParams
-from lamina.llm.engine.scheduler import Scheduler, Status
+from lamina.llm.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput, Status
 from lamina.llm.engine.scheduler import Sequence as Seq
 from lamina.llm.kernels.native import DEFAULT_OPTIONS, NativeOptions
 
@@ -62,6 +63,13 @@ class EngineArgs:
     """Finished sequences whose KV caches are kept for prefix reuse."""
     kv_cache_gb: float = 2.0
     """Memory for the running sequences' keys and values; requests wait (or are refused) beyond it."""
+    speculative_tokens: int = 0
+    """Prompt-lookup draft tokens each greedy request verifies per step (`speculative`); 0 is off. A request's
+    `speculative_tokens` overrides it."""
+    prompt_lookup_max: int = 3
+    """Longest suffix n-gram looked up for a draft."""
+    prompt_lookup_min: int = 2
+    """Shortest suffix n-gram that makes a draft."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +110,10 @@ class Engine:
                                   kv_budget_bytes=int(args.kv_cache_gb * 1024**3), cache_dir=cache_dir,
                                   native=native)
         self.device = self.runner.device
+        self.args = args
+        self.drafted = 0
+        """Draft tokens proposed so far (speculative decoding), and of those, the ones accepted:"""
+        self.accepted = 0
         self.scheduler = Scheduler(max_running=args.max_running, max_waiting=args.max_waiting, prefill_chunk=args.prefill_chunk)
 
     # --- requests -------------------------------------------------------------------------------------
@@ -161,26 +173,51 @@ class Engine:
 
     def step(self) -> list[TokenEvent]:
         self.scheduler.admit(self.runner.fits, lambda seq: self.runner.acquire(seq, seq.salt))
-        work = self.scheduler.schedule()
+        work = self._with_drafts(self.scheduler.schedule())
         logits = self.runner.execute(work)
         events = []
         for chunk in work.chunks:
             seq = chunk.seq
             if seq.request_id not in logits:
                 continue
-            sample = seq.sampler(logits[seq.request_id])
-            seq.output_ids.append(sample.token_id)
-            p = seq.params
-            is_stop = sample.token_id in p.stop_token_ids or (not p.ignore_eos and sample.token_id in self.eos_ids)
-            finish: FinishReason | None = "stop" if is_stop else ("length" if len(seq.output_ids) >= p.max_tokens else None)
-            events.append(
-                TokenEvent(seq.request_id, sample.token_id, sample.logprob, sample.top_logprobs, finish, is_stop, seq.cached_prompt_tokens)
-            )
+            out = logits[seq.request_id]
+            rows = out if chunk.draft else out[None]
+            for i in range(len(rows)):  # a draft's rows: kept while each guess is the token greedy decoding picks
+                sample = seq.sampler(rows[i])
+                seq.output_ids.append(sample.token_id)
+                p = seq.params
+                is_stop = sample.token_id in p.stop_token_ids or (not p.ignore_eos and sample.token_id in self.eos_ids)
+                finish: FinishReason | None = "stop" if is_stop else ("length" if len(seq.output_ids) >= p.max_tokens else None)
+                events.append(TokenEvent(seq.request_id, sample.token_id, sample.logprob, sample.top_logprobs, finish, is_stop,
+                                         seq.cached_prompt_tokens))
+                hit = i + 1 < len(rows) and sample.token_id == chunk.token_ids[i + 1]
+                self.accepted += hit
+                if finish is not None or not hit:
+                    break
+            if chunk.draft:  # the keys and values of the guesses after the first miss are not the sequence's
+                self.runner.rollback(seq, len(rows) - 1 - i)
             if finish is not None:
                 self.scheduler.remove(seq.request_id)
                 seq.status = Status.FINISHED
                 self.runner.release(seq)
         return events
+
+    def _with_drafts(self, work: SchedulerOutput) -> SchedulerOutput:
+        """Greedy decoding chunks extended by prompt-lookup drafts, where the native step runs (it is exact)."""
+        if not self.runner.speculates:
+            return work
+        chunks = []
+        for c in work.chunks:
+            seq, p = c.seq, c.seq.params
+            k = self.args.speculative_tokens if p.speculative_tokens is None else p.speculative_tokens
+            if k and p.greedy and not seq.in_prefill and len(c.token_ids) == 1:
+                room = min(p.max_tokens - len(seq.output_ids) - 1, self.max_seq_len - len(seq.token_ids) - 1)
+                draft = speculative.propose(seq.token_ids, min(k, room), self.args.prompt_lookup_max, self.args.prompt_lookup_min)
+                if draft:
+                    self.drafted += len(draft)
+                    c = ScheduledChunk(seq, c.token_ids + draft, c.sample, draft=len(draft))
+            chunks.append(c)
+        return SchedulerOutput(chunks)
 
     def stats(self, tokens: int = 0) -> EngineStats:
         runner = self.runner

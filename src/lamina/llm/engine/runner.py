@@ -89,6 +89,17 @@ class ModelRunner:
             logger.info("decoding through the native step (%s weights)", "quantised" if quantised else "float")
         self.native_prefill_rows = min((getattr(m, "gemm_rows", 1 << 30) for m in self.model.modules()), default=1) if quantised else 1
 
+    @property
+    def speculates(self) -> bool:
+        """Whether decoding chunks may carry drafts: on the native step, whose rows do not depend on their batch."""
+        return self.native is not None and not self.adapters
+
+    def rollback(self, seq: Sequence, n: int) -> None:
+        """Forget the last `n` computed positions of `seq` (a draft's rejected guesses)."""
+        if n > 0 and seq.row is not None:
+            self.slots.lengths[seq.row] -= n
+            seq.num_computed -= n
+
     def _forward(self, seqs: list[Sequence], tokens: torch.Tensor, cache: object, **kw: object) -> torch.Tensor:
         """The model on a batch whose row i belongs to seqs[i], each row under its own adapter (or none)."""
         if not self.adapters:
@@ -273,6 +284,7 @@ class ModelRunner:
             slots: list[int] = []
             positions: list[int] = []
             out_rows: list[int] = []
+            first: dict[int, int] = {}
             samplers: list[ScheduledChunk] = []
             for c in fused:
                 start = self.slots.lengths[c.seq.row]
@@ -280,17 +292,20 @@ class ModelRunner:
                 slots += [c.seq.row] * len(c.token_ids)
                 positions += range(start, start + len(c.token_ids))
                 if c.seq.row < self.decoding or c.sample:
-                    out_rows.append(len(tokens) - 1)
+                    first[id(c)] = len(out_rows)
+                    out_rows += range(len(tokens) - (c.draft + 1), len(tokens))  # a draft: every row's logits
                     samplers.append(c)
             out = self.native.step(torch.tensor(tokens), slots, positions, out_rows, self.slots)
             for c in fused:
                 self.slots.lengths[c.seq.row] += len(c.token_ids)
-            sampled = {id(c): out[i] for i, c in enumerate(samplers)}
+            sampled = {id(c): out[first[id(c)] : first[id(c)] + c.draft + 1] for c in samplers}
             for c in decode:
-                c.seq.num_computed += 1
-                logits[c.seq.request_id] = sampled[id(c)]
+                c.seq.num_computed += len(c.token_ids)
+                rows = sampled[id(c)]
+                logits[c.seq.request_id] = rows if c.draft else rows[0]
             for c in short:
-                self._prefill_chunk(c, sampled.get(id(c)), logits)
+                rows = sampled.get(id(c))
+                self._prefill_chunk(c, None if rows is None else rows[0], logits)
         for c in long:
             self._prefill_in_pytorch(c, logits)
         return logits

@@ -46,6 +46,8 @@ class SamplingParams:
     """Keep generating past end-of-sequence tokens (benchmarks)."""
     logprobs: int | None = None
     """Return each chosen token's log-probability and this many most likely alternatives (0..20)."""
+    speculative_tokens: int | None = None
+    """Prompt-lookup draft tokens verified per step for greedy requests (0 off; None: the engine's default)."""
 
     def __post_init__(self) -> None:
         stop = self.stop
@@ -70,6 +72,8 @@ class SamplingParams:
                f"frequency_penalty must be in [-2, 2] (got {self.frequency_penalty})")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop",
                f"stop must be a non-empty string or a list of them (got {list(self.stop)!r})")
+        _check(self.speculative_tokens is None or (isinstance(self.speculative_tokens, int) and 0 <= self.speculative_tokens <= 16),
+               "speculative_tokens", f"speculative_tokens must be in [0, 16] (got {self.speculative_tokens!r}); 0 turns it off")
         _check(self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs",
                f"top logprobs must be in [0, {MAX_LOGPROBS}] (got {self.logprobs})")
 

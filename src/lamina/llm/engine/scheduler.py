@@ -66,11 +66,15 @@ class Sequence:
 
 @dataclass(frozen=True)
 class ScheduledChunk:
-    """Feed `token_ids` (positions seq.num_computed onwards); `sample` when they end the known sequence."""
+    """Feed `token_ids` (positions seq.num_computed onwards); `sample` when they end the known sequence.
+
+    A decoding chunk with `draft` > 0 holds the last token and `draft` guessed ones after it (speculative
+    decoding): every row's logits come back, and the engine keeps the guesses up to the first miss."""
 
     seq: Sequence
     token_ids: list[int]
     sample: bool
+    draft: int = 0
 
 
 @dataclass(frozen=True)

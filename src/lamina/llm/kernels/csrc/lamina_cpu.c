@@ -198,49 +198,43 @@ static inline void act_quantize(const Act *a, const float *x, int m, int ldx) {
 
 /* ---- float weights: one row at a time ----------------------------------------------------------------- */
 
-#define MT 8 /* activation rows per pass over a float weight row */
+#define MT 3 /* activation rows per pass over a float weight row (4 accumulators each: 12 registers) */
 
-/* out[t * ldo] = dot(float weight row, activation row m0 + t) for t < MTC (a constant after inlining). */
+/* out[t * ldo] = dot(float weight row, activation row m0 + t) for t < MTC (a constant after inlining). Every
+ * row sums in four chains (k mod 32 in [0,8), [8,16), ...) added as (c0 + c1) + (c2 + c3), then the tail:
+ * the same operations whatever MTC is, so float weights are batch-invariant too. */
 static inline __attribute__((always_inline)) void float_tile(int bf, const uint8_t *row, const Act *a, int m0, const int MTC, float *out, int ldo) {
-    __m256 acc[MT];
-    for (int t = 0; t < MTC; t++) acc[t] = _mm256_setzero_ps();
+    __m256 c0[MT], c1[MT], c2[MT], c3[MT];
+    for (int t = 0; t < MTC; t++) c0[t] = c1[t] = c2[t] = c3[t] = _mm256_setzero_ps();
     const float *xf = a->f + (size_t)m0 * a->ldf;
     const size_t es = bf ? 2 : 4;
-    if (MTC == 1) { /* one row: four independent chains hide the FMA latency */
-        __m256 c1 = _mm256_setzero_ps(), c2 = _mm256_setzero_ps(), c3 = _mm256_setzero_ps();
-        for (int k = 0; k + 32 <= a->K; k += 32) {
-            acc[0] = _mm256_fmadd_ps(load8(row + (size_t)k * es, bf), _mm256_loadu_ps(xf + k), acc[0]);
-            c1 = _mm256_fmadd_ps(load8(row + (size_t)(k + 8) * es, bf), _mm256_loadu_ps(xf + k + 8), c1);
-            c2 = _mm256_fmadd_ps(load8(row + (size_t)(k + 16) * es, bf), _mm256_loadu_ps(xf + k + 16), c2);
-            c3 = _mm256_fmadd_ps(load8(row + (size_t)(k + 24) * es, bf), _mm256_loadu_ps(xf + k + 24), c3);
-        }
-        acc[0] = _mm256_add_ps(_mm256_add_ps(acc[0], c1), _mm256_add_ps(c2, c3));
-    } else {
-        for (int k = 0; k < a->K; k += 8) {
-            const __m256 w = load8(row + (size_t)k * es, bf);
-            for (int t = 0; t < MTC; t++) acc[t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xf + (size_t)t * a->ldf + k), acc[t]);
+    int k = 0;
+    for (; k + 32 <= a->K; k += 32) {
+        const __m256 w0 = load8(row + (size_t)k * es, bf), w1 = load8(row + (size_t)(k + 8) * es, bf);
+        const __m256 w2 = load8(row + (size_t)(k + 16) * es, bf), w3 = load8(row + (size_t)(k + 24) * es, bf);
+        for (int t = 0; t < MTC; t++) {
+            const float *x = xf + (size_t)t * a->ldf + k;
+            c0[t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x), c0[t]);
+            c1[t] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + 8), c1[t]);
+            c2[t] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(x + 16), c2[t]);
+            c3[t] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(x + 24), c3[t]);
         }
     }
-    for (int t = 0; t < MTC; t++) out[(size_t)t * ldo] = hsum256(acc[t]);
+    for (int t = 0; t < MTC; t++) {
+        __m256 acc = _mm256_add_ps(_mm256_add_ps(c0[t], c1[t]), _mm256_add_ps(c2[t], c3[t]));
+        for (int j = k; j < a->K; j += 8) acc = _mm256_fmadd_ps(load8(row + (size_t)j * es, bf), _mm256_loadu_ps(xf + (size_t)t * a->ldf + j), acc);
+        out[(size_t)t * ldo] = hsum256(acc);
+    }
 }
 
-/* out[(m - m0) * ldo] = dot(float weight row, activation row m) for m0 <= m < m1. (A single row takes the
- * four-chain path, a batch the one-chain one: float weights are batch-invariant only row by row.) */
+/* out[(m - m0) * ldo] = dot(float weight row, activation row m) for m0 <= m < m1. */
 static void float_rows(int fmt, const uint8_t *row, const Act *a, int m0, int m1, float *out, int ldo) {
     const int bf = fmt == FMT_BF16;
     int m = m0;
     for (; m + MT <= m1; m += MT) float_tile(bf, row, a, m, MT, out + (size_t)(m - m0) * ldo, ldo);
     float *o = out + (size_t)(m - m0) * ldo;
-    switch (m1 - m) {
-    case 7: float_tile(bf, row, a, m, 7, o, ldo); break;
-    case 6: float_tile(bf, row, a, m, 6, o, ldo); break;
-    case 5: float_tile(bf, row, a, m, 5, o, ldo); break;
-    case 4: float_tile(bf, row, a, m, 4, o, ldo); break;
-    case 3: float_tile(bf, row, a, m, 3, o, ldo); break;
-    case 2: float_tile(bf, row, a, m, 2, o, ldo); break;
-    case 1: float_tile(bf, row, a, m, 1, o, ldo); break;
-    default: break;
-    }
+    if (m1 - m == 2) float_tile(bf, row, a, m, 2, o, ldo);
+    else if (m1 - m == 1) float_tile(bf, row, a, m, 1, o, ldo);
 }
 
 /* ---- quantised weights: one tile of 16 rows at a time ---------------------------------------------------- */
