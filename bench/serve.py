@@ -7,7 +7,8 @@ latency), and does anything fail?
 Each client sends streamed chat completions back to back (48 new tokens, temperature 0.7, `stream_options.
 include_usage`, a short system prompt shared by all so both servers' prompt caches can work; every request
 asks a different question). Aggregate tokens/s = completion tokens (from the usage chunks) / wall time of
-the level. Both servers use 2 threads and the default model (Lamina with `--quantize int4` unless told). `llama-server` runs with `-np` = clients
+the level. Both servers use 2 threads and the default model (Lamina as `lamina serve` runs it with no flags,
+unless `--quantize` says otherwise). `llama-server` runs with `-np` = clients
 (one slot each, 2048 context each) and its prompt cache on; it is built by `python bench/peers.py`.
 
     python bench/serve.py [--levels 1 4 16 64] [--requests-per-client 2] [--only lamina]
@@ -38,7 +39,7 @@ from peers import llama_server
 
 MODEL = "smollm2-135m-instruct"
 SYSTEM = "You are a helpful assistant. Answer briefly and clearly."
-QUANTIZE = "int4"
+QUANTIZE = "default"
 TOPICS = ["volcanoes", "bread", "rivers", "the moon", "bicycles", "owls", "glass", "tea", "trains", "coral", "maps", "bees",
           "clocks", "snow", "paper", "wind"]
 
@@ -121,7 +122,7 @@ def _start(kind: str, clients: int, home: Path) -> tuple[subprocess.Popen, str, 
     env = {**os.environ, "LAMINA_HOME": str(home), "LAMINA_THREADS": "2", "OMP_NUM_THREADS": "2"}
     if kind == "lamina":
         cmd = [sys.executable, "-m", "lamina", "serve", "--port", str(port), "--max-running", str(max(clients, 1))]
-        if QUANTIZE != "none":
+        if QUANTIZE != "default":
             cmd += ["--quantize", QUANTIZE]
         model = MODEL
     else:
@@ -153,7 +154,7 @@ def main() -> None:
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--only", choices=["lamina", "llama-server"], default=None)
-    parser.add_argument("--quantize", choices=["none", "int8", "int4"], default="int4",
+    parser.add_argument("--quantize", choices=["default", "none", "int8", "int4"], default="default",
                         help="lamina's weights (int4: the same bits as the Q4_1 GGUF llama-server runs)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serve.json")
     args = parser.parse_args()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lamina.errors import InvalidRequestError
-from lamina.llm.engine.sampling import Sampler, SamplingParams
+from lamina.llm.engine.sampling import Sampler, SamplingParams, sample_batch
 
 
 @pytest.mark.parametrize(
@@ -109,3 +109,28 @@ def test_inverse_cdf_draws_follow_the_distribution_and_never_a_zero() -> None:
     g = torch.Generator().manual_seed(1)
     counts = torch.bincount(torch.tensor([_draw(unnormalised, g) for _ in range(20000)]), minlength=6).float() / 20000
     torch.testing.assert_close(counts, probs, atol=0.015, rtol=0)
+
+
+def test_a_batch_samples_each_row_as_its_own_sampler_would() -> None:
+    """sample_batch: greedy rows are their argmax, seeded or penalised rows go one by one (the same tokens as
+    alone), and plain temperature rows draw from their own softmax (frequencies within a loose band)."""
+
+
+    torch.manual_seed(0)
+    vocab = 50
+    logits = torch.randn(5, vocab) * 3
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0.7, seed=5), SamplingParams(temperature=0, repetition_penalty=1.3),
+              SamplingParams(temperature=1.0), SamplingParams(temperature=0, logprobs=2)]
+    batch = [Sampler(p, [1, 2, 3], vocab, torch.device("cpu")) for p in params]
+    alone = [Sampler(p, [1, 2, 3], vocab, torch.device("cpu")) for p in params]
+    got = sample_batch(batch, logits)
+    assert got[0].token_id == int(logits[0].argmax())
+    for i in (1, 2, 4):
+        assert got[i] == alone[i](logits[i]), i
+    assert [s.batchable for s in batch] == [True, False, False, True, False]
+    hot = Sampler(SamplingParams(temperature=0.5), [], vocab, torch.device("cpu"))
+    draws = torch.tensor([s.token_id for s in sample_batch([hot] * 4000, logits[3:4].expand(4000, vocab).contiguous())])
+    expected = torch.softmax(logits[3] / 0.5, dim=-1)
+    freq = torch.bincount(draws, minlength=vocab).float() / len(draws)
+    top = expected.argsort(descending=True)[:3]
+    assert torch.allclose(freq[top], expected[top], atol=0.05), (freq[top], expected[top])

@@ -98,3 +98,16 @@ def test_drafts_stop_at_max_tokens_and_end_tokens(tmp_path) -> None:  # type: ig
     got = _run(e, {"r": loop}, {"r": SamplingParams(max_tokens=20, temperature=0, stop_token_ids=(stop,))})["r"]
     assert got == want
     assert e.runner.slots.lengths == [] or all(n == 0 for n in e.runner.slots.lengths)  # every row released
+
+
+def test_a_request_past_the_time_limit_ends_with_its_next_token(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """--max-request-seconds: a request that would generate for ever (no end token, a huge max_tokens) ends."""
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=160, max_seq_len=4096)).eval()
+    e = Engine(model, eos_ids=[], max_seq_len=4096, vocab_size=64, args=EngineArgs(max_request_seconds=0.3))
+    e.add_request("forgotten", [1, 2, 3], SamplingParams(max_tokens=4000, temperature=0, ignore_eos=True))
+    events = []
+    while e.has_unfinished():
+        events += e.step()
+    assert events[-1].finish_reason == "length" and len(events) < 4000
+    assert e.num_running == 0 and e.runner.rows == []  # its slot is free

@@ -34,6 +34,8 @@ class EngineDefault(click.Option):
 @click.option("--speculative-tokens", cls=EngineDefault, type=click.IntRange(0, 16), show_default=True,
               help="prompt-lookup draft tokens each greedy request verifies per step (0 off; a request's "
                    "speculative_tokens overrides it)")
+@click.option("--max-request-seconds", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="end a request still generating this long after it arrived (finish reason length); default: no limit")
 @click.option("--quantize", type=click.Choice(["auto", "none", "int8", "int4"]), default=None,
               help="weight-only quantisation [LAMINA_QUANTIZE, default auto: a GGUF's own Q4_1/Q8_0 blocks where the "
                    "native kernels run and no --dtype is given; `lamina info` says what it resolves to]")
@@ -42,7 +44,7 @@ class EngineDefault(click.Option):
 @model_options
 @fail_cleanly
 def serve(host: str | None, port: int | None, api_key: str | None, insecure: bool, max_running: int, max_upload_mb: float,
-          kv_cache_gb: float, speculative_tokens: int, quantize: str | None, lora: tuple[str, ...], model: str | None, device: str | None,
+          kv_cache_gb: float, speculative_tokens: int, max_request_seconds: float | None, quantize: str | None, lora: tuple[str, ...], model: str | None, device: str | None,
           dtype: str | None) -> None:
     """Serve the OpenAI-compatible API and the web chat (http://HOST:PORT/)."""
     import logging
@@ -60,7 +62,7 @@ def serve(host: str | None, port: int | None, api_key: str | None, insecure: boo
     settings = get_settings().model_copy(update={k: v for k, v in flags.items() if v})
     args = ServeArgs(
         settings, insecure=insecure, engine=EngineArgs(max_running=max_running, kv_cache_gb=kv_cache_gb,
-                                                       speculative_tokens=speculative_tokens),
+                                                       speculative_tokens=speculative_tokens, max_request_seconds=max_request_seconds),
         max_upload_bytes=int(max_upload_mb * 1024 * 1024), quantize=quantize, lora=tuple(_pairs(lora, "--lora")),
     )
     check_exposure(settings.host, insecure=insecure, database=args.database, api_key=settings.api_key)

@@ -9,7 +9,7 @@ the neutral values of the unsupported fields and the rules between fields. What 
 cannot be published and is documented on the field instead: prompt plus `max_tokens` must fit the model's
 context (`max_model_len` in /v1/models, else 400 `context_length_exceeded`), token ids must be below its
 vocabulary size, and its chat template may refuse a conversation. Lamina's extras (`top_k`, `min_p`,
-`repetition_penalty`, `speculative_tokens`, `cache_salt`, `vector_store_ids`) arrive through the SDK's `extra_body`.
+`repetition_penalty`, `ignore_eos`, `speculative_tokens`, `cache_salt`, `vector_store_ids`) arrive through the SDK's `extra_body`.
 """
 
 from __future__ import annotations
@@ -80,6 +80,8 @@ class _Sampling(_Request):
     top_k: int | None = Field(default=None, ge=-1)
     min_p: float | None = Field(default=None, ge=0, le=1)
     repetition_penalty: float | None = Field(default=None, gt=0)
+    ignore_eos: bool = False
+    """vLLM's: keep generating past end-of-sequence tokens, up to max_tokens (benchmarks)."""
     speculative_tokens: int | None = Field(default=None, ge=0, le=16)
     """Prompt-lookup draft tokens verified per step for greedy requests (0 off; unset: the server's --speculative-tokens)."""
     cache_salt: str | None = Field(default=None, max_length=256)

@@ -289,6 +289,7 @@ class OpenAIService:
                     min_p=req.min_p or 0.0,
                     repetition_penalty=req.repetition_penalty or 1.0,
                     speculative_tokens=req.speculative_tokens,
+                    ignore_eos=req.ignore_eos,
                     presence_penalty=req.presence_penalty,
                     frequency_penalty=req.frequency_penalty,
                     # n choices differ, yet reproduce together; torch's generators are 64-bit and wrap a negative

@@ -16,17 +16,19 @@ Python API, `AsyncEngine`'s worker thread for the server).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import torch
 from torch import nn
 
 from lamina.errors import ContextLengthError, InvalidRequestError
 from lamina.llm.engine import speculative
 from lamina.llm.engine.runner import ModelRunner
-from lamina.llm.engine.sampling import Sampler, SamplingParams
+from lamina.llm.engine.sampling import Sample, Sampler, SamplingParams, sample_batch
 from lamina.llm.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput, Status
 from lamina.llm.engine.scheduler import Sequence as Seq
 from lamina.llm.kernels.native import DEFAULT_OPTIONS, NativeOptions
@@ -70,6 +72,10 @@ class EngineArgs:
     """Longest suffix n-gram looked up for a draft."""
     prompt_lookup_min: int = 2
     """Shortest suffix n-gram that makes a draft."""
+    max_request_seconds: float | None = None
+    """A request still generating this long after it arrived ends with its next token (finish reason "length"):
+    a forgotten request cannot hold a slot for ever. None: no limit (max_tokens, by default the context left as
+    in vLLM, is then the only bound)."""
 
 
 @dataclass(frozen=True)
@@ -175,7 +181,13 @@ class Engine:
         self.scheduler.admit(self.runner.fits, lambda seq: self.runner.acquire(seq, seq.salt))
         work = self._with_drafts(self.scheduler.schedule())
         logits = self.runner.execute(work)
+        now = time.monotonic()
         events = []
+        single = [c for c in work.chunks if c.seq.request_id in logits and not c.draft]  # one token each: sampled together
+        picked: dict[int, Sample] = {}
+        if single:
+            stacked = torch.stack([logits[c.seq.request_id] for c in single])
+            picked = {id(c): s for c, s in zip(single, sample_batch([c.seq.sampler for c in single], stacked), strict=True)}
         for chunk in work.chunks:
             seq = chunk.seq
             if seq.request_id not in logits:
@@ -183,11 +195,13 @@ class Engine:
             out = logits[seq.request_id]
             rows = out if chunk.draft else out[None]
             for i in range(len(rows)):  # a draft's rows: kept while each guess is the token greedy decoding picks
-                sample = seq.sampler(rows[i])
+                sample = picked[id(chunk)] if not chunk.draft else seq.sampler(rows[i])
                 seq.output_ids.append(sample.token_id)
                 p = seq.params
                 is_stop = sample.token_id in p.stop_token_ids or (not p.ignore_eos and sample.token_id in self.eos_ids)
                 finish: FinishReason | None = "stop" if is_stop else ("length" if len(seq.output_ids) >= p.max_tokens else None)
+                if finish is None and self.args.max_request_seconds is not None and now - seq.arrival >= self.args.max_request_seconds:
+                    finish = "length"  # the server's time limit
                 events.append(TokenEvent(seq.request_id, sample.token_id, sample.logprob, sample.top_logprobs, finish, is_stop,
                                          seq.cached_prompt_tokens))
                 hit = i + 1 < len(rows) and sample.token_id == chunk.token_ids[i + 1]

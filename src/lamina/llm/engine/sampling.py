@@ -137,6 +137,14 @@ class Sampler:
         top_pairs = tuple(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else ()
         return Sample(token, float(logp[token]), top_pairs)
 
+    @property
+    def batchable(self) -> bool:
+        """Whether `sample_batch` may pick this request's token along with others': plain greedy, or plain
+        temperature sampling from the global generator (no penalties, truncation, logprobs or seed)."""
+        p = self.params
+        plain = self.seen is None and self.output_counts is None and p.logprobs is None
+        return plain and (p.greedy or (p.seed is None and p.top_k == 0 and p.top_p == 1.0 and p.min_p == 0.0))
+
     def _penalise(self, logits: torch.Tensor) -> torch.Tensor:
         p = self.params
         if self.seen is not None:
@@ -172,3 +180,27 @@ def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     cdf = torch.cumsum(probs, dim=-1)
     u = torch.rand(1, generator=generator, device=probs.device) * cdf[-1]
     return min(int(torch.searchsorted(cdf, u, right=True)), probs.shape[-1] - 1)
+
+
+def sample_batch(samplers: Sequence[Sampler], logits: torch.Tensor) -> list[Sample]:
+    """Each sampler's token from its row of `logits` (B, vocab) float32: the batchable ones (`Sampler.batchable`)
+    in a few tensor operations over all their rows (a 64-request batch pays for one softmax, not 64), the
+    others one by one. Greedy rows give the argmax either way, so batching never changes a greedy result."""
+    out: list[Sample | None] = [None] * len(samplers)
+    greedy = [i for i, s in enumerate(samplers) if s.batchable and s.params.greedy]
+    sampled = [i for i, s in enumerate(samplers) if s.batchable and not s.params.greedy]
+    if greedy:
+        for i, token in zip(greedy, torch.argmax(logits[greedy], dim=-1).tolist(), strict=True):
+            out[i] = Sample(int(token))
+    if sampled:
+        temps = torch.tensor([samplers[i].params.temperature for i in sampled], device=logits.device)
+        probs = torch.softmax(logits[sampled] / temps[:, None], dim=-1)
+        cdf = torch.cumsum(probs, dim=-1)
+        u = torch.rand(len(sampled), 1, device=logits.device) * cdf[:, -1:]
+        tokens = torch.searchsorted(cdf, u, right=True).clamp_(max=logits.shape[-1] - 1)[:, 0]
+        for i, token in zip(sampled, tokens.tolist(), strict=True):
+            out[i] = Sample(int(token))
+    for i, s in enumerate(samplers):
+        if out[i] is None:
+            out[i] = s(logits[i])
+    return [o for o in out if o is not None]
