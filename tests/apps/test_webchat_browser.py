@@ -72,7 +72,7 @@ def test_send_stream_stop_and_reload(page, server: Server) -> None:
     page.wait_for_selector("#send:not([hidden])", timeout=60_000)
     assert page.locator(".message.user").count() == 1 and page.locator(".message.assistant").count() == 1
     assert "Paris" in page.locator(".message.assistant .body").inner_text()  # greedy: the same answer
-    page.once("dialog", lambda d: d.accept("What is the capital of Italy?"))
+    page.once("dialog", lambda d: d.accept("What is the capital of Italy? Answer in one sentence."))
     page.locator(".message.user button.edit").click()
     page.wait_for_selector("#stop:not([hidden])")
     page.wait_for_selector("#send:not([hidden])", timeout=60_000)
