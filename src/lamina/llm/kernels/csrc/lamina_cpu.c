@@ -240,7 +240,7 @@ static void float_rows(int fmt, const uint8_t *row, const Act *a, int m0, int m1
 /* ---- quantised weights: one tile of 16 rows at a time ---------------------------------------------------- */
 
 #ifdef LAM_AVX512
-#define RT 4 /* activation rows per pass over a tile */
+#define RT 8 /* activation rows per pass over a tile (then 4, 2, 1 for the rest) */
 
 static inline __m512i dot512(__m512i acc, __m512i u, __m512i s) {
 #ifdef LAM_VNNI
@@ -414,13 +414,18 @@ static void tile_dot(int fmt, const uint8_t *tile, int nr, const Act *a, int m0,
         return;
     }
     int m = m0;
+    /* RT rows a pass, then the rest in halving groups (each row's arithmetic is the same in any group) */
+#define LAM_ROWS(kernel)                                                                                  \
+    for (; m + RT <= m1; m += RT) kernel(tile, a, m, RT, y + (size_t)(m - m0) * NR);                        \
+    if (RT > 4 && m + 4 <= m1) kernel(tile, a, m, RT > 4 ? 4 : 1, y + (size_t)(m - m0) * NR), m += RT > 4 ? 4 : 1; \
+    if (RT > 2 && m + 2 <= m1) kernel(tile, a, m, RT > 2 ? 2 : 1, y + (size_t)(m - m0) * NR), m += RT > 2 ? 2 : 1; \
+    for (; m < m1; m++) kernel(tile, a, m, 1, y + (size_t)(m - m0) * NR);
     if (fmt == FMT_Q4) {
-        for (; m + RT <= m1; m += RT) q4_tile(tile, a, m, RT, y + (size_t)(m - m0) * NR);
-        for (; m < m1; m++) q4_tile(tile, a, m, 1, y + (size_t)(m - m0) * NR);
+        LAM_ROWS(q4_tile)
     } else {
-        for (; m + RT <= m1; m += RT) q8_tile(tile, a, m, RT, y + (size_t)(m - m0) * NR);
-        for (; m < m1; m++) q8_tile(tile, a, m, 1, y + (size_t)(m - m0) * NR);
+        LAM_ROWS(q8_tile)
     }
+#undef LAM_ROWS
 }
 
 /* Up to STACK_ROWS activation rows, one tile's results fit a buffer on the stack; more go in chunks of this many. */
@@ -507,11 +512,11 @@ static void rmsnorm(const float *x, const float *w, int n, float eps, float *out
     for (int i = 0; i < n; i++) out[i] = w[i] * (x[i] * r);
 }
 
-static void rope(float *v, int hd, const float *inv_freq, float pos) {
+/* cs: the row's cos(pos * inv_freq[i]) for i < hd/2, then the sines (computed once per step, `step_init`). */
+static void rope(float *v, int hd, const float *cs) {
     const int half = hd / 2;
     for (int i = 0; i < half; i++) {
-        const float ang = pos * inv_freq[i];
-        const float c = cosf(ang), s = sinf(ang);
+        const float c = cs[i], s = cs[half + i];
         const float x0 = v[i], x1 = v[i + half];
         v[i] = x0 * c - x1 * s;
         v[i + half] = x1 * c + x0 * s;
@@ -567,6 +572,7 @@ typedef struct {
     int *unit_row0, *row_chunks;
     float *partials;
     size_t part_ld;
+    float *rope_cs; /* (M, hd): each row's RoPE cosines, then sines */
     Act a_dim, a_att, a_ff; /* h, att and ff as int8 blocks (and as the float rows, for float weights) */
 } Step;
 
@@ -583,7 +589,7 @@ static void *alloc(size_t bytes) { return malloc(bytes ? bytes : 1); /* (NULL me
 
 static void step_free(Step *s) {
     free(s->h), free(s->qkv), free(s->att), free(s->ff), free(s->scores);
-    free(s->unit_row0), free(s->row_chunks), free(s->partials);
+    free(s->unit_row0), free(s->row_chunks), free(s->partials), free(s->rope_cs);
     act_free(&s->a_dim), act_free(&s->a_att), act_free(&s->a_ff);
 }
 
@@ -629,10 +635,18 @@ static int step_init(Step *s, const LamDecodeConfig *c, const float *inv_freq, f
         }
         s->n_units = units;
     }
+    s->rope_cs = alloc(sizeof(float) * (size_t)M * s->hd);
+    if (s->rope_cs)
+        for (int m = 0; m < M; m++)
+            for (int i = 0; i < s->hd / 2; i++) {
+                const float ang = (float)positions[m] * inv_freq[i];
+                s->rope_cs[(size_t)m * s->hd + i] = cosf(ang);
+                s->rope_cs[(size_t)m * s->hd + s->hd / 2 + i] = sinf(ang);
+            }
     s->part_ld = (size_t)s->hd + 2;
     s->partials = alloc(sizeof(float) * (size_t)s->n_units * s->rep * s->part_ld);
     const int acts = act_alloc(&s->a_dim, M, s->dim) | act_alloc(&s->a_att, M, s->nq) | act_alloc(&s->a_ff, M, s->hidden);
-    if (!s->h || !s->qkv || !s->att || !s->ff || !s->scores || !s->unit_row0 || !s->row_chunks || !s->partials || acts != LAM_OK) {
+    if (!s->h || !s->qkv || !s->att || !s->ff || !s->scores || !s->unit_row0 || !s->row_chunks || !s->partials || !s->rope_cs || acts != LAM_OK) {
         step_free(s);
         return LAM_ERR_NOMEM;
     }
@@ -705,10 +719,10 @@ static inline void rope_kv_write(const Step *s, const Layer *L) {
     for (int i = 0; i < s->M * nkv; i++) {
         const int m = i / nkv, g = i % nkv;
         float *row = s->qkv + (size_t)m * s->nqkv;
-        const float pos = (float)s->positions[m];
-        for (int j = 0; j < rep; j++) rope(row + (size_t)(g * rep + j) * hd, hd, s->inv_freq, pos);
+        const float *cs = s->rope_cs + (size_t)m * hd;
+        for (int j = 0; j < rep; j++) rope(row + (size_t)(g * rep + j) * hd, hd, cs);
         float *k = row + nq + g * hd, *v = row + nq + nk + g * hd;
-        rope(k, hd, s->inv_freq, pos);
+        rope(k, hd, cs);
         const size_t off = (((size_t)s->row_slots[m] * nkv + g) * cap + s->positions[m]) * hd;
         if (s->kv_bf16) {
             uint16_t *kd = (uint16_t *)L->kl + off, *vd = (uint16_t *)L->vl + off;
