@@ -1,4 +1,4 @@
-"""Long contexts: decode speed and time to first token at 512, 2k, 4k and 8k prompt tokens, Lamina against
+"""Long contexts: decode speed and time to first token at 512, 2k, 4k and 8k (8,000: the context is 8,192) prompt tokens, Lamina against
 llama.cpp's `llama-server`, same GGUF, same prompts, same run.
 
 Question: as the prompt grows, how fast does each server take it in (TTFT) and how fast does it then decode,
@@ -10,7 +10,7 @@ request's prompt different from the last so no prefix cache helps. TTFT is from 
 token; decode tok/s is (tokens - 1) / (last token - first token). The median of `--rounds` requests per
 length, servers alternating.
 
-    python bench/longctx.py [--lengths 512 2048 4096 8192] [--rounds 2]
+    python bench/longctx.py [--lengths 512 2048 4096 8000] [--rounds 2]
 
 Prints a table and writes bench/results/longctx.json.
 """
@@ -91,7 +91,7 @@ def _request(url: str, prompt: list[int]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 4096, 8192])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 4096, 8000])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "longctx.json")
     args = parser.parse_args()

@@ -38,6 +38,9 @@ from lamina.llm.kernels.native_decode import NativeDecoder, native_step_for
 logger = logging.getLogger(__name__)
 
 CACHE_STEP = 256
+NATIVE_PREFILL_ROWS = 64
+"""Prompt chunks at least this long run in PyTorch (flash attention over the chunk, the float GEMM where it
+wins) rather than in the fused native step, whose attention goes row by row."""
 PREFIX_WAIT_TOKENS = 32
 """A new sequence waits a step for a running one computing at least this many tokens of its prefix."""
 
@@ -87,7 +90,8 @@ class ModelRunner:
         quantised = self.native is not None and self.native.quantized
         if self.native is not None:
             logger.info("decoding through the native step (%s weights)", "quantised" if quantised else "float")
-        self.native_prefill_rows = min((getattr(m, "gemm_rows", 1 << 30) for m in self.model.modules()), default=1) if quantised else 1
+        rows = min((getattr(m, "gemm_rows", 1 << 30) for m in self.model.modules()), default=1)
+        self.native_prefill_rows = min(rows, NATIVE_PREFILL_ROWS) if quantised else 1
 
     @property
     def speculates(self) -> bool:

@@ -106,7 +106,7 @@ def gemm_rows(kernel: Kernel, float_dtype: torch.dtype, cache_dir: Path | None =
 
     def measure() -> dict:
         shapes = [(1536, 576), (576, 1536), (576, 576)]
-        for rows in (8, 16, 32, 64, 128, 256):
+        for rows in (8, 16, 32, 64, 128, 256, 512):
             int_path = [QuantLinear(nn.Linear(i, o, bias=False), kernel, cache_dir, options=options) for o, i in shapes]
             float_path = [QuantLinear(nn.Linear(i, o, bias=False), kernel, cache_dir, options=options) for o, i in shapes]
             for layer in float_path:
@@ -118,7 +118,7 @@ def gemm_rows(kernel: Kernel, float_dtype: torch.dtype, cache_dir: Path | None =
                 return {"rows": rows}
         return {"rows": 1 << 30}
 
-    key = f"native {kernel.mode} gemm rows, {str(gemm).removeprefix('torch.')} | {native.source_key()} | {device_key(torch.device('cpu'))}"
+    key = f"native {kernel.mode} gemm rows up to 512, {str(gemm).removeprefix('torch.')} | {native.source_key()} | {device_key(torch.device('cpu'))}"
     return int(cached_probe(cache_dir, key, measure)["rows"])
 
 
