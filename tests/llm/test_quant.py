@@ -534,7 +534,7 @@ def test_the_settings_reach_the_kernels_through_llm_load(tmp_path) -> None:  # t
         assert "int8-native" not in str(e) and "slower than float32" in str(e)
     else:
         assert not quantised.engine.native_step
-        assert all(m.kernel.backend == "torch" for m in quantised.model.modules() if isinstance(m, QuantLinear))
+        assert all(m.backend == "torch" for m in quantised.model.modules() if isinstance(m, QuantLinear))
         quantised.close()
     llm = LLM.load(str(tmp_path / "hf"), device="cpu", dtype="float32", settings=off)
     try:
