@@ -53,7 +53,8 @@ class ServeArgs:
     """Model behind /v1/embeddings and the vector stores; None serves neither."""
     engine: EngineArgs = field(default_factory=EngineArgs)
     quantize: str | None = None
-    """Weight-only quantisation of the chat model: int8 or int4 (None: the float weights)."""
+    """Weight-only quantisation of the chat model: auto, none, int8 or int4 (None: the settings' LAMINA_QUANTIZE,
+    auto by default, which serves a Q4_1/Q8_0 GGUF on its own blocks; with LoRA adapters, none)."""
     lora: tuple[tuple[str, str], ...] = ()
     """LoRA adapters served beside the base model, as (name, folder): a request's `model` chooses one."""
 
