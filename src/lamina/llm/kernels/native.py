@@ -25,6 +25,7 @@ LAMINA_NATIVE_MARCH and LAMINA_CC/CC, for the composition root.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -112,6 +113,7 @@ def library_path(cache_dir: Path | None = None, options: NativeOptions = DEFAULT
     return None if lib is None else lib._name
 
 
+@functools.cache
 def source_key() -> str:
     """A short digest of the kernels' source: measurements of one version are not reused for another."""
     return "kernels " + hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]

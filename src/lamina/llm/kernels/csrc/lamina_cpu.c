@@ -608,18 +608,15 @@ static int step_init(Step *s, const LamDecodeConfig *c, const float *inv_freq, f
     s->esz = s->kv_bf16 ? 2 : 4, s->eps = c->eps, s->scale = 1.0f / sqrtf((float)s->hd);
     s->row_slots = row_slots, s->positions = positions, s->logit_rows = logit_rows, s->inv_freq = inv_freq, s->x = x;
     const int M = s->M;
-    int64_t max_pos = 0;
     for (int i = 0; i < s->n_logits; i++)
         if (logit_rows[i] < 0 || logit_rows[i] >= M) return LAM_ERR_RANGE;
     for (int m = 0; m < M; m++) {
         if (positions[m] < 0 || positions[m] >= s->cap || row_slots[m] < 0 || row_slots[m] >= s->slots) return LAM_ERR_RANGE;
-        if (positions[m] > max_pos) max_pos = positions[m];
     }
     s->h = alloc(sizeof(float) * (size_t)M * (s->dim > s->nq ? s->dim : s->nq));
     s->qkv = alloc(sizeof(float) * (size_t)M * s->nqkv);
     s->att = alloc(sizeof(float) * (size_t)M * s->nq);
     s->ff = alloc(sizeof(float) * (size_t)M * s->hidden);
-    (void)max_pos;
     /* per thread: the scores of a chunk for a group of heads, then the chunk's keys as float32 */
     s->score_ld = ((size_t)s->rep * KV_CHUNK + (size_t)KV_CHUNK * s->hd + 15) / 16 * 16; /* whole cache lines apart */
     s->scores = aligned_alloc(64, sizeof(float) * s->score_ld * (size_t)s->threads);
