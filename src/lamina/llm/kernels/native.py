@@ -9,10 +9,12 @@ that runs every layer. The kernels read the blocks in tiles of 16 output rows (`
 instruction meets 16 rows at once; `pack_q4`, `pack_q8`, `unpack` and the GGUF files speak the plain
 row-major blocks.
 
-Threads: each call runs on torch.get_num_threads() OpenMP threads, passed explicitly (an OpenMP thread
-count set in one Python thread does not carry to the engine's worker thread).
+Threads: each call runs on torch.get_num_threads() threads, passed explicitly: the calling thread and the
+workers of a team the library keeps (not OpenMP's: libgomp throttles its barriers to sleeping once the
+process holds more OpenMP threads than cores, which the engine's worker thread beside PyTorch's main-thread
+pool already does on 2 cores; the C file's "thread team" says more).
 
-The library is compiled on first use with the system C compiler (`-O3 -march=native -fopenmp`, about a
+The library is compiled on first use with the system C compiler (`-O3 -march=native -pthread`, about a
 second, no Python or PyTorch headers) into LAMINA_HOME/cache/native, keyed by the source, the compiler and
 the CPU, and loaded with ctypes (which releases the GIL while it runs). Where there is no compiler, or the
 CPU lacks AVX2/FMA/F16C, `library()` returns None and quantisation uses PyTorch's kernels.
@@ -162,7 +164,7 @@ def _build_and_load(cache_dir: Path | None, options: NativeOptions) -> ctypes.CD
         return None
     cc = _compiler(options)
     assert cc is not None
-    flags = ["-O3", f"-march={options.march}", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+    flags = ["-O3", f"-march={options.march}", "-pthread", "-shared", "-fPIC", "-std=gnu11"]
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:

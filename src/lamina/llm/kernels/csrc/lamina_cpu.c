@@ -1,8 +1,8 @@
 /* Lamina's CPU kernels: block-quantised matrix products and a fused Llama decode step (quantised or float weights).
  *
  * Built on first use by lamina.llm.kernels.native (cc -O3 -march=native -fopenmp) and loaded with ctypes; no
- * Python or PyTorch headers, so it compiles in about a second. OpenMP is the same libgomp PyTorch loads
- * (one thread pool, sized by torch.set_num_threads).
+ * Python or PyTorch headers, so it compiles in about a second. The kernels run on their own team of threads
+ * (below), not on OpenMP's: see "the thread team".
  *
  * Weight blocks (32 inputs each) are llama.cpp's Q4_1 and Q8_0:
  *   Q4: { fp16 d; fp16 m; u8 qs[16] }  w[j] = d * q[j] + m, q[j] = qs[j] & 15 (j < 16), qs[j - 16] >> 4
@@ -33,7 +33,13 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <omp.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <time.h>
+#include <unistd.h>
+#include <linux/futex.h>
+#include <sys/syscall.h>
 
 #define QK 32
 #define NR 16 /* output rows per weight tile */
@@ -125,6 +131,195 @@ static inline int32_t load32(const int8_t *p) {
     memcpy(&v, p, 4);
     return v;
 }
+
+
+/* ---- the thread team ------------------------------------------------------------------------------------
+ *
+ * A call runs one job on `nth` threads: the caller as thread 0 and nth - 1 workers of a team, which meet at
+ * spinning barriers between the job's phases (a decode step has about 11 per layer). Why not OpenMP: libgomp
+ * keeps one pool per thread that ever opened a parallel region, and once the pools together hold more
+ * threads than there are cores (PyTorch's pool on the main thread and another on the engine's worker thread
+ * are enough on 2 cores) it throttles every barrier's spinning to a few microseconds and then sleeps in the
+ * kernel: a decode step's 330 barriers then each cost a futex wake. A team spins at its barriers whatever
+ * else the process holds, and its idle workers spin only briefly (IDLE_SPIN_NS) before they sleep on a futex,
+ * so PyTorch's own threads get the cores back between steps.
+ *
+ * Teams come from a free list: concurrent callers (two engines in one process) get a team each, and one
+ * caller reuses the same team and threads call after call. Work is split by static shares, so which thread
+ * computes what depends only on (n, nth), and no result depends on it: each output is computed whole by one
+ * thread in a fixed order. */
+#define MAX_THREADS 256
+#define IDLE_SPIN_NS 200000   /* an idle worker spins this long for the next job before it sleeps */
+#define BARRIER_SPIN_NS 50000 /* a thread at a barrier spins this long before it yields its core between checks */
+
+
+struct Team;
+/* What a thread of a job knows of itself: its number, the job's thread count, its team (NULL alone). */
+typedef struct {
+    struct Team *team;
+    int tid, nth;
+} Me;
+
+typedef void (*JobFn)(void *ctx, const Me *me);
+
+typedef struct Team {
+    _Atomic uint32_t job; /* (sequence << 8) | nth of the latest job: the workers' futex word */
+    _Atomic int sleepers; /* workers asleep (or about to be) on `job` */
+    _Atomic int done;     /* workers that finished the current job */
+    _Atomic int bar_count;
+    _Atomic uint32_t bar_gen;
+    JobFn fn;
+    void *ctx;
+    int n_workers;
+    struct Team *next; /* in the free list */
+} Team;
+
+typedef struct {
+    Team *team;
+    int id;        /* 1 .. n_workers */
+    uint32_t seen; /* the team's job word when the worker was made: it waits for the next one */
+} Worker;
+
+static pthread_mutex_t teams_lock = PTHREAD_MUTEX_INITIALIZER;
+static Team *free_teams;
+
+static inline int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static inline void spin_pause(int *spins, int64_t *since, int64_t budget_ns, int *yielding) {
+    _mm_pause();
+    if (*yielding) {
+        sched_yield();
+        return;
+    }
+    if ((++*spins & 63) == 0) {
+        const int64_t t = now_ns();
+        if (*since == 0) *since = t;
+        else if (t - *since > budget_ns) *yielding = 1;
+    }
+}
+
+static void *worker_main(void *arg) {
+    Worker w = *(Worker *)arg;
+    free(arg);
+    Team *t = w.team;
+    uint32_t seen = w.seen;
+    for (;;) {
+        uint32_t job;
+        int spins = 0, yielding = 0;
+        int64_t since = 0;
+        while ((job = atomic_load_explicit(&t->job, memory_order_acquire)) == seen) {
+            spin_pause(&spins, &since, IDLE_SPIN_NS, &yielding);
+            if (yielding) { /* idle for a while: sleep until the next job (Dekker with team_run's store and load) */
+                atomic_fetch_add(&t->sleepers, 1);
+                if (atomic_load(&t->job) == seen) syscall(SYS_futex, &t->job, FUTEX_WAIT_PRIVATE, seen, NULL, NULL, 0);
+                atomic_fetch_sub(&t->sleepers, 1);
+                spins = 0, since = 0, yielding = 0;
+            }
+        }
+        seen = job;
+        const int nth = (int)(job & 255);
+        if (w.id < nth) {
+            const Me me = {t, w.id, nth};
+            t->fn(t->ctx, &me);
+            atomic_fetch_add_explicit(&t->done, 1, memory_order_release);
+        }
+    }
+    return NULL;
+}
+
+static void teams_after_fork(void) { /* a forked child has none of the workers: it starts new teams */
+    free_teams = NULL;
+    pthread_mutex_init(&teams_lock, NULL);
+}
+
+static void teams_init(void) { pthread_atfork(NULL, NULL, teams_after_fork); }
+
+static Team *team_acquire(void) {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, teams_init);
+    pthread_mutex_lock(&teams_lock);
+    Team *t = free_teams;
+    if (t) free_teams = t->next;
+    pthread_mutex_unlock(&teams_lock);
+    if (!t) t = calloc(1, sizeof *t);
+    return t;
+}
+
+static void team_release(Team *t) {
+    pthread_mutex_lock(&teams_lock);
+    t->next = free_teams;
+    free_teams = t;
+    pthread_mutex_unlock(&teams_lock);
+}
+
+/* The threads meet: none returns before all nth have arrived; writes before it are seen by all after it. */
+static void barrier(const Me *me) {
+    Team *t = me->team;
+    const int nth = me->nth;
+    if (nth == 1) return;
+    const uint32_t gen = atomic_load_explicit(&t->bar_gen, memory_order_acquire);
+    if (atomic_fetch_add_explicit(&t->bar_count, 1, memory_order_acq_rel) == nth - 1) {
+        atomic_store_explicit(&t->bar_count, 0, memory_order_relaxed);
+        atomic_fetch_add_explicit(&t->bar_gen, 1, memory_order_release);
+        return;
+    }
+    int spins = 0, yielding = 0;
+    int64_t since = 0;
+    while (atomic_load_explicit(&t->bar_gen, memory_order_acquire) == gen) spin_pause(&spins, &since, BARRIER_SPIN_NS, &yielding);
+}
+
+/* Run fn(ctx, me) on `threads` threads (me->tid 0 .. nth-1, the caller being 0); returns once all have
+ * returned. Fewer threads run if workers cannot be started (no job's results depend on nth). */
+static void run_job(JobFn fn, void *ctx, int threads) {
+    int nth = threads < 1 ? 1 : threads > MAX_THREADS - 1 ? MAX_THREADS - 1 : threads;
+    Team *t = nth > 1 ? team_acquire() : NULL;
+    if (!t) {
+        const Me me = {NULL, 0, 1};
+        fn(ctx, &me);
+        return;
+    }
+    while (t->n_workers < nth - 1) {
+        Worker *w = malloc(sizeof *w);
+        pthread_t th;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        if (w) *w = (Worker){t, t->n_workers + 1, atomic_load(&t->job)};
+        const int failed = !w || pthread_create(&th, &attr, worker_main, w);
+        pthread_attr_destroy(&attr);
+        if (failed) {
+            free(w);
+            break;
+        }
+        t->n_workers++;
+    }
+    if (nth - 1 > t->n_workers) nth = t->n_workers + 1;
+    t->fn = fn, t->ctx = ctx;
+    atomic_store(&t->done, 0);
+    const uint32_t seq = (atomic_load(&t->job) >> 8) + 1;
+    atomic_store(&t->job, (seq << 8) | (uint32_t)nth);
+    if (atomic_load(&t->sleepers) > 0) syscall(SYS_futex, &t->job, FUTEX_WAKE_PRIVATE, INT32_MAX, NULL, NULL, 0);
+    const Me me = {t, 0, nth};
+    fn(ctx, &me);
+    int spins = 0, yielding = 0;
+    int64_t since = 0;
+    while (atomic_load_explicit(&t->done, memory_order_acquire) < nth - 1) spin_pause(&spins, &since, BARRIER_SPIN_NS, &yielding);
+    team_release(t);
+}
+
+/* This thread's share [share_lo, share_hi) of n items: contiguous, as OpenMP's schedule(static). */
+static inline int share_lo(const Me *me, int n) {
+    const int q = n / me->nth, r = n % me->nth;
+    return me->tid * q + (me->tid < r ? me->tid : r);
+}
+static inline int share_hi(const Me *me, int n) { return share_lo(me, n) + n / me->nth + (me->tid < n % me->nth); }
+
+/* A loop over this thread's share of 0 .. n-1; OpenMP's `omp for` is FOR_SHARE(me, i, n) { ... } barrier(me); */
+#define FOR_SHARE(me, i, n) for (int i##_hi_ = share_hi(me, n), i = share_lo(me, n); i < i##_hi_; i++)
 
 /* ---- activations ------------------------------------------------------------------------------------ */
 
@@ -433,6 +628,30 @@ static void tile_dot(int fmt, const uint8_t *tile, int nr, const Act *a, int m0,
 
 /* ---- y = x W^T for a block-quantised W (N x K, tiled); x (M x K) float32, y (M x N) float32 --------------- */
 
+typedef struct {
+    int fmt, N, K, M;
+    const uint8_t *w;
+    const float *x;
+    float *y;
+    Act *a;
+} Matmul;
+
+static void matmul_job(void *ctx, const Me *me) {
+    const Matmul *j = ctx;
+    const int fmt = j->fmt, N = j->N, K = j->K, M = j->M;
+    FOR_SHARE(me, m, M) act_quantize(j->a, j->x, m, K);
+    barrier(me);
+    FOR_SHARE(me, t, tiles_of(N)) {
+        float buf[STACK_ROWS * NR];
+        const int nr = N - t * NR < NR ? N - t * NR : NR;
+        for (int m0 = 0; m0 < M; m0 += STACK_ROWS) {
+            const int m1 = M - m0 < STACK_ROWS ? M : m0 + STACK_ROWS;
+            tile_dot(fmt, tile_at(j->w, fmt, K, t), nr, j->a, m0, m1, buf);
+            for (int m = m0; m < m1; m++) memcpy(j->y + (size_t)m * N + t * NR, buf + (size_t)(m - m0) * NR, sizeof(float) * nr);
+        }
+    }
+}
+
 int lam_matmul(int fmt, const uint8_t *w, int N, int K, const float *x, int M, float *y, int threads) {
     Act a;
     if (act_alloc(&a, M, K) != LAM_OK) {
@@ -440,22 +659,8 @@ int lam_matmul(int fmt, const uint8_t *w, int N, int K, const float *x, int M, f
         return LAM_ERR_NOMEM;
     }
     a.f = x;
-    const int nt = tiles_of(N);
-#pragma omp parallel num_threads(threads)
-    {
-#pragma omp for schedule(static)
-        for (int m = 0; m < M; m++) act_quantize(&a, x, m, K);
-#pragma omp for schedule(static)
-        for (int t = 0; t < nt; t++) {
-            float buf[STACK_ROWS * NR];
-            const int nr = N - t * NR < NR ? N - t * NR : NR;
-            for (int m0 = 0; m0 < M; m0 += STACK_ROWS) {
-                const int m1 = M - m0 < STACK_ROWS ? M : m0 + STACK_ROWS;
-                tile_dot(fmt, tile_at(w, fmt, K, t), nr, &a, m0, m1, buf);
-                for (int m = m0; m < m1; m++) memcpy(y + (size_t)m * N + t * NR, buf + (size_t)(m - m0) * NR, sizeof(float) * nr);
-            }
-        }
-    }
+    Matmul job = {fmt, N, K, M, w, x, y, &a};
+    run_job(matmul_job, &job, threads);
     act_free(&a);
     return LAM_OK;
 }
@@ -470,11 +675,19 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
-void lam_dequant(int fmt, const uint8_t *w, int N, int K, void *out, int bf16, int threads) {
-    const int nb = K / QK, nt = tiles_of(N);
+typedef struct {
+    int fmt, N, K, bf16;
+    const uint8_t *w;
+    void *out;
+} Dequant;
+
+static void dequant_job(void *ctx, const Me *me) {
+    const Dequant *dq = ctx;
+    const int fmt = dq->fmt, N = dq->N, K = dq->K, bf16 = dq->bf16, nb = K / QK;
+    const uint8_t *w = dq->w;
+    void *out = dq->out;
     const size_t tbb = (size_t)NR * block_bytes(fmt);
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int t = 0; t < nt; t++) {
+    FOR_SHARE(me, t, tiles_of(N)) {
         float tmp[QK];
         const int nr = N - t * NR < NR ? N - t * NR : NR;
         for (int b = 0; b < nb; b++) {
@@ -501,6 +714,11 @@ void lam_dequant(int fmt, const uint8_t *w, int N, int K, void *out, int bf16, i
             }
         }
     }
+}
+
+void lam_dequant(int fmt, const uint8_t *w, int N, int K, void *out, int bf16, int threads) {
+    Dequant job = {fmt, N, K, bf16, w, out};
+    run_job(dequant_job, &job, threads);
 }
 
 /* ---- the fused decode step ------------------------------------------------------------------------------- */
@@ -537,7 +755,7 @@ typedef struct {
     int64_t kv_bf16;         /* keys and values are stored as bfloat16 (else float32) */
     int64_t window;          /* sliding-window span; 0 for full attention */
     int64_t head_fmt;        /* the output head's weight format (FMT_*) */
-    int64_t threads;         /* OpenMP threads */
+    int64_t threads;         /* threads (the caller and its team's workers) */
     int64_t n_logits;        /* rows whose logits are wanted: logit_rows[0 .. n_logits-1] */
     float eps;               /* RMSNorm epsilon */
 } LamDecodeConfig;
@@ -668,16 +886,16 @@ static inline void layer_view(Layer *L, const Step *s, const int64_t *table, int
     L->vl = (char *)vcache + (size_t)l * layer_bytes;
 }
 
-/* ---- the phases of one layer (each a few `omp for`s of the enclosing parallel region) ------------------- */
+/* ---- the phases of one layer (each a few shares of the step's job, with a barrier after each) ------------ */
 
 /* h = rmsnorm(x) row by row, quantised into a_dim for the projections that follow. */
-static inline void norm_rows(const Step *s, const float *weight) {
+static inline void norm_rows(const Me *me, const Step *s, const float *weight) {
     const int dim = s->dim;
-#pragma omp for schedule(static)
-    for (int m = 0; m < s->M; m++) {
+    FOR_SHARE(me, m, s->M) {
         rmsnorm(s->x + (size_t)m * dim, weight, dim, s->eps, s->h + (size_t)m * dim);
         act_quantize(&s->a_dim, s->h, m, dim);
     }
+    barrier(me);
 }
 
 /* Tile t of weight i for activation rows m0..m1-1 into buf (NR per row); returns the tile's real rows. */
@@ -688,12 +906,11 @@ static inline int layer_tile(const Layer *L, int i, int t, const Act *a, int m0,
 }
 
 /* qkv = rmsnorm(x) [Wq | Wk | Wv]^T (+ biases), one fused row per token row. */
-static inline void norm_qkv(const Step *s, const Layer *L) {
-    norm_rows(s, L->norm_att);
+static inline void norm_qkv(const Me *me, const Step *s, const Layer *L) {
+    norm_rows(me, s, L->norm_att);
     const int nqkv = s->nqkv, M = s->M, tq = tiles_of(s->nq), tk = tiles_of(s->nk);
     float *qkv = s->qkv;
-#pragma omp for schedule(static)
-    for (int u = 0; u < tq + 2 * tk; u++) {
+    FOR_SHARE(me, u, tq + 2 * tk) {
         const int which = u < tq ? 0 : u < tq + tk ? 1 : 2;
         const int t = which == 0 ? u : which == 1 ? u - tq : u - tq - tk;
         const int col = (which == 0 ? 0 : which == 1 ? s->nq : s->nq + s->nk) + t * NR;
@@ -706,14 +923,14 @@ static inline void norm_qkv(const Step *s, const Layer *L) {
                 for (int r = 0; r < nr; r++) qkv[(size_t)m * nqkv + col + r] = buf[(m - m0) * NR + r] + (bias ? bias[r] : 0.0f);
         }
     }
+    barrier(me);
 }
 
 /* RoPE on q and k at each row's position; k and v written to the row's slot in the cache. */
-static inline void rope_kv_write(const Step *s, const Layer *L) {
+static inline void rope_kv_write(const Me *me, const Step *s, const Layer *L) {
     const int nkv = s->nkv, hd = s->hd, nq = s->nq, nk = s->nk, rep = s->rep;
     const int64_t cap = s->cap;
-#pragma omp for schedule(static)
-    for (int i = 0; i < s->M * nkv; i++) {
+    FOR_SHARE(me, i, s->M * nkv) {
         const int m = i / nkv, g = i % nkv;
         float *row = s->qkv + (size_t)m * s->nqkv;
         const float *cs = s->rope_cs + (size_t)m * hd;
@@ -732,6 +949,7 @@ static inline void rope_kv_write(const Step *s, const Layer *L) {
             memcpy((float *)L->vl + off, v, sizeof(float) * hd);
         }
     }
+    barrier(me);
 }
 
 /* Attention is flash-decoding: each row's keys and values are split into chunks of KV_CHUNK positions (at
@@ -841,12 +1059,11 @@ static inline void attend_chunk(const Step *s, const Layer *L, int m, int g, int
 
 /* att = softmax(q k^T / sqrt(hd)) v per row and head, over the slot's positions up to the row's own (within
  * the sliding window, where there is one). */
-static inline void attention(const Step *s, const Layer *L) {
+static inline void attention(const Me *me, const Step *s, const Layer *L) {
     const int nh = s->nh, hd = s->hd, rep = s->rep, window = s->window;
-    float *sc = s->scores + (size_t)omp_get_thread_num() * s->score_ld;
+    float *sc = s->scores + (size_t)me->tid * s->score_ld;
     int m = 0;
-#pragma omp for schedule(static)
-    for (int u = 0; u < s->n_units; u++) {
+    FOR_SHARE(me, u, s->n_units) {
         while (m + 1 < s->M && s->unit_row0[m + 1] <= u) m++; /* (each thread's units ascend) */
         while (s->unit_row0[m] > u) m--;
         const int k = u - s->unit_row0[m], g = k / s->row_chunks[m], c = k % s->row_chunks[m];
@@ -855,8 +1072,8 @@ static inline void attention(const Step *s, const Layer *L) {
         const int64_t j0 = c0 > first ? c0 : first, j1 = c0 + KV_CHUNK < last + 1 ? c0 + KV_CHUNK : last + 1;
         attend_chunk(s, L, m, g, j0, j1, sc, s->partials + (size_t)u * rep * s->part_ld);
     }
-#pragma omp for schedule(static)
-    for (int i = 0; i < s->M * nh; i++) { /* merge the chunks, in order */
+    barrier(me);
+    FOR_SHARE(me, i, s->M * nh) { /* merge the chunks, in order */
         const int row = i / nh, hh = i % nh, g = hh / rep, h = hh % rep, chunks = s->row_chunks[row];
         const float *p0 = s->partials + ((size_t)(s->unit_row0[row] + g * chunks) * rep + h) * s->part_ld;
         const size_t stride = (size_t)rep * s->part_ld;
@@ -874,14 +1091,14 @@ static inline void attention(const Step *s, const Layer *L) {
         const __m256 inv = _mm256_set1_ps(1.0f / total);
         for (int d = 0; d < hd; d += 8) _mm256_storeu_ps(o + d, _mm256_mul_ps(_mm256_loadu_ps(o + d), inv));
     }
+    barrier(me);
 }
 
 /* x += a W^T for W (dim x K), weight i of the layer: o_proj and down_proj, each with its residual add. */
-static inline void add_projection(const Step *s, const Layer *L, int i, const Act *a) {
+static inline void add_projection(const Me *me, const Step *s, const Layer *L, int i, const Act *a) {
     const int dim = s->dim, M = s->M;
     float *x = s->x;
-#pragma omp for schedule(static)
-    for (int t = 0; t < tiles_of(dim); t++) {
+    FOR_SHARE(me, t, tiles_of(dim)) {
         float buf[STACK_ROWS * NR];
         for (int m0 = 0; m0 < M; m0 += STACK_ROWS) {
             const int m1 = M - m0 < STACK_ROWS ? M : m0 + STACK_ROWS;
@@ -890,22 +1107,22 @@ static inline void add_projection(const Step *s, const Layer *L, int i, const Ac
                 for (int r = 0; r < nr; r++) x[(size_t)m * dim + t * NR + r] += buf[(m - m0) * NR + r];
         }
     }
+    barrier(me);
 }
 
 /* x += att Wo^T. */
-static inline void o_proj_residual(const Step *s, const Layer *L) {
-#pragma omp for schedule(static)
-    for (int m = 0; m < s->M; m++) act_quantize(&s->a_att, s->att, m, s->nq);
-    add_projection(s, L, L_WO, &s->a_att);
+static inline void o_proj_residual(const Me *me, const Step *s, const Layer *L) {
+    FOR_SHARE(me, m, s->M) act_quantize(&s->a_att, s->att, m, s->nq);
+    barrier(me);
+    add_projection(me, s, L, L_WO, &s->a_att);
 }
 
 /* x += (silu(h Wg^T) * h Wu^T) Wd^T, h = rmsnorm(x). */
-static inline void mlp(const Step *s, const Layer *L) {
-    norm_rows(s, L->norm_mlp);
+static inline void mlp(const Me *me, const Step *s, const Layer *L) {
+    norm_rows(me, s, L->norm_mlp);
     const int hidden = s->hidden, M = s->M;
     float *ff = s->ff;
-#pragma omp for schedule(static)
-    for (int t = 0; t < tiles_of(hidden); t++) {
+    FOR_SHARE(me, t, tiles_of(hidden)) {
         float gbuf[STACK_ROWS * NR], ubuf[STACK_ROWS * NR];
         for (int m0 = 0; m0 < M; m0 += STACK_ROWS) {
             const int m1 = M - m0 < STACK_ROWS ? M : m0 + STACK_ROWS;
@@ -918,21 +1135,21 @@ static inline void mlp(const Step *s, const Layer *L) {
             for (int m = m0; m < m1; m++) memcpy(ff + (size_t)m * hidden + t * NR, gbuf + (size_t)(m - m0) * NR, sizeof(float) * nr);
         }
     }
-#pragma omp for schedule(static)
-    for (int m = 0; m < M; m++) act_quantize(&s->a_ff, ff, m, hidden);
-    add_projection(s, L, L_WD, &s->a_ff);
+    barrier(me);
+    FOR_SHARE(me, m, M) act_quantize(&s->a_ff, ff, m, hidden);
+    barrier(me);
+    add_projection(me, s, L, L_WD, &s->a_ff);
 }
 
 /* logits[i] = rmsnorm(x[logit_rows[i]]) Whead^T. */
-static inline void output_head(const Step *s, const float *final_norm, const uint8_t *head, float *logits) {
+static inline void output_head(const Me *me, const Step *s, const float *final_norm, const uint8_t *head, float *logits) {
     const int dim = s->dim, vocab = s->vocab, n_logits = s->n_logits, head_fmt = s->head_fmt;
-#pragma omp for schedule(static)
-    for (int i = 0; i < n_logits; i++) {
+    FOR_SHARE(me, i, n_logits) {
         rmsnorm(s->x + (size_t)s->logit_rows[i] * dim, final_norm, dim, s->eps, s->h + (size_t)i * dim);
         act_quantize(&s->a_dim, s->h, i, dim);
     }
-#pragma omp for schedule(static)
-    for (int t = 0; t < tiles_of(vocab); t++) {
+    barrier(me);
+    FOR_SHARE(me, t, tiles_of(vocab)) {
         float buf[STACK_ROWS * NR];
         const int nr = vocab - t * NR < NR ? vocab - t * NR : NR;
         for (int m0 = 0; m0 < n_logits; m0 += STACK_ROWS) {
@@ -941,6 +1158,31 @@ static inline void output_head(const Step *s, const float *final_norm, const uin
             for (int m = m0; m < m1; m++) memcpy(logits + (size_t)m * vocab + t * NR, buf + (size_t)(m - m0) * NR, sizeof(float) * nr);
         }
     }
+    barrier(me);
+}
+
+typedef struct {
+    Step s;
+    const int64_t *layers;
+    const float *final_norm;
+    const uint8_t *head;
+    void *kcache, *vcache;
+    float *logits;
+} Decode;
+
+static void decode_job(void *ctx, const Me *me) {
+    const Decode *j = ctx;
+    const Step *s = &j->s;
+    for (int l = 0; l < s->n_layers; l++) {
+        Layer L;
+        layer_view(&L, s, j->layers, l, j->kcache, j->vcache);
+        norm_qkv(me, s, &L);
+        rope_kv_write(me, s, &L);
+        attention(me, s, &L);
+        o_proj_residual(me, s, &L);
+        mlp(me, s, &L);
+    }
+    output_head(me, s, j->final_norm, j->head, j->logits);
 }
 
 /* One step over M token rows, row m being token x[m] of the sequence in cache row (slot) row_slots[m] at
@@ -953,22 +1195,10 @@ int lam_llama_decode(const LamDecodeConfig *cfg, const int64_t *layers, const fl
                      const float *inv_freq, float *x, const int64_t *row_slots, const int64_t *positions, const int64_t *logit_rows,
                      void *kcache, void *vcache, float *logits) {
     if (cfg->size != (int64_t)sizeof *cfg || cfg->version != LAM_DECODE_CONFIG_VERSION) return LAM_ERR_CONFIG;
-    Step s;
-    const int status = step_init(&s, cfg, inv_freq, x, row_slots, positions, logit_rows);
+    Decode job = {.layers = layers, .final_norm = final_norm, .head = head, .kcache = kcache, .vcache = vcache, .logits = logits};
+    const int status = step_init(&job.s, cfg, inv_freq, x, row_slots, positions, logit_rows);
     if (status != LAM_OK) return status;
-#pragma omp parallel num_threads(s.threads)
-    {
-        for (int l = 0; l < s.n_layers; l++) {
-            Layer L;
-            layer_view(&L, &s, layers, l, kcache, vcache);
-            norm_qkv(&s, &L);
-            rope_kv_write(&s, &L);
-            attention(&s, &L);
-            o_proj_residual(&s, &L);
-            mlp(&s, &L);
-        }
-        output_head(&s, final_norm, head, logits);
-    }
-    step_free(&s);
+    run_job(decode_job, &job, job.s.threads);
+    step_free(&job.s);
     return LAM_OK;
 }
