@@ -8,6 +8,13 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# Each test has its own LAMINA_HOME, but what is measured or compiled for this machine (dtype and kernel
+# probes, the native library: about 8 s on a first model load) is shared by the whole run, subprocesses too.
+# Tests of the probes and of the build pass their own cache_dir.
+import tempfile
+
+os.environ.setdefault("LAMINA_CACHE", tempfile.mkdtemp(prefix="lamina-test-cache-"))
+
 from pathlib import Path
 
 import pytest
@@ -15,7 +22,8 @@ import torch
 
 from lamina.settings import get_settings
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist the cores are shared out between the workers.
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
 
 SMOLLM = "smollm2-135m-instruct"
 
@@ -71,3 +79,10 @@ def one_thread():  # type: ignore[no-untyped-def]
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Modules with slow tests run first (each module stays in its order): under pytest-xdist (`make test` runs
+    `-n auto --dist loadfile`) the long ones start at once and the many short ones fill the workers in after."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)

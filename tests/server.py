@@ -45,6 +45,7 @@ class Server:
 
 def start_server(home: Path, *args: str, timeout: float = 180) -> Server:
     port = free_port()
+    home.mkdir(parents=True, exist_ok=True)
     log = home / "server.log"
     env = {**os.environ, "LAMINA_HOME": str(home), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(

@@ -59,8 +59,10 @@ def test_info_and_models(lamina_home) -> None:
         assert expected in info.stdout
     from lamina.llm.kernels import native
 
-    if native.unavailable_reason() is None:  # built into this LAMINA_HOME, and says where
-        assert f"native CPU kernels: built for {native.isa()} ({lamina_home / 'cache' / 'native'}" in info.stdout
+    if native.unavailable_reason() is None:  # built into the machine cache (LAMINA_CACHE, else LAMINA_HOME/cache), and says where
+        from lamina.settings import get_settings
+
+        assert f"native CPU kernels: built for {native.isa()} ({get_settings().cache_for(lamina_home) / 'native'}" in info.stdout
         # the default model is a Q4_1 GGUF: served on its own blocks, and info says so and why
         assert "default precision for smollm2-135m-instruct: int4 (quantize auto: the GGUF's own Q4_1 blocks" in info.stdout
     models = lamina("models", home=lamina_home)

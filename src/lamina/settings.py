@@ -18,6 +18,9 @@ class Settings(BaseSettings):
 
     home: Path = Path("~/.lamina")
     """Where Lamina keeps its state: registered models, caches, databases (LAMINA_HOME)."""
+    cache: Path | None = None
+    """What is measured or built for this machine, not for a home: speed probes and the compiled native kernels
+    (LAMINA_CACHE); None keeps them in LAMINA_HOME/cache. Several homes on one machine can share one."""
     model: str = "smollm2-135m-instruct"
     """The model used when a command is given none (LAMINA_MODEL)."""
     device: str = "auto"
@@ -42,10 +45,14 @@ class Settings(BaseSettings):
     cc: str = Field("cc", validation_alias=AliasChoices("LAMINA_CC", "CC"))
     """The C compiler that builds the native kernels (LAMINA_CC, else CC); "cc" means cc or gcc on PATH."""
 
-    @field_validator("home")
+    @field_validator("home", "cache")
     @classmethod
-    def _expand_home(cls, value: Path) -> Path:
-        return value.expanduser()
+    def _expand_home(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+    def cache_for(self, home: Path) -> Path:
+        """The machine cache of `home`: LAMINA_CACHE where set, else home/cache."""
+        return self.cache if self.cache is not None else home / "cache"
 
 
 @lru_cache

@@ -21,6 +21,7 @@ from lamina import LLM
 from lamina.llm import SamplingParams
 from lamina.llm.engine.core import Engine, EngineArgs
 from lamina.llm.kernels import native
+from lamina.settings import get_settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(native.unavailable_reason() is not None, reason="the native kernels are needed")]
 
@@ -53,7 +54,7 @@ def test_greedy_tokens_do_not_depend_on_the_batch_the_cache_or_the_process(preci
 
     def engine() -> Engine:
         e = Engine(llm.model, eos_ids=[], max_seq_len=llm.config.max_seq_len, vocab_size=llm.config.vocab_size,
-                   args=EngineArgs(retained_caches=4), cache_dir=tmp_path / "home" / "cache")
+                   args=EngineArgs(retained_caches=4), cache_dir=get_settings().cache_for(tmp_path / "home"))
         assert e.runner.native is not None, "greedy invariance is the native step's"
         return e
 

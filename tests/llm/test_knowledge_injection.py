@@ -49,7 +49,7 @@ def test_a_lora_adapter_learns_invented_facts_and_is_served_beside_the_base(tmp_
     out = tmp_path / "run"
     train = subprocess.run(
         [sys.executable, "-m", "lamina", "finetune", "sft", "--model", BASE, "--data", str(data), "--lora",
-         "--steps", "30", "--lr", "1e-3", "--batch-size", "10", "--eval-split", "0", "--out", str(out)],
+         "--steps", "20", "--lr", "1.5e-3", "--batch-size", "10", "--eval-split", "0", "--out", str(out)],
         capture_output=True, text=True, env=env, timeout=1500, check=False)
     assert train.returncode == 0, train.stderr[-3000:]
     adapter = out / "adapter"

@@ -8,6 +8,10 @@ the fused decode step is checked against PyTorch's layer-by-layer forward over t
 from __future__ import annotations
 
 import copy
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -70,6 +74,39 @@ def test_native_matmul_equals_float_arithmetic_on_the_quantised_numbers(lib, fmt
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
     # and close to the float product it approximates
     assert ((y - x @ w.t()).norm() / (x @ w.t()).norm()).item() < (0.12 if fmt == native.Q4 else 0.02)
+
+
+def test_the_thread_team_gives_the_same_bits_for_any_thread_count_caller_or_fork(lib) -> None:  # type: ignore[no-untyped-def]
+    """The kernels' own thread team: any thread count (more threads than tiles too), callers on many Python
+    threads at once (a team each), and a forked child (which has none of its parent's workers)."""
+    torch.manual_seed(0)
+    w = torch.randn(200, 256) * 0.1
+    tiles = native.tile_blocks(native.pack_q4(w), native.Q4, 256)
+    x = torch.randn(5, 256)
+
+    def product(threads: int) -> torch.Tensor:
+        y = torch.empty(5, 200)
+        assert lib.lam_matmul(native.Q4, tiles.data_ptr(), 200, 256, x.data_ptr(), 5, y.data_ptr(), threads) == native.LAM_OK
+        return y
+
+    alone = product(1)
+    for threads in (2, 3, 7, 64):
+        assert torch.equal(product(threads), alone), threads
+    with ThreadPoolExecutor(4) as pool:
+        assert all(torch.equal(y, alone) for y in pool.map(lambda i: product(2 + i % 3), range(48)))
+    if not hasattr(os, "fork"):
+        return
+    pid = os.fork()
+    if pid == 0:  # the child: no pytest, no torch threads, one native call on a new team
+        os._exit(0 if torch.equal(product(2), alone) else 1)
+    deadline = time.monotonic() + 120
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("a forked child's native call hung")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(done[1]) == 0
 
 
 @pytest.mark.parametrize("fmt", [native.Q4, native.Q8])
