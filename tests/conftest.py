@@ -22,8 +22,13 @@ import torch
 
 from lamina.settings import get_settings
 
-# Under pytest-xdist the cores are shared out between the workers.
-torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
+# Under pytest-xdist the cores are shared out between the workers, and the `lamina` processes a test starts
+# (servers, training runs) get the same share: more busy threads than cores only makes every one of them wait.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_THREADS = max(1, min(2, (os.cpu_count() or 1) // _WORKERS))
+torch.set_num_threads(_THREADS)
+if _WORKERS > 1:
+    os.environ.setdefault("LAMINA_THREADS", str(_THREADS))
 
 SMOLLM = "smollm2-135m-instruct"
 
