@@ -100,6 +100,7 @@ def worker(engine: str, dtype: str, threads: int, new_tokens: int) -> dict:
 
     modes = {m.mode for m in lamina.model.modules() if isinstance(m, QuantLinear)}
     resolved = "+".join(sorted(modes)) if modes else str(lamina.dtype).removeprefix("torch.")
+    weight_bytes = _weight_bytes(lamina.model)
     chat_ids = lamina.encode_chat(CHAT)
     prefill_ids = (lamina.tokenizer.encode(PREFILL_TEXT * 40))[:512]
     if engine == "llama.cpp":
@@ -136,7 +137,7 @@ def worker(engine: str, dtype: str, threads: int, new_tokens: int) -> dict:
     return {
         "engine": engine,
         "dtype": resolved,
-        "weight_bytes": _weight_bytes(lamina.model),
+        "weight_bytes": weight_bytes,
         "load_s": load_s,
         "prefill_tok_s": len(prefill_ids) / prefill,
         "decode_tok_s": decode,
