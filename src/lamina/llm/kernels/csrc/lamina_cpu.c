@@ -149,7 +149,8 @@ static inline int32_t load32(const int8_t *p) {
  * computes what depends only on (n, nth), and no result depends on it: each output is computed whole by one
  * thread in a fixed order. */
 #define MAX_THREADS 256
-#define IDLE_SPIN_NS 200000   /* an idle worker spins this long for the next job before it sleeps */
+#define IDLE_SPIN_NS 30000    /* an idle worker spins this long for the next job before it sleeps (the gaps between
+                                 * the PyTorch path's matmuls, not the Python between engine steps: the cores go back) */
 #define BARRIER_SPIN_NS 50000 /* a thread at a barrier spins this long before it yields its core between checks */
 
 
