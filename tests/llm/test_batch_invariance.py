@@ -20,7 +20,7 @@ import pytest
 from lamina import LLM
 from lamina.llm import SamplingParams
 from lamina.llm.engine.core import Engine, EngineArgs
-from lamina.llm.kernels import native
+from lamina.llm.kernels import native, native_decode
 from lamina.settings import get_settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(native.unavailable_reason() is not None, reason="the native kernels are needed")]
@@ -32,6 +32,10 @@ QUESTIONS = ["Name three colours.", "What is a river?", "Write a haiku about sno
 PRECISIONS = {"float32": dict(dtype="float32"), "bfloat16": dict(dtype="bfloat16"), "int8": dict(quantize="int8"),
               "int4": dict(quantize="int4")}
 GREEDY = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+
+
+def _native_pays(*args: object, **kwargs: object) -> dict:
+    return {"use": True}
 
 
 def _chat(llm: LLM, question: str) -> list[int]:
@@ -49,7 +53,10 @@ def _run(engine: Engine, requests: dict[str, tuple[list[int], SamplingParams]]) 
 
 
 @pytest.mark.parametrize("precision", list(PRECISIONS))
-def test_greedy_tokens_do_not_depend_on_the_batch_the_cache_or_the_process(precision: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_greedy_tokens_do_not_depend_on_the_batch_the_cache_or_the_process(precision: str, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # Float models take the native step where it was measured faster than PyTorch's forward; that measurement
+    # (on a worker's one thread, beside another worker) is not what this test is about: the step is the subject.
+    monkeypatch.setattr(native_decode, "native_float_pays", _native_pays)
     llm = LLM.load("smollm2-135m-instruct", device="cpu", home=tmp_path / "home", **PRECISIONS[precision])  # type: ignore[arg-type]
 
     def engine() -> Engine:
@@ -75,6 +82,8 @@ def test_greedy_tokens_do_not_depend_on_the_batch_the_cache_or_the_process(preci
     # and in a new process
     code = (
         "import json, sys\nfrom lamina import LLM\nfrom lamina.llm import SamplingParams\n"
+        "from lamina.llm.kernels import native_decode\n"
+        "native_decode.native_float_pays = lambda *args, **kwargs: {'use': True}\n"
         f"llm = LLM.load('smollm2-135m-instruct', device='cpu', home={str(tmp_path / 'home')!r}, **{PRECISIONS[precision]!r})\n"
         f"ids = json.loads(sys.argv[1])\n"
         "p = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)\n"

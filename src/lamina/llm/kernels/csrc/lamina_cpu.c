@@ -629,6 +629,17 @@ static void tile_dot(int fmt, const uint8_t *tile, int nr, const Act *a, int m0,
 
 /* ---- y = x W^T for a block-quantised W (N x K, tiled); x (M x K) float32, y (M x N) float32 --------------- */
 
+/* Tile t of W (N x K, tiled) for activation rows 0..M-1: y[m * N + t * NR + r] for the tile's rows r. */
+static inline void tile_into(int fmt, const uint8_t *w, int N, int K, int t, const Act *a, int M, float *y) {
+    float buf[STACK_ROWS * NR];
+    const int nr = N - t * NR < NR ? N - t * NR : NR;
+    for (int m0 = 0; m0 < M; m0 += STACK_ROWS) {
+        const int m1 = M - m0 < STACK_ROWS ? M : m0 + STACK_ROWS;
+        tile_dot(fmt, tile_at(w, fmt, K, t), nr, a, m0, m1, buf);
+        for (int m = m0; m < m1; m++) memcpy(y + (size_t)m * N + t * NR, buf + (size_t)(m - m0) * NR, sizeof(float) * nr);
+    }
+}
+
 typedef struct {
     int fmt, N, K, M;
     const uint8_t *w;
@@ -642,15 +653,7 @@ static void matmul_job(void *ctx, const Me *me) {
     const int fmt = j->fmt, N = j->N, K = j->K, M = j->M;
     FOR_SHARE(me, m, M) act_quantize(j->a, j->x, m, K);
     barrier(me);
-    FOR_SHARE(me, t, tiles_of(N)) {
-        float buf[STACK_ROWS * NR];
-        const int nr = N - t * NR < NR ? N - t * NR : NR;
-        for (int m0 = 0; m0 < M; m0 += STACK_ROWS) {
-            const int m1 = M - m0 < STACK_ROWS ? M : m0 + STACK_ROWS;
-            tile_dot(fmt, tile_at(j->w, fmt, K, t), nr, j->a, m0, m1, buf);
-            for (int m = m0; m < m1; m++) memcpy(j->y + (size_t)m * N + t * NR, buf + (size_t)(m - m0) * NR, sizeof(float) * nr);
-        }
-    }
+    FOR_SHARE(me, t, tiles_of(N)) tile_into(fmt, j->w, N, K, t, j->a, M, j->y);
 }
 
 int lam_matmul(int fmt, const uint8_t *w, int N, int K, const float *x, int M, float *y, int threads) {
@@ -1150,15 +1153,7 @@ static inline void output_head(const Me *me, const Step *s, const float *final_n
         act_quantize(&s->a_dim, s->h, i, dim);
     }
     barrier(me);
-    FOR_SHARE(me, t, tiles_of(vocab)) {
-        float buf[STACK_ROWS * NR];
-        const int nr = vocab - t * NR < NR ? vocab - t * NR : NR;
-        for (int m0 = 0; m0 < n_logits; m0 += STACK_ROWS) {
-            const int m1 = n_logits - m0 < STACK_ROWS ? n_logits : m0 + STACK_ROWS;
-            tile_dot(head_fmt, tile_at(head, head_fmt, dim, t), nr, &s->a_dim, m0, m1, buf);
-            for (int m = m0; m < m1; m++) memcpy(logits + (size_t)m * vocab + t * NR, buf + (size_t)(m - m0) * NR, sizeof(float) * nr);
-        }
-    }
+    FOR_SHARE(me, t, tiles_of(vocab)) tile_into(head_fmt, head, vocab, dim, t, &s->a_dim, n_logits, logits);
     barrier(me);
 }
 
