@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 # No model hub, ever: everything comes from the PyPI model packages or is made in the tests.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -11,8 +12,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Each test has its own LAMINA_HOME, but what is measured or compiled for this machine (dtype and kernel
 # probes, the native library: about 8 s on a first model load) is shared by the whole run, subprocesses too.
 # Tests of the probes and of the build pass their own cache_dir.
-import tempfile
-
 os.environ.setdefault("LAMINA_CACHE", tempfile.mkdtemp(prefix="lamina-test-cache-"))
 
 from pathlib import Path
@@ -88,6 +87,7 @@ def one_thread():  # type: ignore[no-untyped-def]
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Modules with slow tests run first (each module stays in its order): under pytest-xdist (`make test` runs
-    `-n auto --dist loadfile`) the long ones start at once and the many short ones fill the workers in after."""
+    `-n auto --dist loadfile --no-loadscope-reorder`) the long ones start at once and the many short ones fill
+    the workers in after."""
     slow = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow)

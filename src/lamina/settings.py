@@ -47,7 +47,7 @@ class Settings(BaseSettings):
 
     @field_validator("home", "cache")
     @classmethod
-    def _expand_home(cls, value: Path | None) -> Path | None:
+    def _expand_user(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
 
     def cache_for(self, home: Path) -> Path:

@@ -66,14 +66,15 @@ def info() -> None:
         memory = human(d.memory_bytes, "B") if d.memory_bytes else "?"
         click.echo(f"  {d.name:8} {d.model}  memory {memory}  {d.detail}")
     device = resolve_device(settings.device)
-    probe = probe_dtypes(device, settings.cache_for(settings.home))
+    cache = settings.cache_for(settings.home)
+    probe = probe_dtypes(device, cache)
     speeds = ", ".join(f"{k} {v:.0f}" for k, v in probe.gflops.items())
     click.echo(f"dtype auto on {device}: {probe.choice} (GEMM GFLOP/s: {speeds})")
     options = native.NativeOptions.from_settings(settings)  # LAMINA_NATIVE, LAMINA_NATIVE_MARCH, LAMINA_CC
     reason = native.unavailable_reason(options)
-    path = None if reason else native.library_path(settings.cache_for(settings.home), options)
+    path = None if reason else native.library_path(cache, options)
     if path is not None:
-        click.echo(f"native CPU kernels: built for {native.isa(settings.cache_for(settings.home), options)} ({path})")
+        click.echo(f"native CPU kernels: built for {native.isa(cache, options)} ({path})")
     else:
         click.echo(f"native CPU kernels: unavailable ({reason or 'compiling failed; see the log'}); PyTorch's kernels serve")
     _default_precision(settings, device, options)

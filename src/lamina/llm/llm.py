@@ -161,16 +161,17 @@ class LLM:
         native = NativeOptions.from_settings(settings)
         asked = dtype or (settings.dtype if settings.dtype != "auto" else None)
         precision = resolve_precision(entry, dev, asked, quantize or settings.quantize, native)
-        dt = resolve_dtype(precision.dtype, dev, settings.cache_for(home))
+        cache = settings.cache_for(home)
+        dt = resolve_dtype(precision.dtype, dev, cache)
         ckpt = read_checkpoint(entry, dt)
         net = build_model(ckpt.config, ckpt.state_dict, device=dev, dtype=dt).eval()
         del ckpt.state_dict
-        optimize_for_inference(net, dev, settings.cache_for(home))
+        optimize_for_inference(net, dev, cache)
         if precision.quantize:
             stored = gguf.native_blocks(gguf.open_gguf(entry.path), ckpt.config) if entry.format == "gguf" else None
             automatic = (quantize or settings.quantize) == "auto"
             try:
-                quantize_model(net, precision.quantize, settings.cache_for(home), stored, native, native_only=automatic)  # type: ignore[arg-type]
+                quantize_model(net, precision.quantize, cache, stored, native, native_only=automatic)  # type: ignore[arg-type]
             except InvalidRequestError as e:  # measured slower than floats here: auto keeps the floats
                 if not automatic:
                     raise
@@ -179,7 +180,7 @@ class LLM:
                     precision.quantize or "no quantisation", precision.reason)
         return cls(
             net, ckpt.tokenizer, name=entry.id, eos_ids=ckpt.eos_ids, chat_template=ckpt.chat_template, entry=entry,
-            engine_args=engine_args, cache_dir=settings.cache_for(home), native=native,
+            engine_args=engine_args, cache_dir=cache, native=native,
         )
 
     def load_adapter(self, name: str, path: str | Path) -> None:

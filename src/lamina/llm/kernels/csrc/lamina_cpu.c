@@ -1,6 +1,6 @@
 /* Lamina's CPU kernels: block-quantised matrix products and a fused Llama decode step (quantised or float weights).
  *
- * Built on first use by lamina.llm.kernels.native (cc -O3 -march=native -fopenmp) and loaded with ctypes; no
+ * Built on first use by lamina.llm.kernels.native (cc -O3 -march=native -pthread) and loaded with ctypes; no
  * Python or PyTorch headers, so it compiles in about a second. The kernels run on their own team of threads
  * (below), not on OpenMP's: see "the thread team".
  *
@@ -132,7 +132,6 @@ static inline int32_t load32(const int8_t *p) {
     return v;
 }
 
-
 /* ---- the thread team ------------------------------------------------------------------------------------
  *
  * A call runs one job on `nth` threads: the caller as thread 0 and nth - 1 workers of a team, which meet at
@@ -152,7 +151,6 @@ static inline int32_t load32(const int8_t *p) {
 #define IDLE_SPIN_NS 30000    /* an idle worker spins this long for the next job before it sleeps (the gaps between
                                  * the PyTorch path's matmuls, not the Python between engine steps: the cores go back) */
 #define BARRIER_SPIN_NS 50000 /* a thread at a barrier spins this long before it yields its core between checks */
-
 
 struct Team;
 /* What a thread of a job knows of itself: its number, the job's thread count, its team (NULL alone). */
@@ -190,16 +188,22 @@ static inline int64_t now_ns(void) {
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
-static inline void spin_pause(int *spins, int64_t *since, int64_t budget_ns, int *yielding) {
+/* A wait: spin (pause) until `budget_ns` have passed, then yield the core at every check (`yielding`). */
+typedef struct {
+    int spins, yielding;
+    int64_t since;
+} Spin;
+
+static inline void spin(Spin *w, int64_t budget_ns) {
     _mm_pause();
-    if (*yielding) {
+    if (w->yielding) {
         sched_yield();
         return;
     }
-    if ((++*spins & 63) == 0) {
+    if ((++w->spins & 63) == 0) {
         const int64_t t = now_ns();
-        if (*since == 0) *since = t;
-        else if (t - *since > budget_ns) *yielding = 1;
+        if (w->since == 0) w->since = t;
+        else if (t - w->since > budget_ns) w->yielding = 1;
     }
 }
 
@@ -210,15 +214,14 @@ static void *worker_main(void *arg) {
     uint32_t seen = w.seen;
     for (;;) {
         uint32_t job;
-        int spins = 0, yielding = 0;
-        int64_t since = 0;
+        Spin wait = {0};
         while ((job = atomic_load_explicit(&t->job, memory_order_acquire)) == seen) {
-            spin_pause(&spins, &since, IDLE_SPIN_NS, &yielding);
-            if (yielding) { /* idle for a while: sleep until the next job (Dekker with team_run's store and load) */
+            spin(&wait, IDLE_SPIN_NS);
+            if (wait.yielding) { /* idle for a while: sleep until the next job (Dekker with run_job's store and load) */
                 atomic_fetch_add(&t->sleepers, 1);
                 if (atomic_load(&t->job) == seen) syscall(SYS_futex, &t->job, FUTEX_WAIT_PRIVATE, seen, NULL, NULL, 0);
                 atomic_fetch_sub(&t->sleepers, 1);
-                spins = 0, since = 0, yielding = 0;
+                wait = (Spin){0};
             }
         }
         seen = job;
@@ -268,9 +271,8 @@ static void barrier(const Me *me) {
         atomic_fetch_add_explicit(&t->bar_gen, 1, memory_order_release);
         return;
     }
-    int spins = 0, yielding = 0;
-    int64_t since = 0;
-    while (atomic_load_explicit(&t->bar_gen, memory_order_acquire) == gen) spin_pause(&spins, &since, BARRIER_SPIN_NS, &yielding);
+    Spin wait = {0};
+    while (atomic_load_explicit(&t->bar_gen, memory_order_acquire) == gen) spin(&wait, BARRIER_SPIN_NS);
 }
 
 /* Run fn(ctx, me) on `threads` threads (me->tid 0 .. nth-1, the caller being 0); returns once all have
@@ -306,9 +308,8 @@ static void run_job(JobFn fn, void *ctx, int threads) {
     if (atomic_load(&t->sleepers) > 0) syscall(SYS_futex, &t->job, FUTEX_WAKE_PRIVATE, INT32_MAX, NULL, NULL, 0);
     const Me me = {t, 0, nth};
     fn(ctx, &me);
-    int spins = 0, yielding = 0;
-    int64_t since = 0;
-    while (atomic_load_explicit(&t->done, memory_order_acquire) < nth - 1) spin_pause(&spins, &since, BARRIER_SPIN_NS, &yielding);
+    Spin wait = {0};
+    while (atomic_load_explicit(&t->done, memory_order_acquire) < nth - 1) spin(&wait, BARRIER_SPIN_NS);
     team_release(t);
 }
 
@@ -1154,7 +1155,6 @@ static inline void output_head(const Me *me, const Step *s, const float *final_n
     }
     barrier(me);
     FOR_SHARE(me, t, tiles_of(vocab)) tile_into(head_fmt, head, vocab, dim, t, &s->a_dim, n_logits, logits);
-    barrier(me);
 }
 
 typedef struct {
