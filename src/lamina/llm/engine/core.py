@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from lamina.errors import ContextLengthError, InvalidRequestError
+from lamina.infra.device import serial
 from lamina.llm.engine import speculative
 from lamina.llm.engine.runner import ModelRunner
 from lamina.llm.engine.sampling import Sample, Sampler, SamplingParams, sample_batch
@@ -181,6 +182,10 @@ class Engine:
         self.scheduler.admit(self.runner.fits, lambda seq: self.runner.acquire(seq, seq.salt))
         work = self._with_drafts(self.scheduler.schedule())
         logits = self.runner.execute(work)
+        with serial():  # small ops, between native steps (see `serial`)
+            return self._sample(work, logits)
+
+    def _sample(self, work: SchedulerOutput, logits: dict[str, torch.Tensor]) -> list[TokenEvent]:
         now = time.monotonic()
         events = []
         single = [c for c in work.chunks if c.seq.request_id in logits and not c.draft]  # one token each: sampled together
