@@ -349,10 +349,8 @@ def _isa_outputs(lib) -> dict:  # type: ignore[no-untyped-def]
     return out
 
 
-@pytest.mark.parametrize("march", sorted(ISA_BUILDS))
-def test_every_isa_build_computes_the_same_bits(march: str, native_reference: dict, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """The AVX2, AVX-VNNI and AVX-512 builds all sum each block's products exactly, then do the same float
-    operations: each matches the float reference and the machine's own build to the bit."""
+def _isa_build(march: str, monkeypatch: pytest.MonkeyPatch, tmp_path):  # type: ignore[no-untyped-def]
+    """The kernels built with -march=`march` (skipping where this CPU cannot run them), checked to take its path."""
     from lamina.infra.device import cpu_features
 
     isa, needs = ISA_BUILDS[march]
@@ -363,6 +361,14 @@ def test_every_isa_build_computes_the_same_bits(march: str, native_reference: di
     options = native.NativeOptions.from_settings(Settings())
     lib = native.library(tmp_path / march, options)
     assert lib is not None and native.isa(tmp_path / march, options) == isa
+    return lib
+
+
+@pytest.mark.parametrize("march", sorted(ISA_BUILDS))
+def test_every_isa_build_computes_the_same_bits(march: str, native_reference: dict, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The AVX2, AVX-VNNI and AVX-512 builds all sum each block's products exactly, then do the same float
+    operations: each matches the float reference and the machine's own build to the bit."""
+    lib = _isa_build(march, monkeypatch, tmp_path)
     for key, y in _isa_outputs(lib).items():
         assert torch.equal(y, native_reference[key]), key
 
@@ -373,16 +379,7 @@ def test_every_isa_build_decodes_like_pytorch(march: str, weights: str, monkeypa
     """Each build's fused step (its float rows, attention and quantised tiles) equals PyTorch's forward: over
     more than one KV chunk (200 positions), with a head of 24 dimensions (the AVX-512 loops' masked tail) and
     three query heads per kv head (the value pass's head groups)."""
-    from lamina.infra.device import cpu_features
-
-    isa, needs = ISA_BUILDS[march]
-    missing = [f for f in needs if f not in cpu_features()]
-    if missing:
-        pytest.skip(f"this CPU lacks {', '.join(missing)} for the {isa} build")
-    monkeypatch.setenv("LAMINA_NATIVE_MARCH", march)
-    options = native.NativeOptions.from_settings(Settings())
-    lib = native.library(tmp_path / march, options)
-    assert lib is not None and native.isa(tmp_path / march, options) == isa
+    lib = _isa_build(march, monkeypatch, tmp_path)
     shape = dict(dim=288, n_heads=12, n_kv_heads=4, hidden_dim=320, max_seq_len=256)
     if weights == "int4":
         model = _tiny("int4", torch.float32, tmp_path, **shape)
