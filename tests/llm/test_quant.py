@@ -171,6 +171,19 @@ def _prefill(model: Llama, prompts: list[list[int]]) -> SlotCache:
     return slots
 
 
+def _decode_like_pytorch(model: Llama, decoder: NativeDecoder, prompts: list[list[int]], tokens: torch.Tensor, tol: float) -> None:
+    """Three greedy native steps after `prompts` give PyTorch's logits, row for row, within `tol`."""
+    native_cache = _prefill(model, prompts)
+    torch_cache = copy.deepcopy(native_cache)
+    rows = len(prompts)
+    for _ in range(3):
+        got = decoder.decode(tokens, native_cache, rows)
+        with torch.inference_mode():
+            want = model(tokens, torch_cache.decode(rows))[:, -1].float()
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+        tokens = want.argmax(-1, keepdim=True)
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("mode", ["int4", "int8"])
 def test_fused_decode_step_equals_the_pytorch_forward(mode: str, name: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -388,16 +401,8 @@ def test_every_isa_build_decodes_like_pytorch(march: str, weights: str, monkeypa
         model = Llama(LlamaConfig(vocab_size=96, n_layers=2, **shape)).to(getattr(torch, weights)).eval()
     decoder = NativeDecoder(model, lib)
     prompt = [int(t) for t in torch.randint(0, 96, (200,))]
-    native_cache = _prefill(model, [prompt])
-    torch_cache = copy.deepcopy(native_cache)
-    tokens = torch.tensor([[5]])
     tol = 2e-2 if weights == "bfloat16" else 1e-4
-    for _ in range(3):
-        got = decoder.decode(tokens, native_cache, 1)
-        with torch.inference_mode():
-            want = model(tokens, torch_cache.decode(1))[:, -1].float()
-        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
-        tokens = want.argmax(-1, keepdim=True)
+    _decode_like_pytorch(model, decoder, [prompt], torch.tensor([[5]]), tol)
 
 
 def test_native_kernels_can_be_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -530,16 +535,8 @@ def test_fused_step_on_float_weights_equals_the_pytorch_forward(dtype: torch.dty
     decoder = NativeDecoder.for_model(model)
     assert decoder is not None and not decoder.quantized
     prompts = [[1, 5, 9, 2, 7, 3, 8], [4, 4, 6]]
-    native_cache = _prefill(model, prompts)
-    torch_cache = copy.deepcopy(native_cache)
-    tokens = torch.tensor([[21], [22]])
     tol = 1e-4 if dtype == torch.float32 else 3e-2  # (bf16: PyTorch rounds activations to bf16 between ops; C keeps fp32)
-    for _ in range(3):
-        got = decoder.decode(tokens, native_cache, 2)
-        with torch.inference_mode():
-            want = model(tokens, torch_cache.decode(2))[:, -1].float()
-        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
-        tokens = want.argmax(-1, keepdim=True)
+    _decode_like_pytorch(model, decoder, prompts, torch.tensor([[21], [22]]), tol)
 
 
 def test_float_models_use_the_native_step_only_where_measured_faster(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -195,9 +195,6 @@ def serial() -> Iterator[None]:
     inside the block starts with PyTorch's global count, which the block also sets, at 1).
     """
     threads = torch.get_num_threads()
-    if threads == 1:
-        yield
-        return
     torch.set_num_threads(1)
     try:
         yield

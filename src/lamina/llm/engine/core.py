@@ -182,7 +182,7 @@ class Engine:
         self.scheduler.admit(self.runner.fits, lambda seq: self.runner.acquire(seq, seq.salt))
         work = self._with_drafts(self.scheduler.schedule())
         logits = self.runner.execute(work)
-        with serial():  # small ops, between native steps (see `serial`)
+        with serial():  # small ops between two steps: parallel, they would slow the next one (see `serial`)
             return self._sample(work, logits)
 
     def _sample(self, work: SchedulerOutput, logits: dict[str, torch.Tensor]) -> list[TokenEvent]:
