@@ -26,13 +26,16 @@ def test_fp32_logits_match_transformers(smollm, hf_smollm, prompt: str) -> None:
 
 
 def _hf_greedy(model, ids: list[int], n: int) -> list[int]:
-    """Plain greedy decoding on transformers' model, a full forward per token (no generate() heuristics)."""
+    """Plain greedy decoding on transformers' model: one forward over the prompt, then one token a forward on
+    its own KV cache (no generate() heuristics)."""
     out: list[int] = []
     with torch.no_grad():
-        for _ in range(n):
-            logits = model(torch.tensor([ids + out]), use_cache=False).logits
-            out.append(int(logits[0, -1].argmax()))
-    return out
+        step = model(torch.tensor([ids]), use_cache=True)
+        while True:
+            out.append(int(step.logits[0, -1].argmax()))
+            if len(out) == n:
+                return out
+            step = model(torch.tensor([out[-1:]]), past_key_values=step.past_key_values, use_cache=True)
 
 
 def test_64_greedy_tokens_identical(smollm, hf_smollm) -> None:

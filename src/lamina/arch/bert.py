@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lamina.arch.config import ConfigIO
+from lamina.arch.layers import embedding
 from lamina.errors import ConfigError
 
 # Checkpoint tensors a BertModel carries that this model does not use: the NSP pooler, and the
@@ -73,9 +74,9 @@ class Embeddings(nn.Module):
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.dim, padding_idx=config.pad_token_id)
-        self.position_embeddings = nn.Embedding(config.max_positions, config.dim)
-        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.dim)
+        self.word_embeddings = embedding(config.vocab_size, config.dim, padding_idx=config.pad_token_id)
+        self.position_embeddings = embedding(config.max_positions, config.dim)
+        self.token_type_embeddings = embedding(config.type_vocab_size, config.dim)
         self.LayerNorm = nn.LayerNorm(config.dim, eps=config.norm_eps)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:

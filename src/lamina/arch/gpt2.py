@@ -22,6 +22,7 @@ from torch import nn
 
 from lamina.arch.config import ConfigIO, config_from_dict
 from lamina.arch.kv_cache import KVCache
+from lamina.arch.layers import embedding
 from lamina.arch.moe import MoE, MoEConfig, num_active_params, total_aux_loss
 from lamina.errors import ConfigError
 
@@ -139,8 +140,8 @@ class GPT2(nn.Module):
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
         self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.dim)
-        self.wpe = nn.Embedding(config.max_seq_len, config.dim)
+        self.wte = embedding(config.vocab_size, config.dim)
+        self.wpe = embedding(config.max_seq_len, config.dim)
         self.drop = _dropout(config.dropout)
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.ln_f = nn.LayerNorm(config.dim, eps=config.layer_norm_eps, bias=config.bias)

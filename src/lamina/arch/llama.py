@@ -24,6 +24,7 @@ from torch import nn
 
 from lamina.arch.config import ConfigIO, config_from_dict
 from lamina.arch.kv_cache import KVCache
+from lamina.arch.layers import embedding
 from lamina.arch.moe import MoE, MoEConfig, num_active_params, total_aux_loss
 from lamina.errors import ConfigError
 
@@ -110,7 +111,9 @@ def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
     """Per-pair rotation frequencies (head_dim/2,), with the configured scaling applied."""
     hd = config.head_dim
     assert hd is not None
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    # computed on the CPU whatever device is current: on the meta device (a checkpoint being loaded) `pow` costs
+    # torch about 2 s of one-time setup in a process
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device="cpu").float() / hd))
     s = config.rope_scaling
     if s is None:
         return inv_freq
@@ -246,13 +249,13 @@ class Llama(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.embed_tokens = embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(config).to(torch.empty(0).device), persistent=False)
         if not self.lm_head.weight.is_meta:  # on the meta device (loading a checkpoint) there is nothing to fill
             self.init_weights()
 

@@ -31,6 +31,7 @@ from lamina.arch import KVCache
 from lamina.arch.kv_cache import SlotCache
 from lamina.arch.lora import adapter_names, route_adapters
 from lamina.errors import InvalidRequestError
+from lamina.infra.device import probe_dtypes
 from lamina.llm.engine.scheduler import ScheduledChunk, SchedulerOutput, Sequence
 from lamina.llm.kernels.native import DEFAULT_OPTIONS, NativeOptions
 from lamina.llm.kernels.native_decode import NativeDecoder, native_step_for
@@ -84,14 +85,29 @@ class ModelRunner:
         self.adapters = set(adapter_names(self.model))
         # Llama-family models run each step in one native call where that applies (and, for float weights,
         # was measured faster): the decoding rows, and for quantised models also the prompt chunks shorter
-        # than the length from which the float GEMM wins; the rest runs in PyTorch. Rebuilt here because
-        # adapters change the modules the step would read.
+        # than the length from which the float GEMM wins; the rest runs in PyTorch. Float weights in a dtype
+        # whose PyTorch GEMM is slower here than float32's (bfloat16 without AVX-512-BF16 or AMX: about 1
+        # GFLOP/s) feed their prompts through the native step too. Rebuilt here because adapters change the
+        # modules the step would read.
         self.native = None if self.adapters else native_step_for(self.model, self.cache_dir, self.native_options)
         quantised = self.native is not None and self.native.quantized
         if self.native is not None:
             logger.info("decoding through the native step (%s weights)", "quantised" if quantised else "float")
         rows = min((getattr(m, "gemm_rows", 1 << 30) for m in self.model.modules()), default=1)
-        self.native_prefill_rows = min(rows, NATIVE_PREFILL_ROWS) if quantised else 1
+        if quantised:
+            self.native_prefill_rows = min(rows, NATIVE_PREFILL_ROWS)
+        elif self.native is not None and self._slow_gemm():
+            self.native_prefill_rows = 1 << 30
+            logger.info("prompts through the native step too (PyTorch's %s GEMM is slow here)", self.dtype)
+        else:
+            self.native_prefill_rows = 1
+
+    def _slow_gemm(self) -> bool:
+        """Whether PyTorch's GEMM in the model's dtype was measured slower here than in float32."""
+        if self.dtype == torch.float32:
+            return False
+        speeds = probe_dtypes(self.device, self.cache_dir).gflops
+        return speeds.get(str(self.dtype).removeprefix("torch."), 0.0) < speeds["float32"]
 
     @property
     def speculates(self) -> bool:
