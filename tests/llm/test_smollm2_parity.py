@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -29,13 +31,14 @@ def _hf_greedy(model, ids: list[int], n: int) -> list[int]:
     """Plain greedy decoding on transformers' model: one forward over the prompt, then one token a forward on
     its own KV cache (no generate() heuristics)."""
     out: list[int] = []
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # (transformers 5.x)
     with torch.no_grad():
         step = model(torch.tensor([ids]), use_cache=True)
         while True:
             out.append(int(step.logits[0, -1].argmax()))
             if len(out) == n:
                 return out
-            step = model(torch.tensor([out[-1:]]), past_key_values=step.past_key_values, use_cache=True)
+            step = model(torch.tensor([out[-1:]]), use_cache=True, **{name: getattr(step, name)})
 
 
 def test_64_greedy_tokens_identical(smollm, hf_smollm) -> None:
