@@ -134,11 +134,11 @@ def test_cli_trains_saves_and_reports_hold_out_accuracy(tiny: Path, tmp_path: Pa
 def test_minilm_transfers_to_stdlib_docstrings_better_than_scratch_and_bag_of_words(tmp_path: Path) -> None:
     """6 labels (chance 1/6): pretrained MiniLM fine-tuned beats the same network from random weights and TF-IDF."""
     records = read_jsonl(DOCS, formats=("classification",))[1]
-    tune = TuneArgs(max_steps=100, lr=1e-4, micro_batch_size=16, dtype="float32", eval_interval=100, warmup_steps=5)
-    _, pretrained = train_classifier("all-minilm-l6-v2", records, ClassifyArgs(max_len=48), tune,
+    tune = TuneArgs(max_steps=75, lr=1e-4, micro_batch_size=16, dtype="float32", eval_interval=75, warmup_steps=5)
+    _, pretrained = train_classifier("all-minilm-l6-v2", records, ClassifyArgs(max_len=32), tune,
                                    _run(tmp_path / "pretrained"))
     # the baseline gets its own, higher learning rate (measured best of 1e-4 and 5e-4)
-    _, scratch = train_classifier("all-minilm-l6-v2", records, ClassifyArgs(max_len=48, scratch=True),
+    _, scratch = train_classifier("all-minilm-l6-v2", records, ClassifyArgs(max_len=32, scratch=True),
                                   dataclasses.replace(tune, lr=5e-4), _run(tmp_path / "scratch"))
     pytest.importorskip("sklearn")  # the lexical baseline, on the same split
     from sklearn.feature_extraction.text import TfidfVectorizer

@@ -63,8 +63,8 @@ def test_a_lora_adapter_learns_invented_facts_and_is_served_beside_the_base(tmp_
         questions = [f["question"] for f in FACTS]
         paraphrases = [f["paraphrase"] for f in FACTS]
         base = _hits(_ask(client, BASE, questions))
-        tuned = _hits(_ask(client, "facts", questions))
-        held_out = _hits(_ask(client, "facts", paraphrases))
+        answers = _ask(client, "facts", questions + paraphrases)  # (one batch)
+        tuned, held_out = _hits(answers[: len(FACTS)]), _hits(answers[len(FACTS) :])
     finally:
         server.stop()
     print(f"\nbase model: {sum(base)}/{len(FACTS)} facts; LoRA adapter: {sum(tuned)}/{len(FACTS)} on trained "
