@@ -255,7 +255,7 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.register_buffer("inv_freq", rope_inv_freq(config).to(torch.empty(0).device), persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(config).to(torch.get_default_device()), persistent=False)
         if not self.lm_head.weight.is_meta:  # on the meta device (loading a checkpoint) there is nothing to fill
             self.init_weights()
 

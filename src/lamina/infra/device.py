@@ -95,6 +95,10 @@ class DtypeProbe:
     gflops: dict[str, float]
     choice: str
 
+    def slower_than_float32(self, dtype: torch.dtype) -> bool:
+        """Whether PyTorch's GEMM in `dtype` measured slower here than in float32."""
+        return self.gflops.get(str(dtype).removeprefix("torch."), 0.0) < self.gflops["float32"]
+
 
 def probe_dtypes(device: torch.device, cache_dir: Path | None = None) -> DtypeProbe:
     """Time a square GEMM in each dtype on `device` (cached per device, CPU flags and torch version)."""

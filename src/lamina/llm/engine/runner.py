@@ -96,18 +96,12 @@ class ModelRunner:
         rows = min((getattr(m, "gemm_rows", 1 << 30) for m in self.model.modules()), default=1)
         if quantised:
             self.native_prefill_rows = min(rows, NATIVE_PREFILL_ROWS)
-        elif self.native is not None and self._slow_gemm():
+        elif (self.native is not None and self.dtype != torch.float32
+              and probe_dtypes(self.device, self.cache_dir).slower_than_float32(self.dtype)):
             self.native_prefill_rows = 1 << 30
             logger.info("prompts through the native step too (PyTorch's %s GEMM is slow here)", self.dtype)
         else:
             self.native_prefill_rows = 1
-
-    def _slow_gemm(self) -> bool:
-        """Whether PyTorch's GEMM in the model's dtype was measured slower here than in float32."""
-        if self.dtype == torch.float32:
-            return False
-        speeds = probe_dtypes(self.device, self.cache_dir).gflops
-        return speeds.get(str(self.dtype).removeprefix("torch."), 0.0) < speeds["float32"]
 
     @property
     def speculates(self) -> bool:
