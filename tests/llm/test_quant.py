@@ -20,6 +20,7 @@ import torch
 from lamina import LLM
 from lamina.arch.kv_cache import SlotCache
 from lamina.arch.llama import Llama, LlamaConfig
+from lamina.arch.lora import LoRAConfig, apply_lora, lora_layers, merge_lora, route_adapters, set_active_adapter
 from lamina.errors import InvalidRequestError, LaminaError
 from lamina.foundation.corpora import pydoc_topics
 from lamina.llm import SamplingParams
@@ -231,6 +232,70 @@ def test_fused_step_feeds_prompt_chunks_with_decoding_rows(name: str, tmp_path) 
     torch.testing.assert_close(native_cache.k[:, :2, :, :9], torch_cache.k[:, :2, :, :9], rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="do not fit"):  # a slot the cache does not have
         decoder.step(torch.tensor([1]), [5], [0], [0], native_cache)
+
+
+def _with_adapters(model: Llama, seed: int = 5) -> None:
+    """Two adapters with random (non-zero) B: 'a' (rank 4) on every projection, 'b' (rank 8) on three."""
+    apply_lora(model, LoRAConfig(r=4, alpha=8, target_modules="all-linear"), adapter_name="a")
+    apply_lora(model, LoRAConfig(r=8, alpha=4, target_modules=["q_proj", "v_proj", "down_proj"]), adapter_name="b")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            for adapter in layer.adapters.values():
+                adapter.lora_B.copy_(torch.randn(adapter.lora_B.shape, generator=g) * 0.3)
+    set_active_adapter(model, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_step_runs_each_row_under_its_own_lora_adapter(dtype: torch.dtype, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Rows under adapter a, adapter b and the base model, decoding and prompt chunks, in one native call, equal
+    PyTorch's forward with each row routed to its adapter (S-LoRA style); the adapters change the logits."""
+    model = _tiny("float32", dtype, tmp_path, **CONFIGS["mqa-bias"])
+    _with_adapters(model)
+    decoder = NativeDecoder.for_model(model)
+    assert decoder is not None
+    prompts = [[1, 5, 9, 2, 7], [4, 4, 6], [11, 12, 13, 14], [3, 8]]
+    plan: list[str | None] = ["a", None, "b", "a"]
+    native_cache = _prefill(model, [[], [], [], []])
+    torch_cache = copy.deepcopy(native_cache)
+    # slots 0-3 take their whole prompts in one call (chunks of several rows, each under its slot's adapter)
+    tokens = [t for p in prompts for t in p]
+    slots = [b for b, p in enumerate(prompts) for _ in p]
+    positions = [i for p in prompts for i in range(len(p))]
+    ends = [sum(map(len, prompts[: b + 1])) - 1 for b in range(len(prompts))]
+    got = decoder.step(torch.tensor(tokens), slots, positions, ends, native_cache, [plan[b] for b in slots])
+    want = []
+    with torch.inference_mode():
+        for b, p in enumerate(prompts):
+            with route_adapters(model, [plan[b]]):
+                want.append(model(torch.tensor([p]), torch_cache.row(b))[0, -1].float())
+    tol = 1e-4 if dtype == torch.float32 else 0.05
+    torch.testing.assert_close(got, torch.stack(want), rtol=tol, atol=tol)
+    native_cache.lengths = [len(p) for p in prompts]
+    nxt = torch.stack(want).argmax(-1, keepdim=True)
+    for _ in range(3):  # then decoding rows, all four in each call
+        got = decoder.step(nxt.reshape(-1), [0, 1, 2, 3], list(native_cache.lengths), [0, 1, 2, 3], native_cache, plan)
+        native_cache.lengths = [n + 1 for n in native_cache.lengths]
+        with torch.inference_mode(), route_adapters(model, plan):
+            want_t = model(nxt, torch_cache.decode(4))[:, -1].float()
+        torch.testing.assert_close(got, want_t, rtol=tol, atol=tol)
+        with torch.inference_mode():  # the base model's logits differ for the adapted rows only
+            base = decoder.step(nxt.reshape(-1), [0, 1, 2, 3], [n - 1 for n in native_cache.lengths], [0, 1, 2, 3], copy.deepcopy(native_cache))
+        assert [(base[i] - got[i]).abs().max().item() > 0.05 for i in range(4)] == [True, False, True, True]
+        nxt = want_t.argmax(-1, keepdim=True)
+    with pytest.raises(ValueError, match="no LoRA adapter named"):
+        decoder.step(torch.tensor([1]), [0], [9], [0], native_cache, ["gamma"])
+
+
+def test_an_adapter_on_the_head_or_merged_leaves_the_step_to_pytorch(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    model = _tiny("float32", torch.float32, tmp_path)
+    apply_lora(model, LoRAConfig(r=2, target_modules=["lm_head"]))
+    assert NativeDecoder.for_model(model) is None
+    model = _tiny("float32", torch.float32, tmp_path)
+    _with_adapters(model)
+    set_active_adapter(model, "a")
+    merge_lora(model)
+    assert NativeDecoder.for_model(model) is None
 
 
 @pytest.mark.parametrize("overrides", [dict(n_kv_heads=4), dict(n_kv_heads=1), dict(n_kv_heads=2, sliding_window=200)],

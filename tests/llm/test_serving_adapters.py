@@ -56,6 +56,8 @@ def test_a_mixed_batch_gives_each_request_its_own_adapter(tiny) -> None:
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
     plan = [(p, a) for p in PROMPTS for a in (None, "alpha", "beta")]
     alone = [llm.generate(p, params, adapter=a).token_ids for p, a in plan]
+    plain = LLM.load(str(base), device="cpu", dtype="float32")
+    assert llm.engine.native_step == plain.engine.native_step  # adapters run on the step the base model runs on
     for p in PROMPTS:  # the adapters change the model (else this test would prove nothing)
         outs = {tuple(alone[i]) for i, (q, _) in enumerate(plan) if q == p}
         assert len(outs) > 1, p

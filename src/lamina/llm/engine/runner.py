@@ -87,9 +87,9 @@ class ModelRunner:
         # was measured faster): the decoding rows, and for quantised models also the prompt chunks shorter
         # than the length from which the float GEMM wins; the rest runs in PyTorch. Float weights in a dtype
         # whose PyTorch GEMM is slower here than float32's (bfloat16 without AVX-512-BF16 or AMX: about 1
-        # GFLOP/s) feed their prompts through the native step too. Rebuilt here because adapters change the
-        # modules the step would read.
-        self.native = None if self.adapters else native_step_for(self.model, self.cache_dir, self.native_options)
+        # GFLOP/s) feed their prompts through the native step too. LoRA adapters run inside the step, each row
+        # under its own. Rebuilt here because adapters change the modules the step reads.
+        self.native = native_step_for(self.model, self.cache_dir, self.native_options)
         quantised = self.native is not None and self.native.quantized
         if self.native is not None:
             logger.info("decoding through the native step (%s weights)", "quantised" if quantised else "float")
@@ -106,7 +106,7 @@ class ModelRunner:
     @property
     def speculates(self) -> bool:
         """Whether decoding chunks may carry drafts: on the native step, whose rows do not depend on their batch."""
-        return self.native is not None and not self.adapters
+        return self.native is not None
 
     def rollback(self, seq: Sequence, n: int) -> None:
         """Forget the last `n` computed positions of `seq` (a draft's rejected guesses)."""
@@ -267,7 +267,7 @@ class ModelRunner:
         decode = [c for c in work.chunks if c.seq.row < self.decoding]
         prefill = [c for c in work.chunks if c.seq.row >= self.decoding]
         assert not decode or len(decode) == self.decoding, "every decoding sequence takes part in each step"
-        if self.native is not None and not self.adapters:
+        if self.native is not None:
             return self._execute_native(decode, prefill)
         logits: dict[str, torch.Tensor] = {}
         if decode:
@@ -298,18 +298,20 @@ class ModelRunner:
             slots: list[int] = []
             positions: list[int] = []
             out_rows: list[int] = []
+            adapters: list[str | None] = []
             first: dict[int, int] = {}
             samplers: list[ScheduledChunk] = []
             for c in fused:
                 start = self.slots.lengths[c.seq.row]
                 tokens += c.token_ids
                 slots += [c.seq.row] * len(c.token_ids)
+                adapters += [c.seq.adapter] * len(c.token_ids)
                 positions += range(start, start + len(c.token_ids))
                 if c.seq.row < self.decoding or c.sample:
                     first[id(c)] = len(out_rows)
                     out_rows += range(len(tokens) - (c.draft + 1), len(tokens))  # a draft: every row's logits
                     samplers.append(c)
-            out = self.native.step(torch.tensor(tokens), slots, positions, out_rows, self.slots)
+            out = self.native.step(torch.tensor(tokens), slots, positions, out_rows, self.slots, adapters)
             for c in fused:
                 self.slots.lengths[c.seq.row] += len(c.token_ids)
             sampled = {id(c): out[first[id(c)] : first[id(c)] + c.draft + 1] for c in samplers}

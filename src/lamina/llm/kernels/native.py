@@ -86,10 +86,11 @@ class DecodeConfig(ctypes.Structure):
     two layouts when it loads the library), so a field added on one side only fails loudly.
     """
 
-    VERSION = 2  # LAM_DECODE_CONFIG_VERSION
+    VERSION = 3  # LAM_DECODE_CONFIG_VERSION
     _fields_ = [(name, ctypes.c_int64) for name in (
         "size", "version", "n_layers", "dim", "n_heads", "n_kv_heads", "head_dim", "hidden", "vocab",
         "rows", "slots", "capacity", "kv_bf16", "window", "head_fmt", "threads", "n_logits",
+        "n_adapters", "max_rank", "lora", "row_adapter",
     )] + [("eps", ctypes.c_float)]
 
     def __init__(self, **fields: int | float) -> None:

@@ -9,8 +9,11 @@ engine keeps, so prefill (PyTorch, chunked) and decode (native) share one cache.
 
 It applies where it is exact for the model: a dense Llama-family decoder (Llama, SmolLM2, Mistral's sliding
 window, Qwen2's q/k/v biases, GQA/MQA) whose linear layers are all native blocks or float32/bfloat16
-weights, on CPU, without LoRA adapters. `NativeDecoder.for_model` says None otherwise, and the engine uses
-the PyTorch forward. Quantised models take the step whenever it applies; float models where it was measured
+weights, on CPU. LoRA adapters on the seven projections run inside the step too, each row under its own
+adapter or none (S-LoRA / Punica style: the base weights are read once for every row, each adapter's two thin
+matrices only for its rows); an adapter on the output head, or one merged into the base weights, is left to
+PyTorch. `NativeDecoder.for_model` says None where the step does not apply, and the engine uses the PyTorch
+forward. Quantised models take the step whenever it applies; float models where it was measured
 faster than PyTorch's forward (`native_step_for`).
 """
 
@@ -25,6 +28,7 @@ from torch import nn
 
 from lamina.arch.kv_cache import SlotCache
 from lamina.arch.llama import Llama
+from lamina.arch.lora import LoRALinear, adapter_names
 from lamina.infra.device import cached_probe, device_key
 from lamina.llm.kernels import native
 from lamina.llm.kernels.linear import QuantLinear
@@ -40,7 +44,9 @@ _FLOAT_FMT = {torch.float32: native.F32, torch.bfloat16: native.BF16}
 
 
 def _weight(m: nn.Module) -> tuple[int, int]:
-    """(address, format) of a linear layer's weight as the C side reads it."""
+    """(address, format) of a linear layer's weight as the C side reads it (a LoRA wrapper's: its base layer's)."""
+    if isinstance(m, LoRALinear):
+        m = m.base_layer
     if isinstance(m, QuantLinear):
         return m.blocks.data_ptr(), m.fmt
     assert isinstance(m, nn.Linear)
@@ -48,6 +54,8 @@ def _weight(m: nn.Module) -> tuple[int, int]:
 
 
 def _native_weight(m: nn.Module) -> bool:
+    if isinstance(m, LoRALinear):  # its adapters run in the step; a merged one is already in the base weight
+        return m.merged_adapter is None and _native_weight(m.base_layer)
     if isinstance(m, QuantLinear):
         return m.lib is not None
     return type(m) is nn.Linear and m.weight.dtype in _FLOAT_FMT and m.weight.is_contiguous() and m.in_features % native.QK == 0
@@ -71,11 +79,31 @@ class NativeDecoder:
             ptrs += [self._f32(m.bias) if m.bias is not None else 0 for m in mods[:3]]
             rows.append(ptrs)
         self.layers = torch.tensor(rows, dtype=torch.int64)
+        self._lora_table(model)
         self.final_norm = self._f32(model.norm.weight)  # (an address)
         self.inv_freq = model.inv_freq.float().contiguous()
         self.eps = float(c.norm_eps)
         self.shape = [c.n_layers, c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.hidden_dim, c.vocab_size]
         self.window = c.sliding_window or 0
+
+    def _lora_table(self, model: Llama) -> None:
+        """The adapters' table for the C side (LORA_ENTRY in csrc): per layer, projection and adapter, the
+        addresses of float32 copies of A * scaling and of B, and the rank; zeros where there is no adapter."""
+        self.adapter_index = {name: j for j, name in enumerate(adapter_names(model))}
+        n = len(self.adapter_index)
+        self.max_rank = 0
+        table = torch.zeros(len(model.layers), len(_PROJ), max(n, 1), 3, dtype=torch.int64)
+        for l, block in enumerate(model.layers):
+            for i, name in enumerate(_PROJ):
+                m = block.get_submodule(name)
+                if not isinstance(m, LoRALinear):
+                    continue
+                for adapter_name, adapter in m.adapters.items():
+                    j = self.adapter_index[adapter_name]
+                    a = self._f32(adapter.lora_A.detach().float() * adapter.scaling)
+                    table[l, i, j] = torch.tensor([a, self._f32(adapter.lora_B), adapter.r])
+                    self.max_rank = max(self.max_rank, adapter.r)
+        self.lora = table.contiguous()
 
     @property
     def quantized(self) -> bool:
@@ -95,10 +123,11 @@ class NativeDecoder:
         ref = model.embed_tokens.weight
         if ref.device.type != "cpu" or ref.dtype not in (torch.float32, torch.bfloat16) or c.head_dim % 8 or c.dim % 32 or c.hidden_dim % 32:
             return None
-        linears = [block.get_submodule(name) for block in model.layers for name in _PROJ] + [model.lm_head]
-        if not all(_native_weight(m) for m in linears):
+        linears = [block.get_submodule(name) for block in model.layers for name in _PROJ]
+        head = model.lm_head
+        if not all(_native_weight(m) for m in linears) or isinstance(head, LoRALinear) or not _native_weight(head):
             return None
-        quantised = [m for m in linears if isinstance(m, QuantLinear)]
+        quantised = [m for m in linears + [head] if isinstance(m, QuantLinear)]
         lib = quantised[0].lib if quantised else native.library(cache_dir, options)
         return None if lib is None else cls(model, lib)
 
@@ -118,8 +147,10 @@ class NativeDecoder:
         return logits
 
     @torch.inference_mode()
-    def step(self, tokens: torch.Tensor, slots: list[int], positions: list[int], logit_rows: list[int], cache: SlotCache) -> torch.Tensor:
-        """One forward over token rows: tokens[i] goes to cache row slots[i] at positions[i].
+    def step(self, tokens: torch.Tensor, slots: list[int], positions: list[int], logit_rows: list[int], cache: SlotCache,
+             adapters: list[str | None] | None = None) -> torch.Tensor:
+        """One forward over token rows: tokens[i] goes to cache row slots[i] at positions[i], under LoRA
+        adapter adapters[i] (None, or no list: the base model).
 
         Rows of one slot may cover consecutive positions (a prompt chunk, fed with the decoding rows in the
         same call). Returns logits (len(logit_rows), vocab) float32 for the rows listed. The cache's
@@ -136,12 +167,24 @@ class NativeDecoder:
         pos_t = torch.tensor(positions, dtype=torch.int64)
         out_t = torch.tensor(logit_rows, dtype=torch.int64)
         logits = torch.empty(len(logit_rows), self.shape[-1], dtype=torch.float32)
+        lora = 0
+        row_adapter = None
+        if adapters is not None and any(a is not None for a in adapters):
+            if len(adapters) != m:
+                raise ValueError(f"{len(adapters)} adapters for {m} rows: one (or None) per row")
+            unknown = {a for a in adapters if a is not None and a not in self.adapter_index}
+            if unknown:
+                raise ValueError(f"no LoRA adapter named {sorted(unknown)} in this step (it has {sorted(self.adapter_index)})")
+            row_adapter = torch.tensor([-1 if a is None else self.adapter_index[a] for a in adapters], dtype=torch.int64)
+            lora = self.lora.data_ptr()
         head_ptr, head_fmt = _weight(self.model.lm_head)
         n_layers, dim, n_heads, n_kv_heads, head_dim, hidden, vocab = self.shape
         cfg = DecodeConfig(
             n_layers=n_layers, dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, hidden=hidden, vocab=vocab,
             rows=m, slots=cache.slots, capacity=cache.capacity, kv_bf16=int(kv_dtype == torch.bfloat16), window=self.window,
             head_fmt=head_fmt, threads=torch.get_num_threads(), n_logits=len(logit_rows), eps=self.eps,
+            n_adapters=len(self.adapter_index) if lora else 0, max_rank=self.max_rank if lora else 0, lora=lora,
+            row_adapter=row_adapter.data_ptr() if row_adapter is not None else 0,
         )
         assert cache.k.is_contiguous() and cache.v.is_contiguous()
         status = self.lib.lam_llama_decode(

@@ -794,7 +794,7 @@ static void rope(float *v, int hd, const float *cs) {
  * `size` and `version` are checked on every call (LAM_ERR_CONFIG), and Python compares both with
  * lam_decode_config_size/_version when it loads the library: the two cannot drift apart silently. Bump the
  * version when a field changes meaning. */
-#define LAM_DECODE_CONFIG_VERSION 2 /* 2: quantised weights in tiles of NR rows */
+#define LAM_DECODE_CONFIG_VERSION 3 /* 2: quantised weights in tiles of NR rows; 3: LoRA adapters */
 typedef struct {
     int64_t size;    /* sizeof(LamDecodeConfig) as the caller laid it out */
     int64_t version; /* LAM_DECODE_CONFIG_VERSION */
@@ -806,6 +806,10 @@ typedef struct {
     int64_t head_fmt;        /* the output head's weight format (FMT_*) */
     int64_t threads;         /* threads (the caller and its team's workers) */
     int64_t n_logits;        /* rows whose logits are wanted: logit_rows[0 .. n_logits-1] */
+    int64_t n_adapters;      /* LoRA adapters in `lora` (0: none) */
+    int64_t max_rank;        /* the largest rank among them */
+    int64_t lora;            /* address of the LoRA table (n_layers x 7 x n_adapters entries of A', B, rank), or 0 */
+    int64_t row_adapter;     /* address of rows int64s: each row's adapter (-1: the base model), or 0 */
     float eps;               /* RMSNorm epsilon */
 } LamDecodeConfig;
 
@@ -815,6 +819,13 @@ int64_t lam_decode_config_version(void) { return LAM_DECODE_CONFIG_VERSION; }
 /* Per layer, in this order: weight pointers q k v o gate up down, their formats (7), norm weights
  * (attention, mlp), biases q k v (0 when absent). */
 enum { L_WQ, L_WK, L_WV, L_WO, L_WG, L_WU, L_WD, L_FQ, L_FK, L_FV, L_FO, L_FG, L_FU, L_FD, L_NA, L_NM, L_BQ, L_BK, L_BV, L_N };
+
+/* LoRA (S-LoRA / Punica style: every row under its own adapter, or none, in one step): entry (l, i, j) of the
+ * table, for layer l, projection i (L_WQ .. L_WD) and adapter j, is three int64s: the address of A' (rank x K
+ * float32, the adapter's scale folded in; 0 where that projection has no adapter j), of B (N x rank float32)
+ * and the rank. A row under adapter j adds B (A' x) to each projection's output: u = A' x is computed with the
+ * row's input activations (row by row, where they are made), B u in the tile loop beside the base weights. */
+#define LORA_ENTRY 3
 
 /* What every phase of one step reads: shapes, the cache layout, the token rows and the scratch buffers
  * (row-major, one row per token row). Shared by the threads; only the buffers' contents change. */
@@ -841,6 +852,9 @@ typedef struct {
     size_t part_ld;
     float *rope_cs; /* (M, hd): each row's RoPE cosines, then sines */
     Act a_dim, a_att, a_ff; /* h, att and ff as int8 blocks (and as the float rows, for float weights) */
+    int n_adapters, max_rank;
+    const int64_t *lora, *row_adapter; /* the LoRA table and each row's adapter (see LORA_ENTRY) */
+    float *lora_u;                     /* (M, 7, max_rank): A' x of each row and projection */
 } Step;
 
 /* One layer's row of the layer table, unpacked (each thread keeps its own copy). */
@@ -849,14 +863,15 @@ typedef struct {
     int fmt[7];
     int n[7], k[7]; /* output rows and inputs of each weight */
     const float *bias[3], *norm_att, *norm_mlp;
-    char *kl, *vl; /* this layer's keys and values in the cache */
+    char *kl, *vl;       /* this layer's keys and values in the cache */
+    const int64_t *lora; /* this layer's 7 x n_adapters LoRA entries (NULL without adapters) */
 } Layer;
 
 static void *alloc(size_t bytes) { return malloc(bytes ? bytes : 1); /* (NULL means out of memory only) */ }
 
 static void step_free(Step *s) {
     free(s->h), free(s->qkv), free(s->att), free(s->ff), free(s->scores);
-    free(s->unit_row0), free(s->row_chunks), free(s->partials), free(s->rope_cs);
+    free(s->unit_row0), free(s->row_chunks), free(s->partials), free(s->rope_cs), free(s->lora_u);
     act_free(&s->a_dim), act_free(&s->a_att), act_free(&s->a_ff);
 }
 
@@ -875,6 +890,11 @@ static int step_init(Step *s, const LamDecodeConfig *c, const float *inv_freq, f
     s->esz = s->kv_bf16 ? 2 : 4, s->eps = c->eps, s->scale = 1.0f / sqrtf((float)s->hd);
     s->row_slots = row_slots, s->positions = positions, s->logit_rows = logit_rows, s->inv_freq = inv_freq, s->x = x;
     const int M = s->M;
+    if (c->n_adapters < 0 || (c->n_adapters > 0 && (c->max_rank < 1 || !c->lora || !c->row_adapter))) return LAM_ERR_CONFIG;
+    s->n_adapters = (int)c->n_adapters, s->max_rank = (int)c->max_rank;
+    s->lora = (const int64_t *)(intptr_t)c->lora, s->row_adapter = (const int64_t *)(intptr_t)c->row_adapter;
+    for (int m = 0; s->n_adapters && m < M; m++)
+        if (s->row_adapter[m] < -1 || s->row_adapter[m] >= s->n_adapters) return LAM_ERR_RANGE;
     for (int i = 0; i < s->n_logits; i++)
         if (logit_rows[i] < 0 || logit_rows[i] >= M) return LAM_ERR_RANGE;
     for (int m = 0; m < M; m++) {
@@ -910,6 +930,10 @@ static int step_init(Step *s, const LamDecodeConfig *c, const float *inv_freq, f
     s->part_ld = (size_t)s->hd + 2;
     s->partials = alloc(sizeof(float) * (size_t)s->n_units * s->rep * s->part_ld);
     const int acts = act_alloc(&s->a_dim, M, s->dim) | act_alloc(&s->a_att, M, s->nq) | act_alloc(&s->a_ff, M, s->hidden);
+    if (s->n_adapters && !(s->lora_u = alloc(sizeof(float) * (size_t)M * 7 * s->max_rank))) {
+        step_free(s);
+        return LAM_ERR_NOMEM;
+    }
     if (!s->h || !s->qkv || !s->att || !s->ff || !s->scores || !s->unit_row0 || !s->row_chunks || !s->partials || !s->rope_cs || acts != LAM_OK) {
         step_free(s);
         return LAM_ERR_NOMEM;
@@ -933,30 +957,81 @@ static inline void layer_view(Layer *L, const Step *s, const int64_t *table, int
     const size_t layer_bytes = (size_t)s->slots * s->nkv * s->cap * s->hd * s->esz;
     L->kl = (char *)kcache + (size_t)l * layer_bytes;
     L->vl = (char *)vcache + (size_t)l * layer_bytes;
+    L->lora = s->n_adapters ? s->lora + (size_t)l * 7 * s->n_adapters * LORA_ENTRY : NULL;
+}
+
+/* ---- LoRA ------------------------------------------------------------------------------------------ */
+
+static inline float dot_f32(const float *a, const float *b, int n) {
+    __m256 acc = _mm256_setzero_ps();
+    int k = 0;
+    for (; k + 8 <= n; k += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc);
+    float sum = hsum256(acc);
+    for (; k < n; k++) sum += a[k] * b[k];
+    return sum;
+}
+
+/* Row m's adapter entry for projection i, or NULL (no adapter on the row, or none on that projection). */
+static inline const int64_t *lora_entry(const Step *s, const Layer *L, int i, int m) {
+    if (!L->lora) return NULL;
+    const int64_t j = s->row_adapter[m];
+    if (j < 0) return NULL;
+    const int64_t *e = L->lora + ((size_t)i * s->n_adapters + j) * LORA_ENTRY;
+    return e[0] ? e : NULL;
+}
+
+/* u = A' x for row m (its input activations xrow) and each projection i0 .. i1-1 that reads them. */
+static inline void lora_down(const Step *s, const Layer *L, int i0, int i1, int m, const float *xrow) {
+    for (int i = i0; i < i1; i++) {
+        const int64_t *e = lora_entry(s, L, i, m);
+        if (!e) continue;
+        const float *A = (const float *)(intptr_t)e[0];
+        float *u = s->lora_u + ((size_t)m * 7 + i) * s->max_rank;
+        for (int q = 0; q < (int)e[2]; q++) u[q] = dot_f32(A + (size_t)q * L->k[i], xrow, L->k[i]);
+    }
+}
+
+/* buf[(m - m0) * NR + r] += B[t * NR + r] . u for tile t (nr rows) of projection i, rows m0 .. m1-1. */
+static inline void lora_up(const Step *s, const Layer *L, int i, int t, int nr, int m0, int m1, float *buf) {
+    for (int m = m0; L->lora && m < m1; m++) {
+        const int64_t *e = lora_entry(s, L, i, m);
+        if (!e) continue;
+        const int r = (int)e[2];
+        const float *B = (const float *)(intptr_t)e[1] + (size_t)t * NR * r;
+        const float *u = s->lora_u + ((size_t)m * 7 + i) * s->max_rank;
+        for (int o = 0; o < nr; o++) {
+            float acc = 0.0f;
+            for (int q = 0; q < r; q++) acc += B[(size_t)o * r + q] * u[q];
+            buf[(size_t)(m - m0) * NR + o] += acc;
+        }
+    }
 }
 
 /* ---- the phases of one layer (each a few shares of the step's job, with a barrier after each) ------------ */
 
-/* h = rmsnorm(x) row by row, quantised into a_dim for the projections that follow. */
-static inline void norm_rows(const Me *me, const Step *s, const float *weight) {
+/* h = rmsnorm(x) row by row, quantised into a_dim for the projections i0 .. i1-1 that follow (and their LoRA). */
+static inline void norm_rows(const Me *me, const Step *s, const Layer *L, const float *weight, int i0, int i1) {
     const int dim = s->dim;
     FOR_SHARE(me, m, s->M) {
         rmsnorm(s->x + (size_t)m * dim, weight, dim, s->eps, s->h + (size_t)m * dim);
         act_quantize(&s->a_dim, s->h, m, dim);
+        lora_down(s, L, i0, i1, m, s->h + (size_t)m * dim);
     }
     barrier(me);
 }
 
-/* Tile t of weight i for activation rows m0..m1-1 into buf (NR per row); returns the tile's real rows. */
-static inline int layer_tile(const Layer *L, int i, int t, const Act *a, int m0, int m1, float *buf) {
+/* Tile t of weight i (and the rows' LoRA) for activation rows m0..m1-1 into buf (NR per row); returns the
+ * tile's real rows. */
+static inline int layer_tile(const Step *s, const Layer *L, int i, int t, const Act *a, int m0, int m1, float *buf) {
     const int nr = L->n[i] - t * NR < NR ? L->n[i] - t * NR : NR;
     tile_dot(L->fmt[i], tile_at(L->w[i], L->fmt[i], L->k[i], t), nr, a, m0, m1, buf);
+    lora_up(s, L, i, t, nr, m0, m1, buf);
     return nr;
 }
 
 /* qkv = rmsnorm(x) [Wq | Wk | Wv]^T (+ biases), one fused row per token row. */
 static inline void norm_qkv(const Me *me, const Step *s, const Layer *L) {
-    norm_rows(me, s, L->norm_att);
+    norm_rows(me, s, L, L->norm_att, L_WQ, L_WV + 1);
     const int nqkv = s->nqkv, M = s->M, tq = tiles_of(s->nq), tk = tiles_of(s->nk);
     float *qkv = s->qkv;
     FOR_SHARE(me, u, tq + 2 * tk) {
@@ -967,7 +1042,7 @@ static inline void norm_qkv(const Me *me, const Step *s, const Layer *L) {
         float buf[STACK_ROWS * NR];
         for (int m0 = 0; m0 < M; m0 += STACK_ROWS) {
             const int m1 = M - m0 < STACK_ROWS ? M : m0 + STACK_ROWS;
-            const int nr = layer_tile(L, L_WQ + which, t, &s->a_dim, m0, m1, buf);
+            const int nr = layer_tile(s, L, L_WQ + which, t, &s->a_dim, m0, m1, buf);
             for (int m = m0; m < m1; m++)
                 for (int r = 0; r < nr; r++) qkv[(size_t)m * nqkv + col + r] = buf[(m - m0) * NR + r] + (bias ? bias[r] : 0.0f);
         }
@@ -1236,7 +1311,7 @@ static inline void add_projection(const Me *me, const Step *s, const Layer *L, i
         float buf[STACK_ROWS * NR];
         for (int m0 = 0; m0 < M; m0 += STACK_ROWS) {
             const int m1 = M - m0 < STACK_ROWS ? M : m0 + STACK_ROWS;
-            const int nr = layer_tile(L, i, t, a, m0, m1, buf);
+            const int nr = layer_tile(s, L, i, t, a, m0, m1, buf);
             for (int m = m0; m < m1; m++)
                 for (int r = 0; r < nr; r++) x[(size_t)m * dim + t * NR + r] += buf[(m - m0) * NR + r];
         }
@@ -1246,22 +1321,25 @@ static inline void add_projection(const Me *me, const Step *s, const Layer *L, i
 
 /* x += att Wo^T. */
 static inline void o_proj_residual(const Me *me, const Step *s, const Layer *L) {
-    FOR_SHARE(me, m, s->M) act_quantize(&s->a_att, s->att, m, s->nq);
+    FOR_SHARE(me, m, s->M) {
+        act_quantize(&s->a_att, s->att, m, s->nq);
+        lora_down(s, L, L_WO, L_WO + 1, m, s->att + (size_t)m * s->nq);
+    }
     barrier(me);
     add_projection(me, s, L, L_WO, &s->a_att);
 }
 
 /* x += (silu(h Wg^T) * h Wu^T) Wd^T, h = rmsnorm(x). */
 static inline void mlp(const Me *me, const Step *s, const Layer *L) {
-    norm_rows(me, s, L->norm_mlp);
+    norm_rows(me, s, L, L->norm_mlp, L_WG, L_WU + 1);
     const int hidden = s->hidden, M = s->M;
     float *ff = s->ff;
     FOR_SHARE(me, t, tiles_of(hidden)) {
         float gbuf[STACK_ROWS * NR], ubuf[STACK_ROWS * NR];
         for (int m0 = 0; m0 < M; m0 += STACK_ROWS) {
             const int m1 = M - m0 < STACK_ROWS ? M : m0 + STACK_ROWS;
-            const int nr = layer_tile(L, L_WG, t, &s->a_dim, m0, m1, gbuf);
-            layer_tile(L, L_WU, t, &s->a_dim, m0, m1, ubuf);
+            const int nr = layer_tile(s, L, L_WG, t, &s->a_dim, m0, m1, gbuf);
+            layer_tile(s, L, L_WU, t, &s->a_dim, m0, m1, ubuf);
             for (int i = 0; i < (m1 - m0) * NR; i += 8) { /* silu(g) * u, in place in gbuf */
                 const __m256 g = _mm256_loadu_ps(gbuf + i), e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), g));
                 _mm256_storeu_ps(gbuf + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), _mm256_loadu_ps(ubuf + i)));
@@ -1270,7 +1348,10 @@ static inline void mlp(const Me *me, const Step *s, const Layer *L) {
         }
     }
     barrier(me);
-    FOR_SHARE(me, m, M) act_quantize(&s->a_ff, ff, m, hidden);
+    FOR_SHARE(me, m, M) {
+        act_quantize(&s->a_ff, ff, m, hidden);
+        lora_down(s, L, L_WD, L_WD + 1, m, ff + (size_t)m * hidden);
+    }
     barrier(me);
     add_projection(me, s, L, L_WD, &s->a_ff);
 }
