@@ -88,7 +88,7 @@ class NativeDecoder:
 
     def _lora_table(self, model: Llama) -> None:
         """The adapters' table for the C side (LORA_ENTRY in csrc): per layer, projection and adapter, the
-        addresses of float32 copies of A * scaling and of B, and the rank; zeros where there is no adapter."""
+        addresses of float32 copies of A * scaling and of B^T, and the rank; zeros where there is no adapter."""
         self.adapter_index = {name: j for j, name in enumerate(adapter_names(model))}
         n = len(self.adapter_index)
         self.max_rank = 0
@@ -101,7 +101,7 @@ class NativeDecoder:
                 for adapter_name, adapter in m.adapters.items():
                     j = self.adapter_index[adapter_name]
                     a = self._f32(adapter.lora_A.detach().float() * adapter.scaling)
-                    table[l, i, j] = torch.tensor([a, self._f32(adapter.lora_B), adapter.r])
+                    table[l, i, j] = torch.tensor([a, self._f32(adapter.lora_B.detach().t()), adapter.r])
                     self.max_rank = max(self.max_rank, adapter.r)
         self.lora = table.contiguous()
 

@@ -822,9 +822,9 @@ enum { L_WQ, L_WK, L_WV, L_WO, L_WG, L_WU, L_WD, L_FQ, L_FK, L_FV, L_FO, L_FG, L
 
 /* LoRA (S-LoRA / Punica style: every row under its own adapter, or none, in one step): entry (l, i, j) of the
  * table, for layer l, projection i (L_WQ .. L_WD) and adapter j, is three int64s: the address of A' (rank x K
- * float32, the adapter's scale folded in; 0 where that projection has no adapter j), of B (N x rank float32)
- * and the rank. A row under adapter j adds B (A' x) to each projection's output: u = A' x is computed with the
- * row's input activations (row by row, where they are made), B u in the tile loop beside the base weights. */
+ * float32, the adapter's scale folded in; 0 where that projection has no adapter j), of B^T (rank x N float32)
+ * and the rank. A row under adapter j adds B (A' x) to each projection's output: u = A' x once the row's input
+ * activations are made (split across the threads by rank), B u in the tile loop beside the base weights. */
 #define LORA_ENTRY 3
 
 /* What every phase of one step reads: shapes, the cache layout, the token rows and the scratch buffers
@@ -980,29 +980,41 @@ static inline const int64_t *lora_entry(const Step *s, const Layer *L, int i, in
     return e[0] ? e : NULL;
 }
 
-/* u = A' x for row m (its input activations xrow) and each projection i0 .. i1-1 that reads them. */
-static inline void lora_down(const Step *s, const Layer *L, int i0, int i1, int m, const float *xrow) {
-    for (int i = i0; i < i1; i++) {
+/* u = A' x (ldx floats a row) for every row under an adapter and each projection i0 .. i1-1 that reads x: one
+ * unit per (row, projection, rank index), shared by the threads; then a barrier (nothing without adapters). */
+static inline void lora_down(const Me *me, const Step *s, const Layer *L, int i0, int i1, const float *x, int ldx) {
+    if (!L->lora) return;
+    const int per_row = (i1 - i0) * s->max_rank;
+    FOR_SHARE(me, unit, s->M * per_row) {
+        const int m = unit / per_row, i = i0 + unit % per_row / s->max_rank, q = unit % s->max_rank;
         const int64_t *e = lora_entry(s, L, i, m);
-        if (!e) continue;
+        if (!e || q >= (int)e[2]) continue;
         const float *A = (const float *)(intptr_t)e[0];
-        float *u = s->lora_u + ((size_t)m * 7 + i) * s->max_rank;
-        for (int q = 0; q < (int)e[2]; q++) u[q] = dot_f32(A + (size_t)q * L->k[i], xrow, L->k[i]);
+        s->lora_u[((size_t)m * 7 + i) * s->max_rank + q] = dot_f32(A + (size_t)q * L->k[i], x + (size_t)m * ldx, L->k[i]);
     }
+    barrier(me);
 }
 
-/* buf[(m - m0) * NR + r] += B[t * NR + r] . u for tile t (nr rows) of projection i, rows m0 .. m1-1. */
+/* buf[(m - m0) * NR + o] += sum_q u[q] B^T[q, t * NR + o] for tile t (nr rows) of projection i, rows m0 .. m1-1. */
 static inline void lora_up(const Step *s, const Layer *L, int i, int t, int nr, int m0, int m1, float *buf) {
     for (int m = m0; L->lora && m < m1; m++) {
         const int64_t *e = lora_entry(s, L, i, m);
         if (!e) continue;
-        const int r = (int)e[2];
-        const float *B = (const float *)(intptr_t)e[1] + (size_t)t * NR * r;
+        const int r = (int)e[2], N = L->n[i];
+        const float *bt = (const float *)(intptr_t)e[1] + (size_t)t * NR;
         const float *u = s->lora_u + ((size_t)m * 7 + i) * s->max_rank;
-        for (int o = 0; o < nr; o++) {
-            float acc = 0.0f;
-            for (int q = 0; q < r; q++) acc += B[(size_t)o * r + q] * u[q];
-            buf[(size_t)(m - m0) * NR + o] += acc;
+        float *y = buf + (size_t)(m - m0) * NR;
+        if (nr == NR) {
+            __m256 a0 = _mm256_loadu_ps(y), a1 = _mm256_loadu_ps(y + 8);
+            for (int q = 0; q < r; q++) {
+                const __m256 uq = _mm256_set1_ps(u[q]);
+                a0 = _mm256_fmadd_ps(uq, _mm256_loadu_ps(bt + (size_t)q * N), a0);
+                a1 = _mm256_fmadd_ps(uq, _mm256_loadu_ps(bt + (size_t)q * N + 8), a1);
+            }
+            _mm256_storeu_ps(y, a0), _mm256_storeu_ps(y + 8, a1);
+        } else {
+            for (int o = 0; o < nr; o++)
+                for (int q = 0; q < r; q++) y[o] += u[q] * bt[(size_t)q * N + o];
         }
     }
 }
@@ -1015,9 +1027,9 @@ static inline void norm_rows(const Me *me, const Step *s, const Layer *L, const 
     FOR_SHARE(me, m, s->M) {
         rmsnorm(s->x + (size_t)m * dim, weight, dim, s->eps, s->h + (size_t)m * dim);
         act_quantize(&s->a_dim, s->h, m, dim);
-        lora_down(s, L, i0, i1, m, s->h + (size_t)m * dim);
     }
     barrier(me);
+    lora_down(me, s, L, i0, i1, s->h, dim);
 }
 
 /* Tile t of weight i (and the rows' LoRA) for activation rows m0..m1-1 into buf (NR per row); returns the
@@ -1321,11 +1333,9 @@ static inline void add_projection(const Me *me, const Step *s, const Layer *L, i
 
 /* x += att Wo^T. */
 static inline void o_proj_residual(const Me *me, const Step *s, const Layer *L) {
-    FOR_SHARE(me, m, s->M) {
-        act_quantize(&s->a_att, s->att, m, s->nq);
-        lora_down(s, L, L_WO, L_WO + 1, m, s->att + (size_t)m * s->nq);
-    }
+    FOR_SHARE(me, m, s->M) act_quantize(&s->a_att, s->att, m, s->nq);
     barrier(me);
+    lora_down(me, s, L, L_WO, L_WO + 1, s->att, s->nq);
     add_projection(me, s, L, L_WO, &s->a_att);
 }
 
@@ -1348,11 +1358,9 @@ static inline void mlp(const Me *me, const Step *s, const Layer *L) {
         }
     }
     barrier(me);
-    FOR_SHARE(me, m, M) {
-        act_quantize(&s->a_ff, ff, m, hidden);
-        lora_down(s, L, L_WD, L_WD + 1, m, ff + (size_t)m * hidden);
-    }
+    FOR_SHARE(me, m, M) act_quantize(&s->a_ff, ff, m, hidden);
     barrier(me);
+    lora_down(me, s, L, L_WD, L_WD + 1, ff, hidden);
     add_projection(me, s, L, L_WD, &s->a_ff);
 }
 
