@@ -149,15 +149,15 @@ def create_app(
 
 
 def _load(args: ServeArgs) -> LLM:
-    quantize = args.quantize or ("none" if args.lora else None)  # (adapters need float weights; None: the settings')
-    llm = LLM.load(settings=args.settings, engine_args=args.engine, quantize=quantize)  # model, home, device, dtype
+    # (adapters serve on the quantised weights as on float ones; quantize None: the settings')
+    llm = LLM.load(settings=args.settings, engine_args=args.engine, quantize=args.quantize)  # model, home, device, dtype
     for name, path in args.lora:
         llm.load_adapter(name, path)
     return llm
 
 
 def _check_adapters(args: ServeArgs, served: str) -> None:
-    """Refuse a bad --lora before the server starts: a clash of names, a missing folder, a quantised base."""
+    """Refuse a bad --lora before the server starts: a clash of names, a missing or foreign folder."""
     from lamina.errors import InvalidRequestError
     from lamina.llm.formats.peft import read_adapter_config
 
@@ -165,9 +165,6 @@ def _check_adapters(args: ServeArgs, served: str) -> None:
     for name in names:
         if not name or name == served or names.count(name) > 1:
             raise InvalidRequestError(f"adapter name {name!r} must be unique and differ from the base model's id", param="lora")
-    if args.lora and args.quantize not in (None, "none"):
-        raise InvalidRequestError("LoRA adapters cannot be served on a quantised model: drop --quantize, or merge "
-                                  "the adapter first (`lamina lora merge`) and serve the merged model quantised", param="lora")
     for _, path in args.lora:
         read_adapter_config(Path(path))
 

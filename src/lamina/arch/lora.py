@@ -13,6 +13,10 @@ needs (`lamina.llm.formats.peft`). The wrapper forwards `weight`/`bias` to its b
 `model.lm_head.weight` keeps working; but `model.state_dict()` now names base weights
 `...q_proj.base_layer.weight` (as PEFT does) until `unload_lora` puts the plain layers back.
 
+The base may also be a quantised linear layer from the layers above (`lamina.llm.kernels.QuantLinear`, which
+declares `linear_like = True` and has `in_features`/`out_features`): adapters then serve on int8/int4 weights
+(QLoRA-style, adapters in float32), but cannot be merged into them.
+
 Several adapters can live on one wrapper (`adapters`, a ModuleDict by name). For training and plain use,
 one of them, or none, is active for the whole model (`set_active_adapter`, `using_adapter`,
 `disable_adapters`). For serving, `route_adapters` gives each row of a batch its own adapter (or the base):
@@ -135,7 +139,7 @@ class LoRALinear(nn.Module):
     (`merged_adapter`: its update is then already inside `base_layer.weight`).
     """
 
-    def __init__(self, base_layer: nn.Linear) -> None:
+    def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.adapters = nn.ModuleDict()
@@ -168,8 +172,11 @@ class LoRALinear(nn.Module):
     def add_adapter(self, name: str, config: LoRAConfig) -> LoRAAdapter:
         if name in self.adapters:
             raise InvalidRequestError(f"this layer already has a LoRA adapter named {name!r}; pick another name")
-        w = self.base_layer.weight
-        adapter = LoRAAdapter(self.in_features, self.out_features, config, device=w.device, dtype=w.dtype)
+        if isinstance(self.base_layer, nn.Linear):
+            device, dtype = self.base_layer.weight.device, self.base_layer.weight.dtype
+        else:  # a quantised base: float32 adapters beside its blocks
+            device, dtype = next(self.base_layer.buffers()).device, torch.float32
+        adapter = LoRAAdapter(self.in_features, self.out_features, config, device=device, dtype=dtype)
         self.adapters[name] = adapter
         return adapter
 
@@ -199,6 +206,9 @@ class LoRALinear(nn.Module):
             raise InvalidRequestError(
                 f"LoRA adapter {self.merged_adapter!r} is already merged into this layer; unmerge it first"
             )
+        if not isinstance(self.base_layer, nn.Linear):
+            raise InvalidRequestError("a LoRA adapter cannot be merged into quantised weights: merge it into the float "
+                                      "model (`lamina lora merge`), then quantise the merged model")
         self._add_to_weight(self.adapters[name].delta_weight(), sign=1.0)
         self.merged_adapter = name
 
@@ -228,12 +238,17 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def linear_layers(model: nn.Module) -> dict[str, nn.Linear | LoRALinear]:
-    """The layers an adapter can target: each nn.Linear, or the LoRALinear already wrapping it."""
+def _linear(module: nn.Module) -> bool:
+    """A layer an adapter can wrap: an nn.Linear, or a module that declares itself one (a quantised linear)."""
+    return isinstance(module, nn.Linear) or (getattr(type(module), "linear_like", False) and not isinstance(module, LoRALinear))
+
+
+def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The layers an adapter can target: each nn.Linear (or quantised linear), or the LoRALinear wrapping it."""
     wrapped = lora_layers(model)
-    out: dict[str, nn.Linear | LoRALinear] = {}
+    out: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
-        plain = isinstance(module, nn.Linear) and name.removesuffix(".base_layer") not in wrapped
+        plain = _linear(module) and name.removesuffix(".base_layer") not in wrapped
         if plain or isinstance(module, LoRALinear):
             out[name] = module
     return out
@@ -323,14 +338,14 @@ def _add_adapters(model: nn.Module, configs: dict[str, LoRAConfig], adapter_name
     layers = linear_layers(model)
     tied = _tied_weights(model)
     for name in configs:
-        if id(layers[name].weight) in tied:
+        if id(getattr(layers[name], "weight", None)) in tied:
             raise ConfigError(
                 f"layer {name!r} shares its weight with another layer (tied embeddings): an adapter on it would "
                 f"also change the embedding when merged; leave {name.rsplit('.', 1)[-1]!r} out of target_modules"
             )
     for name, config in configs.items():
         layer = layers[name]
-        if isinstance(layer, nn.Linear):
+        if not isinstance(layer, LoRALinear):
             layer = LoRALinear(layer)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, layer)

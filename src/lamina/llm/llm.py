@@ -37,7 +37,6 @@ from lamina.llm.engine.sampling import SamplingParams
 from lamina.llm.formats import gguf
 from lamina.llm.formats.loader import read_checkpoint
 from lamina.llm.kernels import native as native_kernels
-from lamina.llm.kernels.linear import QuantLinear
 from lamina.llm.kernels.native import DEFAULT_OPTIONS, NativeOptions
 from lamina.llm.kernels.quant import quantize_model
 from lamina.llm.text.chat_template import ChatTemplate, Message
@@ -187,15 +186,12 @@ class LLM:
         """Add the LoRA adapter (PEFT layout) in `path` under `name`; requests choose it with `adapter=name`.
 
         The base model stays the default: adapters apply only to the requests that ask for them, and requests
-        for different adapters share one batch. An adapter trained for another base model is refused.
+        for different adapters share one batch. On a quantised model the adapters run in float32 beside the
+        int8/int4 weights (QLoRA-style). An adapter trained for another base model is refused.
         """
         from lamina.arch.lora import set_active_adapter
         from lamina.llm.formats.peft import load_adapter
 
-        if any(isinstance(m, QuantLinear) for m in self.model.modules()):
-            raise InvalidRequestError("LoRA adapters cannot be served on a quantised model; serve without --quantize "
-                                      "(or merge the adapter with `lamina lora merge` and quantise the merged model)",
-                                      param="lora")
         if name == self.name or name in self.engine.adapters:
             raise InvalidRequestError(f"the name {name!r} is already taken; give each adapter its own name", param="lora")
 

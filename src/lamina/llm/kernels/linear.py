@@ -70,6 +70,9 @@ def quantize_int4(weight: torch.Tensor, group: int = GROUP) -> tuple[torch.Tenso
 class QuantLinear(nn.Module):
     """A Linear layer whose weight is stored in int8 or int4; the output keeps the input's dtype."""
 
+    linear_like = True
+    """LoRA adapters may wrap it (`lamina.arch.lora`): it maps in_features to out_features as nn.Linear does."""
+
     gemm_rows: int = 1 << 30
     """Native kernels: inputs of at least this many rows expand the weight to floats and use the float GEMM."""
 

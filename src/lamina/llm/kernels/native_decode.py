@@ -93,7 +93,7 @@ class NativeDecoder:
         n = len(self.adapter_index)
         self.max_rank = 0
         table = torch.zeros(len(model.layers), len(_PROJ), max(n, 1), 3, dtype=torch.int64)
-        for l, block in enumerate(model.layers):
+        for li, block in enumerate(model.layers):
             for i, name in enumerate(_PROJ):
                 m = block.get_submodule(name)
                 if not isinstance(m, LoRALinear):
@@ -101,7 +101,7 @@ class NativeDecoder:
                 for adapter_name, adapter in m.adapters.items():
                     j = self.adapter_index[adapter_name]
                     a = self._f32(adapter.lora_A.detach().float() * adapter.scaling)
-                    table[l, i, j] = torch.tensor([a, self._f32(adapter.lora_B.detach().t()), adapter.r])
+                    table[li, i, j] = torch.tensor([a, self._f32(adapter.lora_B.detach().t()), adapter.r])
                     self.max_rank = max(self.max_rank, adapter.r)
         self.lora = table.contiguous()
 
@@ -127,7 +127,8 @@ class NativeDecoder:
         head = model.lm_head
         if not all(_native_weight(m) for m in linears) or isinstance(head, LoRALinear) or not _native_weight(head):
             return None
-        quantised = [m for m in linears + [head] if isinstance(m, QuantLinear)]
+        bases = [m.base_layer if isinstance(m, LoRALinear) else m for m in [*linears, head]]
+        quantised = [m for m in bases if isinstance(m, QuantLinear)]
         lib = quantised[0].lib if quantised else native.library(cache_dir, options)
         return None if lib is None else cls(model, lib)
 
