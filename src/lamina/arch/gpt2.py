@@ -165,8 +165,10 @@ class GPT2(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
-        """Logits (B, T, vocab) for tokens (B, T), or (B, 1, vocab) if `last_only`; see `Llama.forward`."""
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, last_only: bool = False,
+                logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab) for tokens (B, T), (B, 1, vocab) if `last_only`, or (n, vocab) at the positions
+        of the bool mask `logits_at`; see `Llama.forward`."""
         T = tokens.shape[1]
         if getattr(cache, "ragged", False):  # a decode batch: one token per row, each row at its own position
             x = self.drop(self.wte(tokens) + self.wpe(cache.positions[:, None]))  # type: ignore[union-attr]
@@ -189,6 +191,8 @@ class GPT2(nn.Module):
             cache.advance(T)
         if last_only:
             x = x[:, -1:, :]
+        elif logits_at is not None:
+            x = x[logits_at]
         return self.lm_head(self.ln_f(x))
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:

@@ -275,8 +275,11 @@ class Llama(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
-        """Logits (B, T, vocab) for tokens (B, T), or (B, 1, vocab) for the last position if `last_only`.
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, last_only: bool = False,
+                logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab) for tokens (B, T), or (B, 1, vocab) for the last position if `last_only`, or
+        (n, vocab) for the n positions a (B, T) bool mask `logits_at` selects (a loss over some tokens only:
+        the vocab-sized head, its logits and their gradients cost nothing at the other positions).
 
         With a cache, `tokens` continue the cached sequence: they sit at positions cache.length onwards.
         """
@@ -301,6 +304,8 @@ class Llama(nn.Module):
             cache.advance(T)
         if last_only:
             x = x[:, -1:, :]
+        elif logits_at is not None:
+            x = x[logits_at]
         return self.lm_head(self.norm(x))
 
     def _mask(self, T: int, S: int, device: torch.device) -> torch.Tensor | None:

@@ -172,9 +172,13 @@ def collate(pairs: Sequence[EncodedPair], device: torch.device | str = "cpu", pa
 
 def sequence_logps(model: nn.Module, batch: PairBatch) -> torch.Tensor:
     """(2B,) float32: each row's summed log-probability of its reply tokens."""
-    logits = model(batch.inputs)  # (2B, T, V); right padding cannot leak backwards through causal attention
-    token_logps = -F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(), reduction="none")
-    return (token_logps.view_as(batch.mask) * batch.mask).sum(-1)
+    # right padding cannot leak backwards through causal attention; the head runs at the reply positions only
+    scored = batch.mask > 0
+    logits = model(batch.inputs, logits_at=scored)  # (n, V)
+    token_logps = -F.cross_entropy(logits.float(), batch.targets[scored], reduction="none")
+    rows = scored.nonzero()[:, 0]
+    weights = batch.mask[scored]
+    return torch.zeros(batch.mask.shape[0], device=token_logps.device).index_add(0, rows, token_logps * weights)
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,

@@ -152,11 +152,11 @@ def collate(examples: list[Example], pad_id: int, device: torch.device) -> tuple
 
 
 def token_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy over the target tokens, and how many there were."""
-    logits = model(x)
-    n = int((y != IGNORE).sum())
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=IGNORE)
-    return loss, n
+    """Mean cross-entropy over the target tokens, and how many there were. The head runs at those positions
+    only (prompts, system text and padding need no logits: here 70 % of a chat batch's positions)."""
+    trained = y != IGNORE
+    logits = model(x, logits_at=trained)  # (n, vocab)
+    return F.cross_entropy(logits.float(), y[trained]), int(trained.sum())
 
 
 class Batches:
