@@ -28,9 +28,10 @@ from lamina.arch.lora import (
     route_adapters,
     set_active_adapter,
 )
-from lamina.errors import InvalidRequestError, LaminaError
+from lamina.errors import ConfigError, InvalidRequestError, LaminaError
 from lamina.foundation.corpora import pydoc_topics
 from lamina.llm import SamplingParams
+from lamina.llm.engine.runner import kv_cache_dtype
 from lamina.llm.kernels import native
 from lamina.llm.kernels.linear import Kernel, QuantLinear, replace_linears
 from lamina.llm.kernels.native_decode import NativeDecoder
@@ -534,6 +535,28 @@ def test_a_decode_config_of_another_layout_is_refused(lib) -> None:  # type: ign
         native.raise_for_status(native.LAM_ERR_NOMEM, "a test step")
 
 
+def test_the_kv_cache_keeps_bfloat16_under_quantised_weights_and_pytorch_reads_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """auto: bfloat16 keys and values under int4/int8 weights (half the bytes a long context reads), the model's
+    dtype otherwise; a bfloat16 cache under float32 weights works on PyTorch's path too (read back as float32)."""
+    quantised, plain = _tiny("int4", torch.float32, tmp_path), _tiny("float32", torch.float32, tmp_path)
+    assert kv_cache_dtype(quantised) == torch.bfloat16
+    assert kv_cache_dtype(plain) == torch.float32 and kv_cache_dtype(plain, "bfloat16") == torch.bfloat16
+    assert kv_cache_dtype(_tiny("float32", torch.bfloat16, tmp_path)) == torch.bfloat16
+    with pytest.raises(ConfigError, match="kv_cache_dtype 'fp8'"):
+        kv_cache_dtype(plain, "fp8")
+    c = plain.config
+    ids = torch.tensor([[1, 5, 9, 2, 7, 3, 8, 4]])
+    got = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        slots = SlotCache(c.n_layers, c.n_kv_heads, c.head_dim, dtype=dtype, device="cpu")  # type: ignore[arg-type]
+        slots.reserve(2, 32)
+        with torch.inference_mode():
+            plain(ids[:, :6], slots.row(0))
+            plain(ids[:, :6], slots.row(1))
+            got[dtype] = plain(ids[:, 6:8].T.contiguous(), slots.decode(2))[:, -1]
+    assert ((got[torch.bfloat16] - got[torch.float32]).norm() / got[torch.float32].norm()).item() < 0.02
+
+
 def test_quantising_on_a_gpu_is_refused() -> None:
     with pytest.raises(InvalidRequestError, match="CPU kernels"):
         choose_kernel("int8", torch.bfloat16, torch.device("cuda"))
@@ -556,6 +579,7 @@ def test_smollm2_quantised_quality_and_batching(pydoc_text, mode: str, limit: fl
     """The issue's quality bar on the path generation takes, and batched greedy output equal to batch 1."""
     llm = LLM.load("smollm2-135m-instruct", device="cpu", dtype="float32", quantize=mode, home=tmp_path)
     assert llm.engine.native_step, "the native kernels were measured slower than PyTorch's here"
+    assert kv_cache_dtype(llm.model) == torch.bfloat16  # (the bar holds with the default bfloat16 keys and values)
     ids, base = pydoc_text
     quantised = llm.decode_perplexity(ids)
     assert quantised / base - 1 < limit, (base, quantised)

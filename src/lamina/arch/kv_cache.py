@@ -13,6 +13,11 @@ import torch
 from lamina.errors import ContextLengthError
 
 
+def _as(cached: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """Cached keys or values in the dtype the attention computes in (a bfloat16 cache under float32 weights)."""
+    return cached if cached.dtype == new.dtype else cached.to(new.dtype)
+
+
 class KVCache:
     def __init__(
         self,
@@ -44,7 +49,7 @@ class KVCache:
             )
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        return _as(self.k[layer, :, :, :end], k), _as(self.v[layer, :, :, :end], v)
 
     def advance(self, n: int) -> None:
         self.length += n
@@ -178,7 +183,7 @@ class _RowView:
         c, b = self.cache, self.b
         c.k[layer, b : b + 1, :, start:end] = k
         c.v[layer, b : b + 1, :, start:end] = v
-        return c.k[layer, b : b + 1, :, :end], c.v[layer, b : b + 1, :, :end]
+        return _as(c.k[layer, b : b + 1, :, :end], k), _as(c.v[layer, b : b + 1, :, :end], v)
 
     def advance(self, n: int) -> None:
         self.cache.lengths[self.b] += n
@@ -203,9 +208,9 @@ class _DecodeView:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v: (B, nkv, 1, hd) written at each row's own position; returns (B, nkv, S, hd) views."""
         c = self.cache
-        c.k[layer, self._rows, :, self.positions] = k[:, :, 0]
-        c.v[layer, self._rows, :, self.positions] = v[:, :, 0]
-        return c.k[layer, : self.rows, :, : self.span], c.v[layer, : self.rows, :, : self.span]
+        c.k[layer, self._rows, :, self.positions] = k[:, :, 0].to(c.k.dtype)  # (index_put casts nothing itself)
+        c.v[layer, self._rows, :, self.positions] = v[:, :, 0].to(c.v.dtype)
+        return _as(c.k[layer, : self.rows, :, : self.span], k), _as(c.v[layer, : self.rows, :, : self.span], v)
 
     def advance(self, n: int) -> None:
         for b in range(self.rows):

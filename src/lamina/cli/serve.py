@@ -31,6 +31,8 @@ class EngineDefault(click.Option):
 @click.option("--max-upload-mb", type=float, default=64, show_default=True, help="largest file POST /v1/files accepts")
 @click.option("--kv-cache-gb", cls=EngineDefault, type=float, show_default=True,
               help="memory for keys/values of running requests; requests that do not fit wait")
+@click.option("--kv-cache-dtype", cls=EngineDefault, type=click.Choice(["auto", "float32", "bfloat16"]), show_default=True,
+              help="how keys and values are stored (auto: bfloat16 under quantised weights, else the model's dtype)")
 @click.option("--speculative-tokens", cls=EngineDefault, type=click.IntRange(0, 16), show_default=True,
               help="prompt-lookup draft tokens each greedy request verifies per step (0 off; a request's "
                    "speculative_tokens overrides it)")
@@ -44,7 +46,7 @@ class EngineDefault(click.Option):
 @model_options
 @fail_cleanly
 def serve(host: str | None, port: int | None, api_key: str | None, insecure: bool, max_running: int, max_upload_mb: float,
-          kv_cache_gb: float, speculative_tokens: int, max_request_seconds: float | None, quantize: str | None, lora: tuple[str, ...], model: str | None, device: str | None,
+          kv_cache_gb: float, kv_cache_dtype: str, speculative_tokens: int, max_request_seconds: float | None, quantize: str | None, lora: tuple[str, ...], model: str | None, device: str | None,
           dtype: str | None) -> None:
     """Serve the OpenAI-compatible API and the web chat (http://HOST:PORT/)."""
     import logging
@@ -61,7 +63,7 @@ def serve(host: str | None, port: int | None, api_key: str | None, insecure: boo
     # a flag given on the command line wins over its LAMINA_* setting
     settings = get_settings().model_copy(update={k: v for k, v in flags.items() if v})
     args = ServeArgs(
-        settings, insecure=insecure, engine=EngineArgs(max_running=max_running, kv_cache_gb=kv_cache_gb,
+        settings, insecure=insecure, engine=EngineArgs(max_running=max_running, kv_cache_gb=kv_cache_gb, kv_cache_dtype=kv_cache_dtype,
                                                        speculative_tokens=speculative_tokens, max_request_seconds=max_request_seconds),
         max_upload_bytes=int(max_upload_mb * 1024 * 1024), quantize=quantize, lora=tuple(_pairs(lora, "--lora")),
     )

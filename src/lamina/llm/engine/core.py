@@ -66,6 +66,9 @@ class EngineArgs:
     """Finished sequences whose KV caches are kept for prefix reuse."""
     kv_cache_gb: float = 2.0
     """Memory for the running sequences' keys and values; requests wait (or are refused) beyond it."""
+    kv_cache_dtype: str = "auto"
+    """How keys and values are stored: float32, bfloat16, or auto (bfloat16 under quantised weights, as llama.cpp
+    keeps f16 ones by default: half the bytes a long context reads per step; else the model's dtype)."""
     speculative_tokens: int = 0
     """Prompt-lookup draft tokens each greedy request verifies per step (`speculative`); 0 is off. A request's
     `speculative_tokens` overrides it."""
@@ -115,7 +118,7 @@ class Engine:
         self.vocab_size = vocab_size
         self.runner = ModelRunner(model, max_seq_len=max_seq_len, retained_caches=args.retained_caches,
                                   kv_budget_bytes=int(args.kv_cache_gb * 1024**3), cache_dir=cache_dir,
-                                  native=native)
+                                  native=native, kv_dtype=args.kv_cache_dtype)
         self.device = self.runner.device
         self.args = args
         self.drafted = 0

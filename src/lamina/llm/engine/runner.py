@@ -30,9 +30,10 @@ from torch import nn
 from lamina.arch import KVCache
 from lamina.arch.kv_cache import SlotCache
 from lamina.arch.lora import adapter_names, route_adapters
-from lamina.errors import InvalidRequestError
+from lamina.errors import ConfigError, InvalidRequestError
 from lamina.infra.device import probe_dtypes
 from lamina.llm.engine.scheduler import ScheduledChunk, SchedulerOutput, Sequence
+from lamina.llm.kernels.linear import QuantLinear
 from lamina.llm.kernels.native import DEFAULT_OPTIONS, NativeOptions
 from lamina.llm.kernels.native_decode import NativeDecoder, native_step_for
 
@@ -55,17 +56,33 @@ class _Retained:
     salt: str
 
 
+KV_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def kv_cache_dtype(model: nn.Module, name: str = "auto") -> torch.dtype:
+    """The dtype the KV cache keeps keys and values in (`EngineArgs.kv_cache_dtype`): auto is bfloat16 under
+    quantised float32-activation weights (llama.cpp's default is f16), else the model's own dtype."""
+    ref = next(model.parameters()).dtype
+    if name == "auto":
+        quantised = any(isinstance(m, QuantLinear) for m in model.modules())
+        return torch.bfloat16 if quantised and ref == torch.float32 else ref
+    if name not in KV_DTYPES:
+        raise ConfigError(f"kv_cache_dtype {name!r} is not one of auto, {', '.join(KV_DTYPES)}", param="kv_cache_dtype")
+    return KV_DTYPES[name]
+
+
 class ModelRunner:
     def __init__(
         self, model: nn.Module, *, max_seq_len: int, kv_budget_bytes: int, retained_caches: int = 2, cache_dir: Path | None = None,
-        native: NativeOptions = DEFAULT_OPTIONS,
+        native: NativeOptions = DEFAULT_OPTIONS, kv_dtype: str = "auto",
     ) -> None:
         self.model = model
         self.max_seq_len = max_seq_len
         ref = next(model.parameters())
         self.device, self.dtype = ref.device, ref.dtype
         c = model.config
-        self.slots = SlotCache(c.n_layers, c.n_kv_heads, c.head_dim, dtype=self.dtype, device=self.device)
+        self.kv_dtype = kv_cache_dtype(model, kv_dtype)
+        self.slots = SlotCache(c.n_layers, c.n_kv_heads, c.head_dim, dtype=self.kv_dtype, device=self.device)
         self.kv_budget_bytes = kv_budget_bytes
         self.rows: list[Sequence] = []  # row b holds self.rows[b]
         self.decoding = 0  # rows 0..decoding-1 are decoding; the rest are still feeding their prompt
@@ -235,7 +252,8 @@ class ModelRunner:
         n = self.slots.lengths[seq.row]
         if self.retained_caches <= 0 or n == 0:
             return
-        cache = self.model.new_cache(1, n)
+        c = self.model.config
+        cache = KVCache(c.n_layers, 1, c.n_kv_heads, n, c.head_dim, dtype=self.kv_dtype, device=self.device)
         self.slots.save(seq.row, cache)
         self._retained[id(cache)] = _Retained(np.asarray(seq.token_ids[:n], dtype=np.int64), cache, seq.salt)
         while len(self._retained) > self.retained_caches:
@@ -347,7 +365,7 @@ class ModelRunner:
         """Teacher-forced perplexity of `ids`, one token a step through the decode step the engine uses (the
         native one where it applies), on a cache of its own: any model family, the running rows untouched."""
         c = self.model.config
-        slots = SlotCache(c.n_layers, c.n_kv_heads, c.head_dim, dtype=self.dtype, device=self.device)
+        slots = SlotCache(c.n_layers, c.n_kv_heads, c.head_dim, dtype=self.kv_dtype, device=self.device)
         slots.reserve(1, len(ids) + 8)
         nll = 0.0
         self.model(torch.tensor([ids[:1]], device=self.device), slots.row(0))
