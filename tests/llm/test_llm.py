@@ -71,3 +71,27 @@ def test_embedding_model_is_not_a_generator(tmp_path) -> None:
 
     with pytest.raises(InvalidRequestError, match="embedding model"):
         LLM.load("all-minilm-l6-v2", device="cpu", dtype="float32", home=tmp_path)
+
+
+def test_leaving_a_sync_stream_early_frees_its_place(smollm) -> None:
+    """The synchronous path hands events over a queue, not an event loop: closing it aborts the request."""
+    import time
+
+    stream = smollm.stream("Once upon a time", temperature=0, max_tokens=500, ignore_eos=True)
+    assert next(stream)
+    assert smollm.engine.num_running == 1
+    stream.close()  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 5
+    while smollm.engine.num_running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert smollm.engine.num_running == 0
+
+
+def test_the_sync_api_works_inside_a_running_event_loop(smollm) -> None:
+    """As in a notebook: plain calls from a thread whose event loop is running."""
+    import asyncio
+
+    async def inside() -> str:
+        return smollm.generate("The capital of France is", temperature=0, max_tokens=4).text
+
+    assert asyncio.run(inside()) == smollm.generate("The capital of France is", temperature=0, max_tokens=4).text

@@ -11,8 +11,9 @@
 
 This layer owns text: tokenizing, chat templates, incremental detokenizing and stop strings. The engine
 underneath sees token ids only, and is driven by one worker thread (`AsyncEngine`): the async methods are
-the core, the synchronous ones iterate them (`iterate_blocking`), so the Python API, the CLI and the
-server run requests through the same path, batched together.
+the core, the synchronous ones take the same events from a thread-safe queue (`AsyncEngine.generate_sync`)
+through the same text stream, so the Python API, the CLI and the server run requests through the same
+path, batched together.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from lamina.errors import InvalidRequestError
 from lamina.foundation.tokenizer import Tokenizer
 from lamina.infra.device import optimize_for_inference, resolve_device, resolve_dtype
 from lamina.infra.registry import ModelEntry, Registry
-from lamina.llm.engine.async_engine import AsyncEngine, iterate_blocking
+from lamina.llm.engine.async_engine import AsyncEngine
 from lamina.llm.engine.core import Engine, EngineArgs, FinishReason, TokenEvent
 from lamina.llm.engine.sampling import SamplingParams
 from lamina.llm.formats import gguf
@@ -298,7 +299,16 @@ class LLM:
 
     def stream_ids(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None) -> Iterator[Delta]:
         """`astream` for synchronous code."""
-        return iterate_blocking(self.astream(prompt_ids, params, adapter=adapter))
+        text = TextStream(self.tokenizer, params.stop)
+        events = self.engine.generate_sync(prompt_ids, params, adapter)
+        try:
+            for event in events:
+                delta = text.push(event)
+                yield delta
+                if delta.finish_reason is not None:
+                    return
+        finally:
+            events.close()  # type: ignore[attr-defined]
 
     def generate_ids(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None) -> Iterator[TokenEvent]:
         """The engine's token events for one request, without text (benchmarks, parity tests)."""
