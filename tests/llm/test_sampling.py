@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lamina.errors import InvalidRequestError
-from lamina.llm.engine.sampling import Sampler, SamplingParams, sample_batch
+from lamina.llm.engine.sampling import Sampler, SamplingParams, argmax, sample_batch
 
 
 @pytest.mark.parametrize(
@@ -48,6 +48,18 @@ LOGITS = torch.log(torch.tensor([0.5, 0.25, 0.15, 0.06, 0.04]))
 
 def test_greedy_picks_the_argmax() -> None:
     assert _draws(SamplingParams(temperature=0), LOGITS, 5) == {0}
+
+
+def test_argmax_is_torchs_on_ties_nans_and_views() -> None:
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(6, 49152, generator=g)
+    rows[1, [7, 300, 40000]] = 50.0  # a tie: the first
+    rows[2, [900, 1200]] = float("nan")  # NaN counts as the largest: the first NaN
+    rows[3] = 0.0
+    rows[4, -1] = float("inf")
+    for row in (*rows, rows[:, 5], rows[5, ::3]):  # rows, a column (strided) and a strided slice
+        assert argmax(row) == int(torch.argmax(row))
+    assert argmax(rows[0].double()) == int(torch.argmax(rows[0]))
 
 
 def test_top_k_keeps_k_tokens() -> None:

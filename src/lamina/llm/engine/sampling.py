@@ -117,7 +117,7 @@ class Sampler:
         raw = logits
         logits = self._penalise(logits)
         if p.greedy:
-            token = int(torch.argmax(logits))
+            token = argmax(logits)
         else:
             logits = logits / p.temperature
             if p.top_k:
@@ -161,6 +161,16 @@ class Sampler:
             self.seen[token] = True
 
 
+def argmax(row: torch.Tensor) -> int:
+    """The index of the largest value of a (vocab,) row (the first of a tie, or the first NaN, as torch.argmax
+    gives). On the CPU through NumPy's SIMD argmax: 8 us against torch.argmax's 110-170 us over SmolLM2's
+    49,152 logits, measured on a 2-core Intel Xeon (torch's is not vectorised: 1.4 ms for 16 rows), a
+    twentieth of a batch-1 decode step."""
+    if row.device.type == "cpu" and row.dtype == torch.float32 and row.dim() == 1:
+        return int(row.numpy().argmax())
+    return int(torch.argmax(row))
+
+
 def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Zero every token outside the smallest most-likely set whose mass reaches top_p (the top token always stays)."""
     sorted_probs, order = torch.sort(probs, descending=True)
@@ -189,9 +199,8 @@ def sample_batch(samplers: Sequence[Sampler], logits: torch.Tensor) -> list[Samp
     out: list[Sample | None] = [None] * len(samplers)
     greedy = [i for i, s in enumerate(samplers) if s.batchable and s.params.greedy]
     sampled = [i for i, s in enumerate(samplers) if s.batchable and not s.params.greedy]
-    if greedy:
-        for i, token in zip(greedy, torch.argmax(logits[greedy], dim=-1).tolist(), strict=True):
-            out[i] = Sample(int(token))
+    for i in greedy:
+        out[i] = Sample(argmax(logits[i]))
     if sampled:
         temps = torch.tensor([samplers[i].params.temperature for i in sampled], device=logits.device)
         probs = torch.softmax(logits[sampled] / temps[:, None], dim=-1)
