@@ -18,8 +18,6 @@ nowhere else (importing a module registers nothing):
 
 from __future__ import annotations
 
-import os
-
 import click
 
 from lamina.cli.common import CONTEXT_SETTINGS
@@ -44,15 +42,5 @@ for command in (generate, chat, serve, keys, usage, ingest, ask, eval_group, dat
     cli.add_command(command)
 
 
-GOMP_SPINCOUNT = "10000"
-"""How long PyTorch's idle OpenMP workers spin before they sleep, set before torch loads (unless the environment
-says otherwise). libgomp's default, 300,000 spins, is some milliseconds on CPUs whose `pause` is slow: an
-OpenMP worker then spins on a core all through the native kernels called right after a PyTorch op, and the two
-thread pools share 2 cores. Measured on a 2-core Xeon (Emerald Rapids), a 2,048-token int4 prefill: its
-native matmuls 2.3 -> 1.4 s, the prefill 4.1 -> 3.2 s; PyTorch's own ops unchanged (10,000 spins still
-bridge the microseconds between them)."""
-
-
 def main() -> None:
-    os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)
     cli(prog_name="lamina")
