@@ -15,6 +15,7 @@ the KV cache (`lamina.arch.kv_cache.KVCache`) makes decoding one token cost one 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -153,11 +154,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+PromptAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "int | None"], torch.Tensor]
+"""A kernel for a prompt chunk's causal attention: (q (1, nh, T, hd), k, v (1, nkv, S, hd), sliding window) ->
+(1, T, nh * hd), the chunk's queries sitting at positions S - T .. S - 1."""
+
+
 class Attention(nn.Module):
+    prompt_attention: PromptAttention | None = None
+    """Set by the inference layer (`lamina.llm.kernels.native_decode.use_native_prompt_attention`) where it has a
+    faster kernel: used for float32 prompt chunks (batch 1, T > 1) over a cache, without autograd."""
+
     def __init__(self, config: LlamaConfig, layer_idx: int) -> None:
         super().__init__()
         assert config.head_dim is not None and config.n_kv_heads is not None
         self.layer_idx = layer_idx
+        self.sliding_window = config.sliding_window
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.q_proj = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=config.qkv_bias)
         self.k_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
@@ -179,6 +190,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd), S = cached + T
+            if (self.prompt_attention is not None and B == 1 and T > 1 and q.dtype == torch.float32
+                    and not getattr(cache, "ragged", False) and not torch.is_grad_enabled()):
+                return self.o_proj(self.prompt_attention(q, k, v, self.sliding_window))
         y = attend(q, k, v, mask)  # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 

@@ -35,7 +35,7 @@ from lamina.infra.device import probe_dtypes
 from lamina.llm.engine.scheduler import ScheduledChunk, SchedulerOutput, Sequence
 from lamina.llm.kernels.linear import QuantLinear
 from lamina.llm.kernels.native import DEFAULT_OPTIONS, NativeOptions
-from lamina.llm.kernels.native_decode import NativeDecoder, native_step_for
+from lamina.llm.kernels.native_decode import NativeDecoder, native_step_for, use_native_prompt_attention
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +107,7 @@ class ModelRunner:
         # GFLOP/s) feed their prompts through the native step too. LoRA adapters run inside the step, each row
         # under its own. Rebuilt here because adapters change the modules the step reads.
         self.native = native_step_for(self.model, self.cache_dir, self.native_options)
+        use_native_prompt_attention(self.model, self.cache_dir, self.native_options)
         quantised = self.native is not None and self.native.quantized
         if self.native is not None:
             logger.info("decoding through the native step (%s weights)", "quantised" if quantised else "float")

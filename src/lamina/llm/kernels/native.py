@@ -202,6 +202,10 @@ def _build_and_load(cache_dir: Path | None, options: NativeOptions) -> ctypes.CD
     lib.lam_decode_config_size.restype = lib.lam_decode_config_version.restype = i64
     lib.lam_llama_decode.argtypes = [ctypes.POINTER(DecodeConfig)] + [vp] * 11
     lib.lam_llama_decode.restype = i32
+    lib.lam_has_prompt_attention.argtypes = []
+    lib.lam_has_prompt_attention.restype = i32
+    lib.lam_prompt_attention.argtypes = [vp, i64, i64, vp, vp, i64, i64, i32, vp, i32, i32, i32, i32, i32, i32, ctypes.c_float, i32]
+    lib.lam_prompt_attention.restype = i32
     layout = (lib.lam_decode_config_size(), lib.lam_decode_config_version())
     if layout != (ctypes.sizeof(DecodeConfig), DecodeConfig.VERSION):
         raise LaminaError(f"{path.name} lays out its decode config as {layout} (bytes, version) but "
@@ -311,3 +315,22 @@ def dequantize(lib: ctypes.CDLL, fmt: int, tiles: torch.Tensor, out_features: in
     w = torch.empty(out_features, in_features, dtype=dtype)
     lib.lam_dequant(fmt, tiles.data_ptr(), out_features, in_features, w.data_ptr(), int(dtype == torch.bfloat16), torch.get_num_threads())
     return w
+
+
+def prompt_attention(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """Causal attention of a prompt chunk: q (1, nh, T, hd) float32 at positions S - T .. S - 1 over k, v
+    (1, nkv, S, hd) float32 or bfloat16 (any strides but the last dimension's) -> (1, T, nh * hd) float32, as
+    `lamina.arch.llama.attend` with `causal_mask(T, S, window)` computes it.
+    """
+    _, nh, T, hd = q.shape
+    _, nkv, S, _ = k.shape
+    if q.dtype != torch.float32 or k.dtype != v.dtype or k.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"prompt attention takes float32 queries and float32 or bfloat16 keys/values, not {q.dtype}/{k.dtype}/{v.dtype}")
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or k.stride()[1:] != v.stride()[1:]:
+        raise ValueError("prompt attention needs the head dimension contiguous and keys and values laid out alike")
+    out = torch.empty(1, T, nh * hd, dtype=torch.float32)
+    status = lib.lam_prompt_attention(
+        q.data_ptr(), q.stride(1), q.stride(2), k.data_ptr(), v.data_ptr(), k.stride(1), k.stride(2), int(k.dtype == torch.bfloat16),
+        out.data_ptr(), T, S - T, nh, nkv, hd, window or 0, hd**-0.5, torch.get_num_threads())
+    raise_for_status(status, f"attention of {T} queries over {S} keys ({nh}/{nkv} heads of {hd})")
+    return out

@@ -20,6 +20,7 @@ faster than PyTorch's forward (`native_step_for`).
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 from pathlib import Path
 
@@ -240,3 +241,20 @@ def native_float_pays(model: Llama, cache_dir: Path | None = None, options: Nati
 
     key = f"native decode step, {c.dim}x{c.hidden_dim} {c.n_heads}/{c.n_kv_heads} heads {dtype} | {native.source_key()} | {device_key(torch.device('cpu'))}"
     return cached_probe(cache_dir, key, measure)
+
+
+def use_native_prompt_attention(model: nn.Module, cache_dir: Path | None = None, options: NativeOptions = DEFAULT_OPTIONS) -> bool:
+    """Give a CPU Llama model's prompt chunks the native attention kernel (`native.prompt_attention`) where this
+    build has one (AVX-512); returns whether it did. Measured on a 2-core Xeon (Emerald Rapids), a 512-query chunk
+    of SmolLM2's attention (9 heads over 3 kv heads of 64): 1.8 ms against SDPA's 3.3 over 512 keys, 47 against 60
+    over 8,000 (200 GFLOP/s, SDPA's flash kernel 155).
+    """
+    if not isinstance(model, Llama) or model.embed_tokens.weight.device.type != "cpu":
+        return False
+    lib = native.library(cache_dir, options)
+    if lib is None or not lib.lam_has_prompt_attention():
+        return False
+    kernel = functools.partial(native.prompt_attention, lib)
+    for layer in model.layers:
+        layer.self_attn.prompt_attention = kernel
+    return True

@@ -770,6 +770,254 @@ void lam_dequant(int fmt, const uint8_t *w, int N, int K, void *out, int bf16, i
     run_job(dequant_job, &job, threads);
 }
 
+/* ---- attention over a prompt chunk ------------------------------------------------------------------------
+ *
+ * T new queries at positions start .. start + T - 1 over keys 0 .. start + T - 1, causal (and within a sliding
+ * window of `window` positions when window > 0), the n_rep query heads of each group sharing one kv head:
+ * what a prompt chunk's attention is in the PyTorch path, which runs it through SDPA's flash kernel (138
+ * GFLOP/s on a 2-core Xeon for a 512-query chunk over 2,048 keys, its GEMMs being too small to reach the
+ * float32 GEMM's 250). Flash attention with register blocks: a work unit is one kv head and PA_POS query
+ * positions, its n_rep * PA_POS query rows (position-major, so a register block's rows share their keys) kept
+ * with their running max, sum and output in the thread's scratch; the keys go by in blocks of PA_KEYS,
+ * aligned to absolute positions, each block's keys transposed once (dims x keys) for the unit. A block of
+ * PA_ROWS rows takes its scores as a 6 x 64 register tile (24 accumulators over head_dim FMAs), then the
+ * online softmax, then P V as 6 rows x 64 dims (24 accumulators over the block's keys).
+ *
+ * A row's arithmetic depends only on its own query and keys: the key blocks start at absolute positions and
+ * every row is summed alone in a fixed order, so a query's output is the same bits whichever chunk it came
+ * in, whatever its neighbours and however the units fall to threads (taken in turn from a counter, longest
+ * first). */
+#ifdef LAM_AVX512
+#define PA_KEYS 64
+#define PA_ROWS 6
+#define PA_POS 64
+
+/* e^x for 16 floats, the same polynomial as exp256. */
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+}
+
+typedef struct {
+    const float *q;      /* q[h * q_sh + t * q_st + d], float32 */
+    const char *k, *v;   /* k[(g * kv_sh + j * kv_ss) * esz + d * esz], float32 or bfloat16 */
+    float *out;          /* (T, nh, hd) */
+    int64_t q_sh, q_st, kv_sh, kv_ss;
+    int T, start, nh, nkv, hd, window, bf16, units, pos_blocks;
+    float scale;
+    float *scratch;
+    size_t scratch_floats; /* per thread */
+    float *kt;             /* the keys transposed: kv head g's block b at kt + (g * blocks + b) * hd * PA_KEYS, [d][key] */
+    int blocks, unit_pos;  /* key blocks (of PA_KEYS); query positions per unit */
+    _Atomic int next;
+} PromptAttn;
+
+/* Rows r0 .. r0 + R - 1 of a unit (R a constant after inlining) against keys kb .. kb + n - 1. L holds each row's
+ * running sum as 16 lanes (one key in 16 a lane), added across only at the end. */
+static inline __attribute__((always_inline)) void pa_rows(const PromptAttn *a, const float *Q, float *O, float *M, float *L,
+                                                          const int *pos, const float *kt, const char *vb, int kb, int n, const int R) {
+    const int hd = a->hd, bf = a->bf16;
+    const size_t esz = bf ? 2 : 4;
+    enum { KV = PA_KEYS / 16 };
+    __m512 s[PA_ROWS][KV];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < KV; c++) s[r][c] = _mm512_setzero_ps();
+    for (int d = 0; d < hd; d++) {
+        __m512 kd[KV];
+        for (int c = 0; c < KV; c++) kd[c] = _mm512_loadu_ps(kt + d * PA_KEYS + 16 * c);
+        for (int r = 0; r < R; r++) {
+            const __m512 qd = _mm512_set1_ps(Q[(size_t)r * hd + d]);
+            for (int c = 0; c < KV; c++) s[r][c] = _mm512_fmadd_ps(qd, kd[c], s[r][c]);
+        }
+    }
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);
+    float alpha[PA_ROWS], P[PA_ROWS][PA_KEYS];
+    for (int r = 0; r < R; r++) {
+        const int p = pos[r], hi = kb + n - 1 < p ? kb + n - 1 : p, lo = a->window > 0 ? p - a->window + 1 : INT32_MIN;
+        const __m512i vh = _mm512_set1_epi32(hi), vl = _mm512_set1_epi32(lo);
+        __mmask16 ok[KV];
+        __m512 mx = ninf;
+        for (int c = 0; c < KV; c++) {
+            const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(kb + 16 * c), iota);
+            ok[c] = _mm512_cmple_epi32_mask(idx, vh) & _mm512_cmpge_epi32_mask(idx, vl);
+            s[r][c] = _mm512_mask_mov_ps(ninf, ok[c], s[r][c]);
+            mx = _mm512_max_ps(mx, s[r][c]);
+        }
+        const float mb = _mm512_reduce_max_ps(mx);
+        const float m_old = M[r], m_new = m_old > mb ? m_old : mb;
+        if (m_new == -INFINITY) { /* nothing of this block is visible to the row (a window) */
+            alpha[r] = 1.0f;
+            memset(P[r], 0, sizeof P[r]);
+            continue;
+        }
+        alpha[r] = m_old == m_new ? 1.0f : m_old == -INFINITY ? 0.0f : expf(m_old - m_new);
+        const __m512 mv = _mm512_set1_ps(m_new);
+        __m512 sum = _mm512_mul_ps(_mm512_loadu_ps(L + 16 * r), _mm512_set1_ps(alpha[r]));
+        for (int c = 0; c < KV; c++) {
+            const __m512 pc = _mm512_maskz_mov_ps(ok[c], exp512(_mm512_sub_ps(s[r][c], mv)));
+            _mm512_storeu_ps(P[r] + 16 * c, pc);
+            sum = _mm512_add_ps(sum, pc);
+        }
+        _mm512_storeu_ps(L + 16 * r, sum);
+        M[r] = m_new;
+    }
+    for (int d0 = 0; d0 < hd; d0 += 64) {
+        const int dn = hd - d0 < 64 ? hd - d0 : 64;
+        __mmask16 mk[4];
+        for (int i = 0; i < 4; i++) {
+            const int left = dn - 16 * i;
+            mk[i] = left >= 16 ? 0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+        }
+        __m512 acc[PA_ROWS][4];
+        for (int r = 0; r < R; r++) {
+            const __m512 al = _mm512_set1_ps(alpha[r]);
+            for (int i = 0; i < 4; i++) acc[r][i] = _mm512_mul_ps(al, _mm512_maskz_loadu_ps(mk[i], O + (size_t)r * hd + d0 + 16 * i));
+        }
+        for (int j = 0; j < n; j++) {
+            const char *vr = vb + ((size_t)j * a->kv_ss + d0) * esz;
+            __m512 v[4];
+            for (int i = 0; i < 4; i++) {
+                if (bf) v[i] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk[i], vr + 32 * i)), 16));
+                else v[i] = _mm512_maskz_loadu_ps(mk[i], vr + 64 * i);
+            }
+            for (int r = 0; r < R; r++) {
+                const __m512 pj = _mm512_set1_ps(P[r][j]);
+                for (int i = 0; i < 4; i++) acc[r][i] = _mm512_fmadd_ps(pj, v[i], acc[r][i]);
+            }
+        }
+        for (int r = 0; r < R; r++)
+            for (int i = 0; i < 4; i++) _mm512_mask_storeu_ps(O + (size_t)r * hd + d0 + 16 * i, mk[i], acc[r][i]);
+    }
+}
+
+/* Keys b * PA_KEYS .. of kv head g, transposed to [d][key] (zeros past the last key). */
+static void pa_transpose(const PromptAttn *a, int g, int b) {
+    const int hd = a->hd, S = a->start + a->T, kb = b * PA_KEYS, n = S - kb < PA_KEYS ? S - kb : PA_KEYS;
+    const size_t esz = a->bf16 ? 2 : 4;
+    float *kt = a->kt + ((size_t)g * a->blocks + b) * hd * PA_KEYS;
+    if (n < PA_KEYS) memset(kt, 0, sizeof(float) * hd * PA_KEYS);
+    for (int j = 0; j < n; j++) {
+        const char *kr = a->k + ((size_t)g * a->kv_sh + (size_t)(kb + j) * a->kv_ss) * esz;
+        if (a->bf16)
+            for (int d = 0; d < hd; d++) {
+                const uint32_t bits = (uint32_t)((const uint16_t *)kr)[d] << 16;
+                memcpy(kt + d * PA_KEYS + j, &bits, 4);
+            }
+        else
+            for (int d = 0; d < hd; d++) kt[d * PA_KEYS + j] = ((const float *)kr)[d];
+    }
+}
+
+static void pa_unit(const PromptAttn *a, int u, float *scratch) {
+    const int hd = a->hd, rep = a->nh / a->nkv, g = u % a->nkv, up = a->unit_pos;
+    const int pb = a->pos_blocks - 1 - u / a->nkv; /* the last positions (the most keys) first */
+    const int t0 = pb * up, t1 = t0 + up < a->T ? t0 + up : a->T, rows = (t1 - t0) * rep;
+    float *Q = scratch, *O = Q + (size_t)up * rep * hd, *M = O + (size_t)up * rep * hd, *L = M + up * rep;
+    int *pos = (int *)(L + 16 * up * rep);
+    const size_t esz = a->bf16 ? 2 : 4;
+    for (int t = t0; t < t1; t++)
+        for (int i = 0; i < rep; i++) {
+            const int r = (t - t0) * rep + i;
+            const float *src = a->q + (g * rep + i) * a->q_sh + t * a->q_st;
+            for (int d = 0; d < hd; d++) Q[(size_t)r * hd + d] = src[d] * a->scale;
+            memset(O + (size_t)r * hd, 0, sizeof(float) * hd);
+            memset(L + 16 * r, 0, sizeof(float) * 16);
+            M[r] = -INFINITY, pos[r] = a->start + t;
+        }
+    const int first = a->window > 0 && a->start + t0 - a->window + 1 > 0 ? a->start + t0 - a->window + 1 : 0;
+    const int end = a->start + t1; /* keys 0 .. end - 1 */
+    const char *vg = a->v + (size_t)g * a->kv_sh * esz;
+    for (int kb = first / PA_KEYS * PA_KEYS; kb < end; kb += PA_KEYS) {
+        const int n = end - kb < PA_KEYS ? end - kb : PA_KEYS;
+        const float *kt = a->kt + ((size_t)g * a->blocks + kb / PA_KEYS) * hd * PA_KEYS;
+        const char *vb = vg + (size_t)kb * a->kv_ss * esz;
+        for (int r0 = 0; r0 < rows; r0 += PA_ROWS) {
+            const int R = rows - r0 < PA_ROWS ? rows - r0 : PA_ROWS;
+            if (kb > pos[r0 + R - 1]) continue; /* rows go by position: these (and all before) see none of the block */
+            if (a->window > 0 && kb + n - 1 < pos[r0] - a->window + 1) break; /* all of it before these rows' windows */
+            const float *Qr = Q + (size_t)r0 * hd;
+            float *Or = O + (size_t)r0 * hd;
+            switch (R) {
+            case 6: pa_rows(a, Qr, Or, M + r0, L + 16 * r0, pos + r0, kt, vb, kb, n, 6); break;
+            case 5: pa_rows(a, Qr, Or, M + r0, L + 16 * r0, pos + r0, kt, vb, kb, n, 5); break;
+            case 4: pa_rows(a, Qr, Or, M + r0, L + 16 * r0, pos + r0, kt, vb, kb, n, 4); break;
+            case 3: pa_rows(a, Qr, Or, M + r0, L + 16 * r0, pos + r0, kt, vb, kb, n, 3); break;
+            case 2: pa_rows(a, Qr, Or, M + r0, L + 16 * r0, pos + r0, kt, vb, kb, n, 2); break;
+            default: pa_rows(a, Qr, Or, M + r0, L + 16 * r0, pos + r0, kt, vb, kb, n, 1); break;
+            }
+        }
+    }
+    for (int t = t0; t < t1; t++)
+        for (int i = 0; i < rep; i++) {
+            const int r = (t - t0) * rep + i;
+            const float inv = 1.0f / _mm512_reduce_add_ps(_mm512_loadu_ps(L + 16 * r));
+            float *dst = a->out + ((size_t)t * a->nh + g * rep + i) * hd;
+            for (int d = 0; d < hd; d++) dst[d] = O[(size_t)r * hd + d] * inv;
+        }
+}
+
+static void prompt_attention_job(void *ctx, const Me *me) {
+    PromptAttn *a = ctx;
+    FOR_SHARE(me, i, a->nkv * a->blocks) pa_transpose(a, i / a->blocks, i % a->blocks);
+    barrier(me);
+    float *scratch = a->scratch + (size_t)me->tid * a->scratch_floats;
+    for (int u; (u = atomic_fetch_add_explicit(&a->next, 1, memory_order_relaxed)) < a->units;) pa_unit(a, u, scratch);
+}
+#endif
+
+int lam_has_prompt_attention(void) {
+#ifdef LAM_AVX512
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* out (T, nh, hd) float32 = attention of q over k, v as described above; strides in elements. LAM_ERR_CONFIG
+ * where this build has no such kernel (no AVX-512) or the shapes do not fit it. */
+int lam_prompt_attention(const float *q, int64_t q_sh, int64_t q_st, const void *k, const void *v, int64_t kv_sh, int64_t kv_ss,
+                         int kv_bf16, float *out, int T, int start, int nh, int nkv, int hd, int window, float scale, int threads) {
+#ifdef LAM_AVX512
+    if (T < 1 || start < 0 || nkv < 1 || nh % nkv || hd < 1 || hd > MAX_HEAD_DIM) return LAM_ERR_CONFIG;
+    const int rep = nh / nkv, nth = threads < 1 ? 1 : threads > MAX_THREADS - 1 ? MAX_THREADS - 1 : threads;
+    int up = PA_POS; /* fewer positions a unit where that leaves too few units to share */
+    while (up > 8 && (T + up - 1) / up * nkv < 4 * nth) up /= 2;
+    const size_t rows = (size_t)up * rep;
+    const size_t per = (2 * rows * hd + 18 * rows + 15) / 16 * 16; /* Q, O, M, L (16 each), pos */
+    const int blocks = (start + T + PA_KEYS - 1) / PA_KEYS;
+    PromptAttn a = {q, k, v, out, q_sh, q_st, kv_sh, kv_ss, T, start, nh, nkv, hd, window, kv_bf16 != 0, 0, (T + up - 1) / up,
+                    scale, NULL, per, NULL, blocks, up, 0};
+    a.units = a.pos_blocks * nkv;
+    a.scratch = aligned_alloc(64, per * sizeof(float) * nth);
+    a.kt = aligned_alloc(64, (size_t)nkv * blocks * hd * PA_KEYS * sizeof(float));
+    if (!a.scratch || !a.kt) {
+        free(a.scratch);
+        free(a.kt);
+        return LAM_ERR_NOMEM;
+    }
+    run_job(prompt_attention_job, &a, nth);
+    free(a.scratch);
+    free(a.kt);
+    return LAM_OK;
+#else
+    (void)q, (void)q_sh, (void)q_st, (void)k, (void)v, (void)kv_sh, (void)kv_ss, (void)kv_bf16, (void)out, (void)T, (void)start;
+    (void)nh, (void)nkv, (void)hd, (void)window, (void)scale, (void)threads;
+    return LAM_ERR_CONFIG;
+#endif
+}
+
 /* ---- the fused decode step ------------------------------------------------------------------------------- */
 
 static void rmsnorm(const float *x, const float *w, int n, float eps, float *out) {
