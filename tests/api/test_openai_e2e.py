@@ -7,6 +7,8 @@ import json
 import time
 
 import httpx
+import jsonschema
+import pydantic
 import pytest
 
 from tests.server import Server, start_server
@@ -127,7 +129,7 @@ def test_logprobs(client) -> None:
     [
         ({"temperature": 3}, "temperature"),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "xml"}}, "response_format"),
         ({"max_tokens": 9000}, "max_tokens"),
         ({"messages": []}, "messages"),
         ({"top_logprobs": 2}, "top_logprobs"),
@@ -300,3 +302,77 @@ def test_sixteen_concurrent_streams_and_a_responsive_health(server: Server) -> N
     alone = openai.OpenAI(base_url=server.api, api_key="x", max_retries=0).chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Say something about the number 7."}], max_tokens=24, temperature=0)
     assert alone.choices[0].message.content == texts[7]
+
+
+# --- structured outputs ---------------------------------------------------------------------------------------
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 24},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                                           "hobbies": {"type": "array", "items": {"enum": ["chess", "golf", "music"]}, "maxItems": 2}},
+          "required": ["name", "age", "hobbies"], "additionalProperties": False}
+DESCRIBE = [{"role": "user", "content": "Describe a person as JSON with name, age and hobbies."}]
+
+
+class Weather(pydantic.BaseModel):
+    city: str = pydantic.Field(max_length=30)
+    temperature_c: int = pydantic.Field(ge=-50, le=60)
+    sunny: bool
+
+
+def test_parse_into_a_pydantic_model(client) -> None:
+    r = client.chat.completions.parse(
+        model=MODEL, messages=[{"role": "user", "content": "The weather in Paris today, as JSON."}], response_format=Weather,
+        temperature=0, max_tokens=120)
+    msg = r.choices[0].message
+    assert r.choices[0].finish_reason == "stop" and isinstance(msg.parsed, Weather) and msg.refusal is None
+
+
+def test_json_schema_streamed_and_sampled(client) -> None:
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    stream = client.chat.completions.create(model=MODEL, messages=DESCRIBE, response_format=fmt, stream=True, max_tokens=200,
+                                            temperature=1.0, seed=4, n=2)
+    texts: dict[int, str] = {0: "", 1: ""}
+    finishes = {}
+    for chunk in stream:
+        for ch in chunk.choices:
+            texts[ch.index] += ch.delta.content or ""
+            finishes[ch.index] = ch.finish_reason or finishes.get(ch.index)
+    assert finishes == {0: "stop", 1: "stop"}
+    for text in texts.values():
+        jsonschema.validate(json.loads(text), PERSON)
+
+
+def test_json_object(client) -> None:
+    r = client.chat.completions.create(model=MODEL, messages=DESCRIBE, response_format={"type": "json_object"}, max_tokens=300,
+                                       temperature=0)
+    assert isinstance(json.loads(r.choices[0].message.content), dict) and r.choices[0].finish_reason == "stop"
+
+
+def test_vllm_structured_outputs_and_guided_fields(client) -> None:
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Is the sky blue?"}], temperature=0,
+                                       extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+    assert r.choices[0].message.content in ("yes", "no")
+    r = client.completions.create(model=MODEL, prompt="My PIN is", max_tokens=10, temperature=1.0, seed=1,
+                                  extra_body={"guided_regex": "[0-9]{4}"})
+    assert len(r.choices[0].text) == 4 and r.choices[0].text.isdigit() and r.choices[0].finish_reason == "stop"
+    r = client.completions.create(model=MODEL, prompt="Person:", max_tokens=200, temperature=0,
+                                  extra_body={"structured_outputs": {"json": PERSON}})
+    jsonschema.validate(json.loads(r.choices[0].text), PERSON)
+
+
+@pytest.mark.parametrize(("extra", "param", "words"), [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "t", "schema": {
+        "type": "object", "properties": {"t": {"type": "array", "uniqueItems": True}}}}}},
+     "response_format", ["uniqueItems", "#/properties/t"]),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "t", "schema": {"type": "nope"}}}}, "response_format", ["nope"]),
+    ({"response_format": {"type": "json_object"}, "extra_body": {"guided_regex": "a+"}}, "guided_regex", ["one output constraint"]),
+    ({"extra_body": {"structured_outputs": {"regex": "a", "choice": ["b"]}}}, "structured_outputs", ["exactly one"]),
+    ({"extra_body": {"structured_outputs": {"grammar": "start: nothing_here"}}}, "structured_outputs", ["grammar"]),
+])
+def test_constraints_that_cannot_be_enforced_are_400(client, extra, param, words) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=ASK, **extra)
+    body = info.value.body
+    assert info.value.status_code == 400 and body["param"] == param and body["type"] == "invalid_request_error"
+    for w in words:
+        assert w in body["message"], body["message"]

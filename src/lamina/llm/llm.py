@@ -9,6 +9,11 @@
     async for delta in llm.astream(llm.encode_chat(messages), SamplingParams(max_tokens=64)):   # asyncio code
         ...
 
+    class City(pydantic.BaseModel):
+        name: str
+        country: str
+    llm.chat(messages, response_format=City).parsed         # City(name=..., country=...): decoding follows its schema
+
 This layer owns text: tokenizing, chat templates, incremental detokenizing and stop strings. The engine
 underneath sees token ids only, and is driven by one worker thread (`AsyncEngine`): the async methods are
 the core, the synchronous ones take the same events from a thread-safe queue (`AsyncEngine.generate_sync`)
@@ -34,6 +39,7 @@ from lamina.infra.device import optimize_for_inference, resolve_device, resolve_
 from lamina.infra.registry import ModelEntry, Registry
 from lamina.llm.engine.async_engine import AsyncEngine
 from lamina.llm.engine.core import Engine, EngineArgs, FinishReason, TokenEvent
+from lamina.llm.engine.grammar import Grammars, StructuredOutput, closed
 from lamina.llm.engine.sampling import SamplingParams
 from lamina.llm.formats import gguf
 from lamina.llm.formats.loader import read_checkpoint
@@ -56,6 +62,34 @@ class Completion:
     cached_tokens: int = 0
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
+    parsed: Any = None
+    """With `response_format=` a pydantic model class: the text validated into an instance of it (None when the
+    output was cut short by max_tokens)."""
+
+
+def structured_output(response_format: Any, param: str = "response_format") -> StructuredOutput | None:
+    """A `StructuredOutput` from what users pass: a pydantic model class, a JSON Schema (dict), an OpenAI
+    `response_format` ({"type": "json_schema", "json_schema": {"schema": ...}}, {"type": "json_object"},
+    {"type": "text"}), or a `StructuredOutput` itself. None for no constraint."""
+    if response_format is None or isinstance(response_format, StructuredOutput):
+        return response_format
+    schema_of = getattr(response_format, "model_json_schema", None)
+    if isinstance(response_format, type) and callable(schema_of):
+        return StructuredOutput("json_schema", closed(schema_of()), param)  # as the OpenAI SDK's parse() sends it
+    if isinstance(response_format, dict):
+        kind = response_format.get("type")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return StructuredOutput("json_object", None, param)
+        if kind == "json_schema" and isinstance(response_format.get("json_schema"), dict):
+            spec = response_format["json_schema"]
+            if "schema" not in spec:
+                return StructuredOutput("json_object", None, param)
+            return StructuredOutput("json_schema", closed(spec["schema"]) if spec.get("strict") else spec["schema"], param)
+        return StructuredOutput("json_schema", response_format, param)
+    raise InvalidRequestError(f"response_format must be a pydantic model class, a JSON schema or an OpenAI response_format, "
+                              f"not {type(response_format).__name__}", param=param)
 
 
 QUANTIZE_CHOICES = ("auto", "none", "int8", "int4")
@@ -128,9 +162,11 @@ class LLM:
         self.entry = entry
         self.config = model.config
         self.chat_template = ChatTemplate(chat_template, tokenizer) if chat_template else None
+        eos = tokenizer.eos_id if tokenizer.eos_id in eos_ids else next(iter(eos_ids), tokenizer.eos_id)
+        grammars = Grammars(tokenizer.backend.to_str(), eos, self.config.vocab_size) if eos is not None else None
         self.engine = AsyncEngine(Engine(
             model, eos_ids=eos_ids, max_seq_len=self.config.max_seq_len, vocab_size=self.config.vocab_size, args=engine_args,
-            cache_dir=cache_dir, native=native,
+            cache_dir=cache_dir, native=native, grammars=grammars,
         ))
         """The engine's one driver; its worker thread starts with the first request."""
 
@@ -261,9 +297,9 @@ class LLM:
         self.engine.shutdown()
 
     def generate(self, prompt: str, params: SamplingParams | None = None, *, adapter: str | None = None,
-                 **overrides: Any) -> Completion:
-        """Continue `prompt` (plain text, no chat template)."""
-        return self._collect(self.encode_prompt(prompt), _params(params, overrides), adapter)
+                 response_format: Any = None, **overrides: Any) -> Completion:
+        """Continue `prompt` (plain text, no chat template); `response_format` as in `chat`."""
+        return self._collect(self.encode_prompt(prompt), _params(params, overrides, response_format), adapter, response_format)
 
     def stream(self, prompt: str, params: SamplingParams | None = None, **overrides: Any) -> Iterator[str]:
         for delta in self.stream_ids(self.encode_prompt(prompt), _params(params, overrides)):
@@ -271,11 +307,14 @@ class LLM:
                 yield delta.text
 
     def chat(self, messages: Sequence[Message], params: SamplingParams | None = None, *, adapter: str | None = None,
-             **overrides: Any) -> Completion:
+             response_format: Any = None, **overrides: Any) -> Completion:
         """Answer the last message of a conversation ([{"role": ..., "content": ...}, ...]).
 
-        `adapter`: the name of a LoRA adapter added with `load_adapter` (None: the base model)."""
-        return self._collect(self.encode_chat(messages), _params(params, overrides), adapter)
+        `adapter`: the name of a LoRA adapter added with `load_adapter` (None: the base model).
+        `response_format`: what the answer must be (`structured_output`): a pydantic model class (the answer
+        is then also `parsed` into it), a JSON Schema, or an OpenAI response_format. The schema constrains the
+        decoding but is not shown to the model: say in the prompt what you want."""
+        return self._collect(self.encode_chat(messages), _params(params, overrides, response_format), adapter, response_format)
 
     def stream_chat(self, messages: Sequence[Message], params: SamplingParams | None = None, **overrides: Any) -> Iterator[str]:
         for delta in self.stream_ids(self.encode_chat(messages), _params(params, overrides)):
@@ -314,7 +353,8 @@ class LLM:
         """The engine's token events for one request, without text (benchmarks, parity tests)."""
         return self.engine.generate_sync(prompt_ids, params, adapter)
 
-    def _collect(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None) -> Completion:
+    def _collect(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None,
+                 response_format: Any = None) -> Completion:
         text, ids, logprobs, finish, cached = [], [], [], "length", 0
         for delta in self.stream_ids(prompt_ids, params, adapter):
             cached = delta.cached_tokens
@@ -330,10 +370,19 @@ class LLM:
             cached_tokens=cached,
             token_ids=ids,
             logprobs=logprobs if params.logprobs is not None else None,
+            parsed=_parse(response_format, "".join(text)) if finish == "stop" else None,
         )
 
 
-def _params(params: SamplingParams | None, overrides: dict[str, Any]) -> SamplingParams:
+def _parse(response_format: Any, text: str) -> Any:
+    validate = getattr(response_format, "model_validate_json", None)
+    return validate(text) if isinstance(response_format, type) and callable(validate) else None
+
+
+def _params(params: SamplingParams | None, overrides: dict[str, Any], response_format: Any = None) -> SamplingParams:
     """`SamplingParams` from an object and/or keyword overrides (unknown names are a TypeError)."""
     base = params or SamplingParams()
+    structured = structured_output(response_format)
+    if structured is not None:
+        overrides = {**overrides, "structured": structured}
     return replace(base, **overrides) if overrides else base

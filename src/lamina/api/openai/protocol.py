@@ -3,8 +3,10 @@ source of the wire format. The routes validate with them and publish them in /op
 builds every response and every Server-Sent Event from them.
 
 Requests accept unknown fields (SDKs add new ones; vLLM does the same) but refuse, with a 400 naming the
-field, the OpenAI features Lamina does not implement yet (tools, structured output, ...): a client must never
-believe a feature worked when it was silently ignored. The schema says what is accepted: ranges, lengths,
+field, the OpenAI features Lamina does not implement yet (logit_bias, audio, ...): a client must never
+believe a feature worked when it was silently ignored. Structured outputs come as OpenAI's `response_format`
+(json_object, json_schema), vLLM's `structured_outputs` (json, regex, choice, grammar) or vLLM's older
+`guided_json` / `guided_regex` / `guided_choice` / `guided_grammar`: one of them per request. The schema says what is accepted: ranges, lengths,
 the neutral values of the unsupported fields and the rules between fields. What depends on the loaded model
 cannot be published and is documented on the field instead: prompt plus `max_tokens` must fit the model's
 context (`max_model_len` in /v1/models, else 400 `context_length_exceeded`), token ids must be below its
@@ -20,20 +22,50 @@ from pydantic import MISSING, BaseModel, ConfigDict, Field, model_validator
 
 from lamina.api.wire import EMPTY, Needs, OneOf, RuledModel, WireModel, unsupported
 from lamina.errors import InvalidRequestError
+from lamina.llm.engine.grammar import StructuredOutput, closed
 
 MAX_N = 16
 TokenId = Annotated[int, Field(ge=0, description="A token id, below the model's vocabulary size.")]
 Stop = Annotated[str, Field(min_length=1)]
 
 
-def _response_format_message(value: Any) -> str:
-    kind = value.get("type") if isinstance(value, dict) else value
-    return f"response_format {kind!r} is not supported by Lamina yet; only {{'type': 'text'}}"
-
-
 class TextFormat(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
+
+
+class JSONObjectFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["json_object"]
+
+
+class JSONSchemaSpec(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    name: str | None = Field(default=None, pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema",
+                                           description="The JSON Schema the output follows; absent: any JSON object.")
+    strict: bool | None = Field(default=None, description="True: objects without additionalProperties are closed, as OpenAI's strict mode has them.")
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["json_schema"]
+    json_schema: JSONSchemaSpec
+
+
+ResponseFormat = Annotated[TextFormat | JSONObjectFormat | JSONSchemaFormat, Field(discriminator="type")]
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs`: exactly one of its constraints."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json", description="A JSON Schema (object or its text).")
+    regex: str | None = None
+    choice: list[str] | None = Field(default=None, min_length=1)
+    grammar: str | None = Field(default=None, description="A context-free grammar: Lark (llguidance's), or GBNF (with ::=).")
+    json_object: bool | None = None
 
 
 class _Request(RuledModel):
@@ -53,7 +85,44 @@ class _Request(RuledModel):
     web_search_options: unsupported(EMPTY, "web search") = None
     reasoning_effort: unsupported(EMPTY, "reasoning effort (this model does not reason)") = None
     suffix: unsupported(EMPTY, "suffix (fill-in-the-middle)") = None
-    response_format: unsupported(TextFormat | None, "structured output", _response_format_message) = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = Field(default=None, description="vLLM's older spelling of structured_outputs.json.")
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(default=None, min_length=1)
+    guided_grammar: str | None = None
+
+    def structured_output(self) -> StructuredOutput | None:
+        """The request's output constraint, compiled (a 400 naming the keyword when it cannot be enforced)."""
+        given: list[tuple[str, str, Any]] = []
+        rf = self.response_format
+        if isinstance(rf, JSONObjectFormat):
+            given.append(("response_format", "json_object", None))
+        elif isinstance(rf, JSONSchemaFormat):
+            schema = rf.json_schema.schema_
+            if schema is None:
+                given.append(("response_format", "json_object", None))
+            else:
+                given.append(("response_format", "json_schema", closed(schema) if rf.json_schema.strict else schema))
+        so = self.structured_outputs
+        if so is not None:
+            picked = [(k, v) for k, v in (("json_schema", so.json_), ("regex", so.regex), ("choice", so.choice),
+                                          ("grammar", so.grammar), ("json_object", so.json_object or None)) if v is not None]
+            if len(picked) != 1:
+                raise InvalidRequestError("structured_outputs takes exactly one of json, regex, choice, grammar or json_object",
+                                          param="structured_outputs")
+            given.append(("structured_outputs", *picked[0]))
+        for field, kind in (("guided_json", "json_schema"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                            ("guided_grammar", "grammar")):
+            if getattr(self, field) is not None:
+                given.append((field, kind, getattr(self, field)))
+        if not given:
+            return None
+        if len(given) > 1:
+            raise InvalidRequestError(f"give one output constraint, not {len(given)} ({', '.join(g[0] for g in given)})",
+                                      param=given[1][0])
+        param, kind, value = given[0]
+        return StructuredOutput(kind, value, param)  # type: ignore[arg-type]
 
     def unknown_fields(self) -> list[str]:
         known = {"store", "metadata", "service_tier", "stream_options"}

@@ -276,6 +276,7 @@ class OpenAIService:
                  logprobs: int | None) -> list[_Choice]:
         llm = self.ready()
         choices = []
+        structured = req.structured_output()
         for p, prompt_ids in enumerate(prompts):
             if not prompt_ids:  # text that the tokenizer turns into nothing
                 raise InvalidRequestError("the prompt is empty: give some text", param="prompt")
@@ -297,6 +298,7 @@ class OpenAIService:
                     seed=None if req.seed is None else (req.seed + i) % 2**64,
                     stop=req.stops,
                     logprobs=logprobs,
+                    structured=structured,
                 )
                 adapter = req.model if req.model in self.adapters else None
                 llm.validate(prompt_ids, params, adapter)

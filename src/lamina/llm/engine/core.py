@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -28,6 +29,7 @@ from torch import nn
 from lamina.errors import ContextLengthError, InvalidRequestError
 from lamina.infra.device import serial
 from lamina.llm.engine import speculative
+from lamina.llm.engine.grammar import Grammars
 from lamina.llm.engine.runner import ModelRunner
 from lamina.llm.engine.sampling import Sample, Sampler, SamplingParams, sample_batch
 from lamina.llm.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput, Status
@@ -109,10 +111,15 @@ class Engine:
         args: EngineArgs | None = None,
         cache_dir: Path | None = None,
         native: NativeOptions = DEFAULT_OPTIONS,
+        grammars: Grammars | None = None,
     ) -> None:
         """`cache_dir`: where kernel measurements are kept (LAMINA_HOME/cache); None measures each time.
-        `native`: whether and how the native kernels are built (the settings' LAMINA_NATIVE, ...)."""
+        `native`: whether and how the native kernels are built (the settings' LAMINA_NATIVE, ...).
+        `grammars`: the model's grammar compiler, for requests with `structured` outputs (None: refused)."""
         args = args or EngineArgs()
+        self.grammars = grammars
+        self._masks: ThreadPoolExecutor | None = None
+        """Computes the grammar masks of a step while its forward runs (made with the first such step)."""
         self.eos_ids = frozenset(eos_ids)
         self.max_seq_len = max_seq_len
         self.vocab_size = vocab_size
@@ -144,6 +151,11 @@ class Engine:
             )
         if adapter is not None and adapter not in self.runner.adapters:
             raise InvalidRequestError(f"no LoRA adapter named {adapter!r} is loaded", param="model")
+        if params.structured is not None:
+            if self.grammars is None:
+                raise InvalidRequestError("this model was loaded without its tokenizer, so structured outputs are unavailable",
+                                          param=params.structured.param)
+            self.grammars.check(params.structured)
 
     def add_request(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams, cache_salt: str = "",
                     adapter: str | None = None) -> None:
@@ -155,7 +167,8 @@ class Engine:
                 adapter: str | None = None) -> None:
         """Queue a request that `validate` has accepted (the driver validates once, in the caller's thread)."""
         prompt_ids = list(prompt_ids)
-        sampler = Sampler(params, prompt_ids, self.vocab_size, self.device)
+        matcher = self.grammars.matcher(params.structured) if params.structured is not None and self.grammars else None
+        sampler = Sampler(params, prompt_ids, self.vocab_size, self.device, matcher)
         # keys/values computed under one adapter are not those of another: prefixes are shared per adapter
         salt = cache_salt if adapter is None else f"{cache_salt}|lora:{adapter}"
         seq = Seq(request_id, prompt_ids, params, sampler, salt=salt, adapter=adapter)
@@ -184,9 +197,21 @@ class Engine:
     def step(self) -> list[TokenEvent]:
         self.scheduler.admit(self.runner.fits, lambda seq: self.runner.acquire(seq, seq.salt))
         work = self._with_drafts(self.scheduler.schedule())
+        masks = self._start_masks(work)
         logits = self.runner.execute(work)
+        if masks is not None:
+            masks.result()
         with serial():  # small ops between two steps: parallel, they would slow the next one (see `serial`)
             return self._sample(work, logits)
+
+    def _start_masks(self, work: SchedulerOutput) -> Future | None:
+        """Compute the grammar masks of the step's constrained samples on a side thread, while the forward runs."""
+        matchers = [c.seq.sampler.matcher for c in work.chunks if c.sample and c.seq.sampler.matcher is not None]
+        if not matchers:
+            return None
+        if self._masks is None:
+            self._masks = ThreadPoolExecutor(1, thread_name_prefix="lamina-grammar")
+        return self._masks.submit(lambda: [m.fill() for m in matchers])  # type: ignore[union-attr]
 
     def _sample(self, work: SchedulerOutput, logits: dict[str, torch.Tensor]) -> list[TokenEvent]:
         now = time.monotonic()
@@ -208,6 +233,8 @@ class Engine:
                 p = seq.params
                 is_stop = sample.token_id in p.stop_token_ids or (not p.ignore_eos and sample.token_id in self.eos_ids)
                 finish: FinishReason | None = "stop" if is_stop else ("length" if len(seq.output_ids) >= p.max_tokens else None)
+                if finish is None and seq.sampler.matcher is not None and seq.sampler.matcher.done:
+                    finish = "stop"  # the grammar admits nothing more: the output is complete
                 if finish is None and self.args.max_request_seconds is not None and now - seq.arrival >= self.args.max_request_seconds:
                     finish = "length"  # the server's time limit
                 events.append(TokenEvent(seq.request_id, sample.token_id, sample.logprob, sample.top_logprobs, finish, is_stop,
@@ -225,14 +252,15 @@ class Engine:
         return events
 
     def _with_drafts(self, work: SchedulerOutput) -> SchedulerOutput:
-        """Greedy decoding chunks extended by prompt-lookup drafts, where the native step runs (it is exact)."""
+        """Greedy decoding chunks extended by prompt-lookup drafts, where the native step runs (it is exact).
+        Constrained requests take no drafts (a guess the grammar forbids would have to be rolled back in it too)."""
         if not self.runner.speculates:
             return work
         chunks = []
         for c in work.chunks:
             seq, p = c.seq, c.seq.params
             k = self.args.speculative_tokens if p.speculative_tokens is None else p.speculative_tokens
-            if k and p.greedy and not seq.in_prefill and len(c.token_ids) == 1:
+            if k and p.greedy and not seq.in_prefill and len(c.token_ids) == 1 and seq.sampler.matcher is None:
                 room = min(p.max_tokens - len(seq.output_ids) - 1, self.max_seq_len - len(seq.token_ids) - 1)
                 draft = speculative.propose(seq.token_ids, min(k, room), self.args.prompt_lookup_max, self.args.prompt_lookup_min)
                 if draft:

@@ -3,7 +3,8 @@
 The order of operations follows vLLM and transformers: penalties on the raw logits, then temperature, then
 the truncations (top-k, top-p, min-p), then a draw from the remaining distribution. Temperature 0 is greedy.
 A seed makes a request reproducible: each request draws from its own `torch.Generator`.
-Log-probabilities, when asked for, are those of the model's raw distribution (vLLM's default).
+Log-probabilities, when asked for, are those of the model's raw distribution (vLLM's default), before a grammar's
+mask as well.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from lamina.errors import InvalidRequestError
+from lamina.llm.engine.grammar import Matcher, StructuredOutput
 
 MAX_LOGPROBS = 20
 
@@ -48,6 +50,8 @@ class SamplingParams:
     """Return each chosen token's log-probability and this many most likely alternatives (0..20)."""
     speculative_tokens: int | None = None
     """Prompt-lookup draft tokens verified per step for greedy requests (0 off; None: the engine's default)."""
+    structured: StructuredOutput | None = None
+    """What the output must match (a JSON Schema, regex, choice or grammar; `grammar`): enforced while decoding."""
 
     def __post_init__(self) -> None:
         stop = self.stop
@@ -97,8 +101,11 @@ class Sample:
 class Sampler:
     """One request's sampling state: its RNG and the token counts the penalties need."""
 
-    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int], vocab_size: int, device: torch.device) -> None:
+    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int], vocab_size: int, device: torch.device,
+                 matcher: Matcher | None = None) -> None:
         self.params = params
+        self.matcher = matcher
+        """The request's grammar state (`structured`): its mask is applied first, before penalties."""
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator(device=device).manual_seed(params.seed)
@@ -115,6 +122,8 @@ class Sampler:
         """Pick the next token from logits (vocab,) in float32."""
         p = self.params
         raw = logits
+        if self.matcher is not None:
+            logits = self.matcher.apply(logits)
         logits = self._penalise(logits)
         if p.greedy:
             token = argmax(logits)
@@ -140,9 +149,9 @@ class Sampler:
     @property
     def batchable(self) -> bool:
         """Whether `sample_batch` may pick this request's token along with others': plain greedy, or plain
-        temperature sampling from the global generator (no penalties, truncation, logprobs or seed)."""
+        temperature sampling from the global generator (no penalties, truncation, logprobs, seed or grammar)."""
         p = self.params
-        plain = self.seen is None and self.output_counts is None and p.logprobs is None
+        plain = self.seen is None and self.output_counts is None and p.logprobs is None and self.matcher is None
         return plain and (p.greedy or (p.seed is None and p.top_k == 0 and p.top_p == 1.0 and p.min_p == 0.0))
 
     def _penalise(self, logits: torch.Tensor) -> torch.Tensor:
@@ -155,6 +164,8 @@ class Sampler:
         return logits
 
     def _record(self, token: int) -> None:
+        if self.matcher is not None:
+            self.matcher.advance(token)
         if self.output_counts is not None:
             self.output_counts[token] += 1
         if self.seen is not None:

@@ -1,0 +1,292 @@
+"""Constrained decoding: an output that must match a JSON Schema, a regex, a list of choices or a grammar.
+
+A request's `SamplingParams.structured` says what its output must match. Before each of its tokens is drawn,
+the tokens that cannot continue a match are masked out of the logits (to minus infinity), so whatever the
+sampler then picks keeps the output inside the language; when the language admits nothing more, the request
+ends ("stop"). The grammar engine is llguidance (MIT, no dependencies; vLLM, SGLang, llama.cpp and OpenAI
+use it): it reads the model's own `tokenizers` JSON, compiles a schema in about a millisecond and computes a
+mask over SmolLM2's 49,152 tokens in 10-100 us (see ../shared/reference/TOOLS.md, section 4).
+
+What is built on it here:
+- `StructuredOutput`: the request's constraint, checked when it is made. A schema keyword llguidance cannot
+  enforce exactly (`uniqueItems`, an unknown `format`, ...) is refused with the keyword and its JSON pointer,
+  never silently dropped (the failure users of xgrammar and llama.cpp's GBNF converter report).
+- Whitespace between JSON tokens is bounded as llama.cpp's JSON grammars bound it (`space ::= | " " | "\n"{1,2}
+  [ \t]{0,20}`), so a small model cannot pad an object with whitespace up to max_tokens.
+- `Grammars`: one per model. Its `LLTokenizer` is built once, on a thread started with the model (about
+  0.3 s), not lazily on the first request; compiled grammars are kept (LRU), and each sequence gets a copy.
+- `Matcher`: one sequence's state. Its mask is computed while the model runs its forward (the engine
+  overlaps them: llguidance drops the GIL), then applied before penalties and temperature.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from lamina.errors import InvalidRequestError
+
+Kind = Literal["json_schema", "json_object", "regex", "choice", "grammar"]
+
+WHITESPACE = r"( |\n{1,2}[ \t]{0,20})?"
+"""What may separate two JSON tokens: nothing, a space, or one or two newlines and an indent of at most 20 (llama.cpp's
+`space` rule in json-schema-to-grammar)."""
+MAX_CHOICES = 1024
+CACHED_GRAMMARS = 64
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """What an output must match: `kind` and its `value`.
+
+    - json_schema: a JSON Schema (a dict, or its JSON text); json_object: any JSON object (value unused);
+    - regex: a regular expression the whole output matches;
+    - choice: a list of strings, the output being exactly one of them;
+    - grammar: a context-free grammar in Lark syntax (llguidance's, with `%json{...}` for embedded schemas), or in
+      GBNF (llama.cpp's and vLLM's; recognised by `::=`), which is converted to Lark.
+
+    `param` names the request field it came from, for the error of a bad one.
+    """
+
+    kind: Kind
+    value: Any = None
+    param: str = "response_format"
+    grammar: str = field(init=False, repr=False, compare=False)
+    """llguidance's serialised grammar (built and checked on construction)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "grammar", _compile(self.kind, self.value, self.param))
+
+    @property
+    def schema(self) -> dict | None:
+        """The JSON Schema, for json_schema and json_object."""
+        if self.kind == "json_object":
+            return {"type": "object"}
+        if self.kind == "json_schema":
+            return self.value if isinstance(self.value, dict) else json.loads(self.value)
+        return None
+
+
+_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_ONE = ("items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames", "unevaluatedProperties")
+
+
+def closed(schema: Any) -> Any:
+    """`schema` with every object schema that leaves `additionalProperties` unsaid closed to other keys (OpenAI's
+    strict mode, and what the SDKs' pydantic helpers send)."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {k: closed(v) for k, v in out[key].items()}
+    for key in _LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [closed(v) for v in out[key]]
+    for key in _ONE:
+        if key in out:
+            out[key] = [closed(v) for v in out[key]] if isinstance(out[key], list) else closed(out[key])
+    if ("properties" in out or out.get("type") == "object") and "additionalProperties" not in out and "patternProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
+def _compile(kind: str, value: Any, param: str) -> str:
+    import llguidance as llg
+
+    def bad(message: str) -> InvalidRequestError:
+        return InvalidRequestError(message, param=param)
+
+    if kind in ("json_schema", "json_object"):
+        schema: Any = {"type": "object"} if kind == "json_object" else value
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except json.JSONDecodeError as e:
+                raise bad(f"the JSON schema is not valid JSON ({e})") from None
+        if isinstance(schema, bool):
+            schema = {} if schema else {"not": {}}
+        if not isinstance(schema, dict):
+            raise bad(f"a JSON schema is an object, not {type(schema).__name__}")
+        try:
+            grammar = llg.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_pattern": WHITESPACE})
+        except (ValueError, TypeError) as e:
+            raise bad(f"the JSON schema cannot be read: {e}") from None
+        _check(grammar, lambda message: bad(_schema_message(message, schema)))
+        return grammar
+    if kind == "regex":
+        if not isinstance(value, str) or not value:
+            raise bad("regex must be a non-empty string")
+        grammar = llg.LLMatcher.grammar_from_regex(value)
+        _check(grammar, lambda message: bad(f"the regex {value!r} cannot be used: {message}"))
+        return grammar
+    if kind == "choice":
+        if (not isinstance(value, list | tuple) or not value or len(value) > MAX_CHOICES
+                or not all(isinstance(c, str) and c for c in value)):
+            raise bad(f"choice must be a list of 1 to {MAX_CHOICES} non-empty strings")
+        alternatives = " | ".join(json.dumps(c) for c in dict.fromkeys(value))
+        grammar = llg.LLMatcher.grammar_from_lark(f"start: {alternatives}")
+        _check(grammar, lambda message: bad(f"the choices cannot be used: {message}"))
+        return grammar
+    if kind == "grammar":
+        if not isinstance(value, str) or not value.strip():
+            raise bad("grammar must be a non-empty string (Lark, or GBNF with ::=)")
+        lark = value
+        if "::=" in value:
+            from llguidance.gbnf_to_lark import GbnfToLarkError, gbnf_to_lark
+
+            try:
+                lark = gbnf_to_lark(value)
+            except GbnfToLarkError as e:
+                raise bad(f"the GBNF grammar cannot be read: {e}") from None
+        grammar = llg.LLMatcher.grammar_from_lark(lark)
+        _check(grammar, lambda message: bad(f"the grammar cannot be used: {message}"))
+        return grammar
+    raise bad(f"unknown kind of structured output {kind!r}")
+
+
+def _check(grammar: str, error: Any) -> None:
+    import llguidance as llg
+
+    failed, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar)
+    if failed:
+        raise error(messages[0] if messages else "invalid")
+
+
+def _schema_message(message: str, schema: dict) -> str:
+    """llguidance's complaint about a schema, with the JSON pointer of each keyword it names."""
+    keys = re.findall(r'"([^"]+)"', message) if message.startswith("Unimplemented keys") else []
+    if message.startswith("Unknown format"):
+        keys = ["format"]
+    where = [f"'{k}' at {_pointer(schema, k) or '#'}" for k in keys]
+    if where:
+        return (f"the JSON schema uses {', '.join(where)}, which Lamina cannot enforce exactly while generating "
+                f"({message}); remove the keyword, or check it on the result")
+    return f"the JSON schema cannot be enforced: {message}"
+
+
+def _pointer(node: Any, key: str, path: str = "#") -> str | None:
+    """The JSON pointer of the first object in `node` that has `key` (depth first), or None."""
+    if isinstance(node, dict):
+        if key in node:
+            return path
+        for k, v in node.items():
+            found = _pointer(v, key, f"{path}/{str(k).replace('~', '~0').replace('/', '~1')}")
+            if found:
+                return found
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            found = _pointer(v, key, f"{path}/{i}")
+            if found:
+                return found
+    return None
+
+
+class Grammars:
+    """The model's grammar compiler: its llguidance tokenizer, built on a thread from the start, and compiled
+    grammars by text (each sequence gets a copy of one)."""
+
+    def __init__(self, tokenizer_json: str, eos_id: int, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+        """The model's: logits beyond the tokenizer's vocabulary are always masked."""
+        self._eos_id = eos_id
+        self._tokenizer: Any = None
+        self._error: BaseException | None = None
+        self._ready = threading.Event()
+        self._lock = threading.Lock()
+        self._compiled: OrderedDict[str, Any] = OrderedDict()
+        threading.Thread(target=self._build, args=(tokenizer_json,), name="lamina-grammar-tokenizer", daemon=True).start()
+
+    def _build(self, tokenizer_json: str) -> None:
+        try:
+            import llguidance as llg
+
+            self._tokenizer = llg.LLTokenizer(tokenizer_json, eos_token=self._eos_id)
+        except BaseException as e:  # kept, and raised to the first request that needs it
+            self._error = e
+        finally:
+            self._ready.set()
+
+    @property
+    def tokenizer(self) -> Any:
+        self._ready.wait()
+        if self._error is not None:
+            raise InvalidRequestError(f"structured outputs are unavailable for this model's tokenizer: {self._error}",
+                                      param="response_format")
+        return self._tokenizer
+
+    def check(self, structured: StructuredOutput) -> None:
+        """Compile `structured` for this tokenizer (any thread), raising the error a request deserves."""
+        self._template(structured)
+
+    def matcher(self, structured: StructuredOutput) -> Matcher:
+        """A fresh matcher at the start of `structured`'s language."""
+        return Matcher(self._template(structured).deep_copy(), self.tokenizer.vocab_size, self.vocab_size)
+
+    def _template(self, structured: StructuredOutput) -> Any:
+        import llguidance as llg
+
+        with self._lock:
+            template = self._compiled.get(structured.grammar)
+            if template is not None:
+                self._compiled.move_to_end(structured.grammar)
+                return template
+        template = llg.LLMatcher(self.tokenizer, structured.grammar, log_level=0)
+        if template.is_error():
+            raise InvalidRequestError(f"the {structured.kind.replace('_', ' ')} cannot be used with this model: "
+                                      f"{template.get_error()}", param=structured.param)
+        with self._lock:
+            self._compiled[structured.grammar] = template
+            while len(self._compiled) > CACHED_GRAMMARS:
+                self._compiled.popitem(last=False)
+        return template
+
+
+class Matcher:
+    """One sequence's place in its grammar: the mask of the tokens that may come next, and the tokens taken."""
+
+    def __init__(self, matcher: Any, tokenizer_vocab: int, model_vocab: int) -> None:
+        self._m = matcher
+        self._vocab = tokenizer_vocab
+        self._model_vocab = model_vocab
+        self._mask = np.zeros((tokenizer_vocab + 31) // 32, dtype=np.int32)
+        self._fresh = False
+
+    def fill(self) -> None:
+        """Compute the mask of the next token (drops the GIL: the engine runs it beside the forward)."""
+        if not self._fresh:
+            self._m.unsafe_compute_mask_ptr(self._mask.ctypes.data, self._mask.nbytes)
+            self._fresh = True
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """`logits` (vocab,) float32 with every token the grammar forbids at minus infinity (a new tensor)."""
+        self.fill()
+        allowed = np.unpackbits(self._mask.view(np.uint8), count=self._vocab, bitorder="little")
+        out = logits.detach().to(torch.float32, copy=True).cpu()
+        values = out.numpy()
+        np.putmask(values[: self._vocab], allowed == 0, -np.inf)
+        if self._model_vocab > self._vocab:
+            values[self._vocab :] = -np.inf
+        return out.to(logits.device)
+
+    def advance(self, token: int) -> bool:
+        """Take `token`; False if the grammar did not allow it (the matcher is then in error)."""
+        self._fresh = False
+        return bool(self._m.consume_token(token))
+
+    @property
+    def done(self) -> bool:
+        """The grammar admits no more tokens: the output is complete."""
+        return bool(self._m.is_stopped())
+
+    @property
+    def error(self) -> str:
+        return str(self._m.get_error())
