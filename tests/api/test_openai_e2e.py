@@ -128,7 +128,7 @@ def test_logprobs(client) -> None:
     ("kwargs", "param"),
     [
         ({"temperature": 3}, "temperature"),
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "no spaces allowed"}}]}, "tools.0.function.name"),
         ({"response_format": {"type": "xml"}}, "response_format"),
         ({"max_tokens": 9000}, "max_tokens"),
         ({"messages": []}, "messages"),
@@ -342,10 +342,34 @@ def test_json_schema_streamed_and_sampled(client) -> None:
         jsonschema.validate(json.loads(text), PERSON)
 
 
-def test_json_object(client) -> None:
-    r = client.chat.completions.create(model=MODEL, messages=DESCRIBE, response_format={"type": "json_object"}, max_tokens=300,
-                                       temperature=0)
-    assert isinstance(json.loads(r.choices[0].message.content), dict) and r.choices[0].finish_reason == "stop"
+def _gaps(text: str) -> list[str]:
+    """The runs of white space between JSON tokens (outside strings)."""
+    gaps, run, in_str, esc = [], "", False, False
+    for ch in text:
+        if in_str:
+            in_str = not (ch == '"' and not esc)
+            esc = ch == "\\" and not esc
+        elif ch in " \t\n\r":
+            run += ch
+            continue
+        else:
+            in_str = ch == '"'
+        if run:
+            gaps.append(run)
+            run = ""
+    return gaps
+
+
+def test_json_object_is_json_with_bounded_whitespace(client) -> None:
+    import re
+
+    r = client.chat.completions.create(model=MODEL, messages=DESCRIBE, response_format={"type": "json_object"}, max_tokens=200,
+                                       temperature=1.0, seed=4, n=3)
+    for choice in r.choices:  # any object is allowed, so a rambling one may run to max_tokens; it never pads with space
+        text = choice.message.content
+        assert text.startswith("{") and all(re.fullmatch(r" |\n{1,2}[ \t]{0,20}", g) for g in _gaps(text)), text
+        if choice.finish_reason == "stop":
+            assert isinstance(json.loads(text), dict)
 
 
 def test_vllm_structured_outputs_and_guided_fields(client) -> None:
@@ -376,3 +400,130 @@ def test_constraints_that_cannot_be_enforced_are_400(client, extra, param, words
     assert info.value.status_code == 400 and body["param"] == param and body["type"] == "invalid_request_error"
     for w in words:
         assert w in body["message"], body["message"]
+
+
+# --- tool calling -----------------------------------------------------------------------------------------------
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather for a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40}},
+                                                           "required": ["city"]}}}
+CLOCK = {"type": "function", "function": {"name": "get_time", "description": "Current time in a timezone",
+                                          "parameters": {"type": "object", "properties": {"timezone": {"enum": ["UTC", "CET", "JST"]}},
+                                                         "required": ["timezone"]}}}
+TOOLS = [WEATHER, CLOCK]
+SCHEMAS = {t["function"]["name"]: {**t["function"]["parameters"], "additionalProperties": False} for t in TOOLS}
+WEATHER_Q = [{"role": "user", "content": "What is the weather in Paris right now?"}]
+
+
+def _check_calls(calls) -> None:  # type: ignore[no-untyped-def]
+    assert calls
+    for call in calls:
+        assert call.id.startswith("call_") and len(call.id) == 29 and call.type == "function"
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+
+
+def _streamed_calls(stream) -> tuple[dict, str, list]:  # type: ignore[no-untyped-def]
+    calls: dict[int, dict] = {}
+    content, finishes = "", []
+    for chunk in stream:
+        for ch in chunk.choices:
+            content += ch.delta.content or ""
+            for d in ch.delta.tool_calls or []:
+                if d.index not in calls:
+                    assert d.id and d.type == "function" and d.function.name  # all on an index's first piece
+                    calls[d.index] = {"id": d.id, "name": d.function.name, "arguments": ""}
+                else:
+                    assert d.id is None and d.function.name is None
+                calls[d.index]["arguments"] += d.function.arguments or ""
+            if ch.finish_reason:
+                finishes.append(ch.finish_reason)
+    return calls, content, finishes
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_required_tool_calls_streamed_equal_non_streamed(client, parallel) -> None:
+    kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "Weather in Oslo and the time in Tokyo?"}], tools=TOOLS,
+                  tool_choice="required", parallel_tool_calls=parallel, temperature=0, max_tokens=150)
+    r = client.chat.completions.create(**kwargs)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    _check_calls(choice.message.tool_calls)
+    if not parallel:
+        assert len(choice.message.tool_calls) == 1
+    calls, content, finishes = _streamed_calls(client.chat.completions.create(**kwargs, stream=True))
+    assert finishes == ["tool_calls"] and content == ""
+    assert [(c["name"], c["arguments"]) for c in calls.values()] == [
+        (t.function.name, t.function.arguments) for t in choice.message.tool_calls]
+
+
+def test_named_tool_choice_finishes_with_stop(client) -> None:
+    r = client.chat.completions.create(model=MODEL, messages=WEATHER_Q, tools=TOOLS, temperature=0, max_tokens=100,
+                                       tool_choice={"type": "function", "function": {"name": "get_time"}})
+    choice = r.choices[0]
+    assert choice.finish_reason == "stop" and [c.function.name for c in choice.message.tool_calls] == ["get_time"]
+    _check_calls(choice.message.tool_calls)
+
+
+def test_auto_answers_or_calls_validly_and_a_round_trip(client) -> None:
+    for q in ("What is the weather in Paris right now?", "Say hello."):
+        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": q}], tools=TOOLS, temperature=0,
+                                           max_tokens=60)
+        choice = r.choices[0]
+        if choice.message.tool_calls:
+            assert choice.finish_reason == "tool_calls"
+            _check_calls(choice.message.tool_calls)
+        else:
+            assert choice.message.content and choice.finish_reason in ("stop", "length")
+    history = [*WEATHER_Q, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_abc", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_abc", "content": '{"temp_c": 18, "sky": "sunny"}'}]
+    r = client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, tool_choice="none", temperature=0, max_tokens=40)
+    assert r.choices[0].message.content and r.choices[0].message.tool_calls is None
+
+
+def test_langchain_bind_tools_and_structured_output(server: Server) -> None:
+    langchain_openai = pytest.importorskip("langchain_openai")
+    chat = langchain_openai.ChatOpenAI(base_url=server.api, api_key="unused", model=MODEL, temperature=0, max_retries=0,
+                                       max_tokens=120)
+    msg = chat.bind_tools([WEATHER], tool_choice="required").invoke("What is the weather in Paris?")
+    assert msg.tool_calls and msg.tool_calls[0]["name"] == "get_weather" and isinstance(msg.tool_calls[0]["args"]["city"], str)
+    for method in ("json_schema", "function_calling"):
+        w = chat.with_structured_output(Weather, method=method).invoke("The weather in Paris today, as JSON.")
+        assert isinstance(w, Weather)
+
+
+def test_openai_agents_sdk_runs_a_function_tool(server: Server) -> None:
+    agents = pytest.importorskip("agents")
+    asked: list[str] = []
+
+    @agents.function_tool
+    def get_weather(city: str) -> str:
+        """Current weather for a city."""
+        asked.append(city)
+        return f"It is 18 C and sunny in {city}."
+
+    client = openai.AsyncOpenAI(base_url=server.api, api_key="unused", max_retries=0)
+    model = agents.OpenAIChatCompletionsModel(model=MODEL, openai_client=client)
+    agent = agents.Agent(name="weather", instructions="Answer with the tool.", tools=[get_weather], model=model,
+                         model_settings=agents.ModelSettings(tool_choice="required", temperature=0, max_tokens=80),
+                         tool_use_behavior="stop_on_first_tool")
+    result = asyncio.run(agents.Runner.run(agent, "What is the weather in Paris?", run_config=agents.RunConfig(tracing_disabled=True)))
+    assert asked and "18 C" in str(result.final_output)
+
+
+@pytest.mark.parametrize(("kwargs", "words"), [
+    ({"tools": [WEATHER, WEATHER]}, ["two tools are named"]),
+    ({"tools": [{"type": "function", "function": {"name": f"f{i}"}} for i in range(129)]}, ["at most 128"]),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, ["nope"]),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "a": {"type": "array", "uniqueItems": True}}}}}]}, ["uniqueItems", "#/properties/a"]),
+    ({"tool_choice": "required"}, ["needs tools"]),
+    ({"tools": TOOLS, "response_format": {"type": "json_object"}}, ["not both"]),
+    ({"messages": [*WEATHER_Q, {"role": "tool", "tool_call_id": "call_zzz", "content": "18"}]}, ["call_zzz"]),
+    ({"messages": [*WEATHER_Q, {"role": "tool", "content": "18"}]}, ["tool_call_id"]),
+])
+def test_bad_tool_requests_are_400(client, kwargs, words) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(**{"model": MODEL, "messages": WEATHER_Q, **kwargs})
+    for w in words:
+        assert w in info.value.body["message"], info.value.body["message"]

@@ -26,8 +26,9 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -48,6 +49,17 @@ from lamina.llm.kernels.native import DEFAULT_OPTIONS, NativeOptions
 from lamina.llm.kernels.quant import quantize_model
 from lamina.llm.text.chat_template import ChatTemplate, Message
 from lamina.llm.text.stream import Delta, TextStream, TokenLogprob
+from lamina.llm.text.tools import (
+    Tool,
+    ToolCall,
+    ToolChoice,
+    ToolFormat,
+    ToolStream,
+    check_tool_messages,
+    detect_format,
+    tool_choice_from_openai,
+    tools_from_openai,
+)
 from lamina.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -56,7 +68,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class Completion:
     text: str
-    finish_reason: FinishReason
+    finish_reason: FinishReason | Literal["tool_calls"]
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
@@ -65,6 +77,31 @@ class Completion:
     parsed: Any = None
     """With `response_format=` a pydantic model class: the text validated into an instance of it (None when the
     output was cut short by max_tokens)."""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    """With `tools=`: the calls the model made (`text` is then the content around them)."""
+
+
+@dataclass(frozen=True)
+class ToolPlan:
+    """How one chat request uses tools: the format, the tools, the choice and the grammar that enforces it."""
+
+    format: ToolFormat
+    tools: list[Tool]
+    choice: ToolChoice
+    parallel: bool = True
+
+    @property
+    def active(self) -> bool:
+        return self.choice.mode != "none" and bool(self.tools)
+
+    def grammar(self) -> StructuredOutput | None:
+        return self.format.grammar(self.tools, self.choice, self.parallel)
+
+    def finish_reason(self, calls: Sequence[ToolCall], finish: str) -> str:
+        """OpenAI's: tool_calls when calls were made under auto or required, stop under a named choice."""
+        if not calls or finish == "length":
+            return finish
+        return "stop" if self.choice.mode == "function" else "tool_calls"
 
 
 def structured_output(response_format: Any, param: str = "response_format") -> StructuredOutput | None:
@@ -256,8 +293,31 @@ class LLM:
     def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
         return self._template().render(messages, add_generation_prompt=add_generation_prompt)
 
-    def encode_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
-        return self._template().encode(messages, add_generation_prompt=add_generation_prompt)
+    def encode_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True, tools: ToolPlan | None = None) -> list[int]:
+        """The prompt of a conversation; with `tools` (`tool_plan`), the tools shown the way this template takes
+        them and earlier calls and results rendered in its format."""
+        if tools is None and not any(m.get("tool_calls") or m.get("role") == "tool" for m in messages):
+            return self._template().encode(messages, add_generation_prompt=add_generation_prompt)
+        fmt = tools.format if tools is not None else self.tool_format
+        shown = tools.tools if tools is not None and tools.active else []
+        check_tool_messages(messages)
+        rendered, listing = fmt.messages(messages, shown)
+        return self._template().encode(rendered, add_generation_prompt=add_generation_prompt, tools=listing)
+
+    @cached_property
+    def tool_format(self) -> ToolFormat:
+        """How this model's chat template takes tools (`lamina.llm.text.tools.detect_format`)."""
+        template = self._template()
+        return detect_format(lambda messages, tools: template.render(messages, tools=tools))
+
+    def tool_plan(self, tools: Sequence[Any] | None, tool_choice: Any = None, parallel_tool_calls: bool | None = True) -> ToolPlan | None:
+        """A `ToolPlan` from OpenAI's `tools`, `tool_choice` and `parallel_tool_calls` (checked: a 400 for bad ones),
+        or None without tools."""
+        listed = tools_from_openai(tools) if tools else []
+        choice = tool_choice_from_openai(tool_choice, listed)
+        if not listed:
+            return None
+        return ToolPlan(self.tool_format, listed, choice, parallel_tool_calls is not False)
 
     def encode_prompt(self, prompt: str) -> list[int]:
         if not isinstance(prompt, str) or not prompt.strip():
@@ -307,14 +367,32 @@ class LLM:
                 yield delta.text
 
     def chat(self, messages: Sequence[Message], params: SamplingParams | None = None, *, adapter: str | None = None,
-             response_format: Any = None, **overrides: Any) -> Completion:
+             response_format: Any = None, tools: Sequence[Any] | None = None, tool_choice: Any = None,
+             parallel_tool_calls: bool = True, **overrides: Any) -> Completion:
         """Answer the last message of a conversation ([{"role": ..., "content": ...}, ...]).
 
         `adapter`: the name of a LoRA adapter added with `load_adapter` (None: the base model).
         `response_format`: what the answer must be (`structured_output`): a pydantic model class (the answer
         is then also `parsed` into it), a JSON Schema, or an OpenAI response_format. The schema constrains the
-        decoding but is not shown to the model: say in the prompt what you want."""
-        return self._collect(self.encode_chat(messages), _params(params, overrides, response_format), adapter, response_format)
+        decoding but is not shown to the model: say in the prompt what you want.
+        `tools`: OpenAI function tools ({"type": "function", "function": {"name", "description", "parameters"}});
+        `tool_choice`: none, auto (the default with tools), required, or {"type": "function", "function": {"name": ...}}.
+        The calls come back in `tool_calls`, their arguments valid against their schemas."""
+        plan = self.tool_plan(tools, tool_choice, parallel_tool_calls)
+        sampling = _params(params, overrides, response_format)
+        if plan is not None and plan.active:
+            if sampling.structured is not None:
+                raise InvalidRequestError("give response_format or tools, not both (each constrains the whole answer)",
+                                          param="response_format")
+            sampling = replace(sampling, structured=plan.grammar())
+        done = self._collect(self.encode_chat(messages, tools=plan), sampling, adapter, response_format)
+        if plan is None or not plan.active:
+            return done
+        stream = ToolStream(plan.format)
+        content, _ = stream.push(done.text)
+        content += stream.finish() + stream.unfinished
+        calls = stream.calls
+        return replace(done, text=content, tool_calls=calls, finish_reason=plan.finish_reason(calls, done.finish_reason))  # type: ignore[arg-type]
 
     def stream_chat(self, messages: Sequence[Message], params: SamplingParams | None = None, **overrides: Any) -> Iterator[str]:
         for delta in self.stream_ids(self.encode_chat(messages), _params(params, overrides)):

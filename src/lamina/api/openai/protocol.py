@@ -173,22 +173,58 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(description="The arguments as JSON text, as the model produced them.")
+
+
+class MessageToolCall(BaseModel):
+    """A call an assistant message made (in the history of a conversation)."""
+
+    id: str = Field(min_length=1)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = Field(default=None, description="On an assistant message: the calls it made.")
+    tool_call_id: str | None = Field(default=None, description="On a tool message: the id of the call it answers (required).")
+
+
+class FunctionDefinition(BaseModel):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(default=None, description="A JSON Schema of the arguments; absent: none.")
+    strict: bool | None = Field(default=None, description="Accepted: every call's arguments are held to the schema anyway.")
+
+
+class ChatTool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 def _refuse_tool_messages(data: Any) -> Any:
-    """Refuse tool turns and non-text content parts with a message that says why (the schema leaves them out)."""
+    """Refuse legacy function turns and non-text content parts with a message that says why (the schema leaves them out)."""
     messages = data.get("messages") if isinstance(data, dict) else None
     for i, m in enumerate(messages if isinstance(messages, list) else []):
         if not isinstance(m, dict):
             continue
-        if m.get("role") in ("tool", "function"):
-            raise InvalidRequestError(f"messages[{i}]: role '{m['role']}' needs tool calling, which Lamina does not support yet",
-                                      param="messages")
+        if m.get("role") == "function":
+            raise InvalidRequestError(f"messages[{i}]: role 'function' is the deprecated function calling, which Lamina does not "
+                                      "support; use tools, and 'tool' messages with a tool_call_id", param="messages")
         for part in m.get("content") if isinstance(m.get("content"), list) else []:
             kind = part.get("type") if isinstance(part, dict) else None
             if isinstance(kind, str) and kind != "text":
@@ -198,11 +234,18 @@ def _refuse_tool_messages(data: Any) -> Any:
 
 
 def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """Messages as chat templates want them: plain string content; `developer` is `system`."""
+    """Messages as chat templates want them: plain string content; `developer` is `system`; calls and their ids kept."""
     out = []
     for m in messages:
         content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
-        out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+        msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
+        if m.tool_calls:
+            msg["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
+        if m.name is not None and m.role == "tool":
+            msg["name"] = m.name
+        out.append(msg)
     return out
 
 
@@ -211,6 +254,10 @@ _CONTEXT = "Prompt plus this must fit the model's context (max_model_len in /v1/
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1, description="The model's chat template may refuse some conversations.")
+    tools: list[ChatTool] | None = Field(default=None, description="At most 128, with unique names (else a 400).")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        default=None, description="none, auto (the default with tools), required, or a function among the tools (else a 400).")
+    parallel_tool_calls: bool | None = Field(default=None, description="false: at most one call per answer.")
     # Lamina's grounded chat (through `extra_body`): retrieve from these vector stores and cite.
     vector_store_ids: list[str] | None = Field(default=None, max_length=8)
     max_num_results: int = Field(default=4, ge=1, le=20)
@@ -228,6 +275,12 @@ class ChatCompletionRequest(_Sampling):
 
     def chat_messages(self) -> list[dict[str, Any]]:
         return chat_messages(self.messages)
+
+    def openai_tools(self) -> list[dict[str, Any]] | None:
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
+
+    def openai_tool_choice(self) -> Any:
+        return self.tool_choice.model_dump() if isinstance(self.tool_choice, BaseModel) else self.tool_choice
 
 
 Prompt = (Annotated[str, Field(min_length=1)]
@@ -323,13 +376,40 @@ class Citation(WireModel):
     vector_store_id: str
 
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
+
+
+class FunctionCallOut(WireModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(WireModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
 
 
 class ChatCompletionMessage(WireModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: str | None = None
+    tool_calls: list[ToolCallOut] | MISSING = MISSING
+    """Only when the model called tools."""
+
+
+class DeltaFunction(WireModel):
+    name: str | MISSING = MISSING
+    arguments: str | MISSING = MISSING
+
+
+class DeltaToolCall(WireModel):
+    """A piece of a streamed call: id, type and name on an index's first piece, then argument fragments."""
+
+    index: int
+    id: str | MISSING = MISSING
+    type: Literal["function"] | MISSING = MISSING
+    function: DeltaFunction | MISSING = MISSING
 
 
 class ChatChoice(WireModel):
@@ -357,6 +437,7 @@ class ChatDelta(WireModel):
     role: Literal["assistant"] | MISSING = MISSING
     content: str | MISSING | None = MISSING
     refusal: str | MISSING | None = MISSING
+    tool_calls: list[DeltaToolCall] | MISSING = MISSING
 
 
 class ChatChunkChoice(WireModel):

@@ -48,14 +48,18 @@ from lamina.api.openai.protocol import (
     CompletionChunkChoice,
     CompletionLogprobs,
     CompletionRequest,
+    DeltaFunction,
+    DeltaToolCall,
     DetokenizeRequest,
     DetokenizeResponse,
+    FunctionCallOut,
     Health,
     ModelCard,
     ModelList,
     PromptTokensDetails,
     TokenizeRequest,
     TokenizeResponse,
+    ToolCallOut,
     TopLogprob,
     Usage,
     chat_messages,
@@ -66,8 +70,10 @@ from lamina.errors import InvalidRequestError, LaminaError
 from lamina.infra.telemetry import Metrics
 from lamina.llm import LLM
 from lamina.llm.engine.sampling import SamplingParams
+from lamina.llm.llm import ToolPlan
 from lamina.llm.rag import Citation as Cited
 from lamina.llm.text.stream import Delta, TokenLogprob
+from lamina.llm.text.tools import CallDelta, ToolStream
 
 if TYPE_CHECKING:
     from lamina.api.rag.service import RagService
@@ -174,18 +180,20 @@ class OpenAIService:
                 raise InvalidRequestError("this server has no vector stores", param="vector_store_ids")
             grounding = await run_in_threadpool(self.rag.ground, messages, req.vector_store_ids, req.max_num_results)
             messages, cited = grounding.messages, [_citation(c) for c in grounding.citations]
-        prompt_ids = llm.encode_chat(messages)
+        plan = llm.tool_plan(req.openai_tools(), req.openai_tool_choice(), req.parallel_tool_calls)
+        prompt_ids = llm.encode_chat(messages, tools=plan)
         max_tokens = req.max_completion_tokens or req.max_tokens
         top = (req.top_logprobs or 0) if req.logprobs else None
-        choices = self._choices(req, [prompt_ids], max_tokens, top)
+        tools = plan if plan is not None and plan.active else None
+        choices = self._choices(req, [prompt_ids], max_tokens, top, tools)
         admission = self._admit(request, key, req, choices)
         head = self._head(f"chatcmpl-{uuid.uuid4().hex}", req)
         if req.stream:
-            return _stream(self._chat_chunks(request, head, req, choices, cited), "chat", admission)
+            return _stream(self._chat_chunks(request, head, req, choices, cited, tools), "chat", admission)
         await self._collect(request, head["id"], choices)
         body = ChatCompletion(
             **head,
-            choices=[ChatChoice(index=c.index, message=ChatCompletionMessage(content="".join(c.text)),
+            choices=[ChatChoice(index=c.index, message=_message("".join(c.text), tools, c),
                                 logprobs=_chat_logprobs(c.logprobs) if top is not None else None,
                                 finish_reason=c.finish_reason)  # type: ignore[arg-type]
                      for c in choices],
@@ -195,7 +203,7 @@ class OpenAIService:
         return _json(body, admission)
 
     async def _chat_chunks(self, request: Request, head: dict[str, Any], req: ChatCompletionRequest, choices: list[_Choice],
-                           cited: list[Citation] | None) -> AsyncIterator[ChatCompletionChunk]:
+                           cited: list[Citation] | None, tools: ToolPlan | None = None) -> AsyncIterator[ChatCompletionChunk]:
         usage = None if req.include_usage else MISSING  # present (null) on every chunk only when asked for
         citations = MISSING if cited is None else cited
 
@@ -206,11 +214,27 @@ class OpenAIService:
 
         for c in choices:
             yield chunk(c.index, ChatDelta(role="assistant", content="", refusal=None))
+        splitters = {c.index: ToolStream(tools.format) for c in choices} if tools is not None else {}
         async for c, delta in self._deltas(request, head["id"], choices):
-            if delta.text or (req.logprobs and delta.logprobs):
-                yield chunk(c.index, ChatDelta(content=delta.text), None, delta.logprobs if req.logprobs else None)
+            lps = delta.logprobs if req.logprobs else None
+            if tools is None:
+                if delta.text or lps:
+                    yield chunk(c.index, ChatDelta(content=delta.text), None, lps)
+                if delta.finish_reason is not None:
+                    yield chunk(c.index, ChatDelta(), delta.finish_reason)
+                continue
+            split = splitters[c.index]
+            content, calls = split.push(delta.text)
             if delta.finish_reason is not None:
-                yield chunk(c.index, ChatDelta(), delta.finish_reason)
+                content += split.finish()
+            if content or (lps and not calls):
+                yield chunk(c.index, ChatDelta(content=content), None, lps)
+                lps = None
+            if calls:
+                yield chunk(c.index, ChatDelta(tool_calls=_delta_calls(calls)), None, lps)
+            if delta.finish_reason is not None:
+                c.finish_reason = tools.finish_reason(split.calls, delta.finish_reason)
+                yield chunk(c.index, ChatDelta(), c.finish_reason)
         if req.include_usage:
             yield ChatCompletionChunk(**head, usage=self._usage(choices), choices=[], citations=citations)
 
@@ -273,10 +297,15 @@ class OpenAIService:
                 "system_fingerprint": self.fingerprint}
 
     def _choices(self, req: ChatCompletionRequest | CompletionRequest, prompts: list[list[int]], max_tokens: int | None,
-                 logprobs: int | None) -> list[_Choice]:
+                 logprobs: int | None, tools: ToolPlan | None = None) -> list[_Choice]:
         llm = self.ready()
         choices = []
         structured = req.structured_output()
+        if tools is not None:
+            if structured is not None:
+                raise InvalidRequestError("give response_format (or structured_outputs) or tools, not both: each constrains the "
+                                          "whole answer; use tool_choice none to answer in the format", param="response_format")
+            structured = tools.grammar()
         for p, prompt_ids in enumerate(prompts):
             if not prompt_ids:  # text that the tokenizer turns into nothing
                 raise InvalidRequestError("the prompt is empty: give some text", param="prompt")
@@ -401,6 +430,34 @@ class OpenAIService:
         if bad:
             raise InvalidRequestError(f"token ids must be in [0, {vocab}); got {bad[:5]}", param="tokens")
         return DetokenizeResponse(prompt=llm.tokenizer.decode(req.tokens))
+
+
+def _message(text: str, tools: ToolPlan | None, c: _Choice) -> ChatCompletionMessage:
+    """A whole answer: with tools, its calls split from its content (which is null when there is none)."""
+    if tools is None:
+        return ChatCompletionMessage(content=text)
+    split = ToolStream(tools.format)
+    content, _ = split.push(text)
+    content += split.finish() + split.unfinished
+    calls = split.calls
+    c.finish_reason = tools.finish_reason(calls, c.finish_reason or "stop")
+    out = [ToolCallOut(id=t.id, function=FunctionCallOut(name=t.name, arguments=t.arguments)) for t in calls]
+    return ChatCompletionMessage(content=content or None, tool_calls=out if out else MISSING)
+
+
+def _delta_calls(calls: list[CallDelta]) -> list[DeltaToolCall]:
+    """Call deltas in OpenAI's form, one entry per call index: id, type and name on its first, then argument fragments."""
+    merged: dict[int, tuple[CallDelta | None, str]] = {}
+    for d in calls:
+        first, args = merged.get(d.index, (None, ""))
+        merged[d.index] = (first or (d if d.name is not None else None), args + d.arguments)
+    out = []
+    for index, (first, args) in merged.items():
+        if first is not None:
+            out.append(DeltaToolCall(index=index, id=first.id, type="function", function=DeltaFunction(name=first.name, arguments=args)))
+        else:
+            out.append(DeltaToolCall(index=index, function=DeltaFunction(arguments=args)))
+    return out
 
 
 async def _disconnected(request: Request) -> None:
