@@ -13,7 +13,14 @@ import pytest
 
 from lamina import LLM
 from lamina.errors import InvalidRequestError
-from lamina.llm.text.tools import Hermes, Llama3Json, SmolLM2, ToolStream, tool_choice_from_openai, tools_from_openai
+from lamina.llm.text.tools import (
+    Hermes,
+    Llama3Json,
+    SmolLM2,
+    ToolStream,
+    tool_choice_from_openai,
+    tools_from_openai,
+)
 from tests.tiny import hf_llama_folder
 
 pytest.importorskip("transformers")
