@@ -492,7 +492,8 @@ def test_langchain_bind_tools_and_structured_output(server: Server) -> None:
         assert isinstance(w, Weather)
 
 
-def test_openai_agents_sdk_runs_a_function_tool(server: Server) -> None:
+@pytest.mark.parametrize("api", ["chat_completions", "responses"])
+def test_openai_agents_sdk_runs_a_function_tool(server: Server, api) -> None:
     agents = pytest.importorskip("agents")
     asked: list[str] = []
 
@@ -503,7 +504,8 @@ def test_openai_agents_sdk_runs_a_function_tool(server: Server) -> None:
         return f"It is 18 C and sunny in {city}."
 
     client = openai.AsyncOpenAI(base_url=server.api, api_key="unused", max_retries=0)
-    model = agents.OpenAIChatCompletionsModel(model=MODEL, openai_client=client)
+    kind = agents.OpenAIChatCompletionsModel if api == "chat_completions" else agents.OpenAIResponsesModel
+    model = kind(model=MODEL, openai_client=client)
     agent = agents.Agent(name="weather", instructions="Answer with the tool.", tools=[get_weather], model=model,
                          model_settings=agents.ModelSettings(tool_choice="required", temperature=0, max_tokens=80),
                          tool_use_behavior="stop_on_first_tool")
@@ -527,3 +529,98 @@ def test_bad_tool_requests_are_400(client, kwargs, words) -> None:
         client.chat.completions.create(**{"model": MODEL, "messages": WEATHER_Q, **kwargs})
     for w in words:
         assert w in info.value.body["message"], info.value.body["message"]
+
+
+# --- the Responses API ------------------------------------------------------------------------------------------
+
+FLAT_WEATHER = {"type": "function", "name": "get_weather", "description": "Current weather for a city",
+                "parameters": WEATHER["function"]["parameters"]}
+
+
+def test_responses_text_stored_threaded_and_deleted(client) -> None:
+    r = client.responses.create(model=MODEL, input="What is the capital of France? Answer in one sentence.", temperature=0,
+                                instructions="Be brief.", max_output_tokens=40)
+    assert r.object == "response" and r.id.startswith("resp_") and r.status in ("completed", "incomplete") and "Paris" in r.output_text
+    assert r.output[0].type == "message" and r.usage.input_tokens > 10 and r.usage.output_tokens > 0
+    assert client.responses.retrieve(r.id).output_text == r.output_text
+    items = client.responses.input_items.list(r.id)
+    assert [i.type for i in items.data] == ["message"] and items.data[0].content[0].text.startswith("What is the capital")
+    follow = client.responses.create(model=MODEL, input="And of Italy?", previous_response_id=r.id, temperature=0, max_output_tokens=30)
+    assert follow.previous_response_id == r.id and follow.usage.input_tokens > r.usage.input_tokens  # the thread came along
+    assert client.responses.delete(r.id) is None
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(r.id)
+    with pytest.raises(openai.NotFoundError) as info:
+        client.responses.create(model=MODEL, input="x", previous_response_id=r.id)
+    assert info.value.body["param"] == "previous_response_id"
+    unstored = client.responses.create(model=MODEL, input="Hi", store=False, max_output_tokens=4)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unstored.id)
+
+
+def test_responses_function_tool_round_trip_streamed_and_not(client) -> None:
+    kwargs = dict(model=MODEL, input="What is the weather in Paris?", tools=[FLAT_WEATHER], tool_choice="required", temperature=0,
+                  max_output_tokens=80)
+    r = client.responses.create(**kwargs)
+    calls = [o for o in r.output if o.type == "function_call"]
+    assert calls and calls[0].name == "get_weather" and calls[0].call_id.startswith("call_")
+    jsonschema.validate(json.loads(calls[0].arguments), SCHEMAS["get_weather"])
+    with client.responses.stream(**kwargs) as stream:
+        types = [e.type for e in stream]
+        final = stream.get_final_response()
+    assert types[0] == "response.created" and types[-1] == "response.completed"
+    assert "response.function_call_arguments.delta" in types and "response.output_item.done" in types
+    streamed = [o for o in final.output if o.type == "function_call"]
+    assert [(c.name, c.arguments) for c in streamed] == [(c.name, c.arguments) for c in calls]
+    answer = client.responses.create(model=MODEL, previous_response_id=r.id, tools=[FLAT_WEATHER], temperature=0, max_output_tokens=40,
+                                     input=[{"type": "function_call_output", "call_id": calls[0].call_id, "output": '{"temp_c": 18}'}])
+    assert answer.status in ("completed", "incomplete") and answer.output_text
+
+
+def test_responses_text_streamed_and_structured(client) -> None:
+    events = list(client.responses.create(model=MODEL, input="Say hello.", temperature=0, max_output_tokens=20, stream=True))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    last = events[-1]
+    assert last.type in ("response.completed", "response.incomplete")  # (incomplete: it used all 20 tokens)
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert "".join(deltas) == last.response.output_text and last.response.output_text
+    assert last.response.id == events[0].response.id
+    fmt = {"format": {"type": "json_schema", "name": "person", "schema": PERSON, "strict": True}}
+    r = client.responses.create(model=MODEL, input=DESCRIBE[0]["content"], text=fmt, temperature=0, max_output_tokens=200)
+    jsonschema.validate(json.loads(r.output_text), PERSON)
+
+
+def test_responses_file_search_over_a_vector_store(client) -> None:
+    f = client.files.create(file=("mascot.txt", b"The Lamina project's mascot is a red panda named Pico. Pico likes tea."),
+                            purpose="assistants")
+    store = client.vector_stores.create(name="responses-facts", file_ids=[f.id])
+    tools = [{"type": "file_search", "vector_store_ids": [store.id]}]
+    r = client.responses.create(model=MODEL, input="What is the mascot of the Lamina project?", tools=tools, temperature=0,
+                                max_output_tokens=60, include=["file_search_call.results"])
+    search = r.output[0]
+    assert search.type == "file_search_call" and search.status == "completed" and search.queries
+    assert search.results and search.results[0].file_id == f.id and "red panda" in search.results[0].text
+    message = r.output[1]
+    assert message.type == "message"
+    for a in message.content[0].annotations:
+        assert a.type == "file_citation" and a.file_id == f.id and message.content[0].text[a.index] == "["
+    with client.responses.stream(model=MODEL, input="Who is Pico?", tools=tools, temperature=0, max_output_tokens=30) as stream:
+        types = [e.type for e in stream]
+    assert types[:3] == ["response.created", "response.in_progress", "response.output_item.added"]
+    assert "response.file_search_call.completed" in types and types[-1] in ("response.completed", "response.incomplete")
+
+
+@pytest.mark.parametrize(("kwargs", "status", "param"), [
+    ({"input": [{"type": "function_call_output", "call_id": "call_nope", "output": "1"}]}, 400, "input"),
+    ({"input": "x", "tools": [FLAT_WEATHER, FLAT_WEATHER]}, 400, "tools"),
+    ({"input": "x", "tools": [FLAT_WEATHER], "tool_choice": {"type": "function", "name": "nope"}}, 400, "tool_choice"),
+    ({"input": "x", "text": {"format": {"type": "json_schema", "name": "t", "schema": {"type": "array", "uniqueItems": True}}}}, 400, "text"),
+    ({"input": "x", "previous_response_id": "resp_unknown"}, 404, "previous_response_id"),
+    ({"input": "x", "tool_choice": {"type": "file_search"}}, 400, "tool_choice"),
+])
+def test_bad_responses_requests(client, kwargs, status, param) -> None:
+    before = client.responses.create(model=MODEL, input="count", max_output_tokens=2).id
+    with pytest.raises(openai.APIStatusError) as info:
+        client.responses.create(model=MODEL, **kwargs)
+    assert info.value.status_code == status and info.value.body["param"] == param
+    client.responses.retrieve(before)  # the store still works; the bad request left nothing

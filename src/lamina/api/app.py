@@ -23,6 +23,7 @@ from lamina.api.keys import KeyStore
 from lamina.api.loading import Loading
 from lamina.api.middleware import LimitBody, RecordRequests
 from lamina.api.openai import routes
+from lamina.api.openai.responses import ResponsesService
 from lamina.api.openai.serving import OpenAIService
 from lamina.api.rag import routes as rag_routes
 from lamina.api.rag.service import RagService
@@ -90,7 +91,8 @@ def create_app(
     rag = RagService(db, args.home, args.embedding_model or "", embedder)
     openai = OpenAIService(served, usage, metrics, f"fp_lamina_{lamina.__version__}", chat_model, rag=rag,
                            adapters={name: str(path) for name, path in args.lora})
-    services = Services(db=db, keys=KeyStore(db, args.settings.api_key), usage=usage, metrics=metrics, openai=openai, rag=rag)
+    services = Services(db=db, keys=KeyStore(db, args.settings.api_key), usage=usage, metrics=metrics, openai=openai, rag=rag,
+                        responses=ResponsesService(openai, db, rag))
     loader = load or _load
     embedder_loader = load_embedder or _load_embedder
 

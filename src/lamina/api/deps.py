@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 
 from lamina.api.errors import APIError
 from lamina.api.keys import APIKey, KeyStore
+from lamina.api.openai.responses import ResponsesService
 from lamina.api.openai.serving import OpenAIService
 from lamina.api.rag.service import RagService
 from lamina.api.usage import UsageLog
@@ -26,6 +27,7 @@ class Services:
     metrics: Metrics
     openai: OpenAIService
     rag: RagService
+    responses: ResponsesService
 
 
 def get_services(request: Request) -> Services:
@@ -40,6 +42,13 @@ def get_openai(request: Request) -> OpenAIService:
 
 
 OpenAIDep = Annotated[OpenAIService, Depends(get_openai)]
+
+
+def get_responses(request: Request) -> ResponsesService:
+    return request.app.state.services.responses
+
+
+ResponsesDep = Annotated[ResponsesService, Depends(get_responses)]
 
 
 def authenticate(request: Request, services: ServicesDep) -> APIKey | None:

@@ -7,10 +7,12 @@ send the chunk models of `lamina.api.openai.protocol` as Server-Sent Events, pub
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from typing import Literal
+
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
-from lamina.api.deps import KeyDep, OpenAIDep, ServicesDep, authenticate
+from lamina.api.deps import KeyDep, OpenAIDep, ResponsesDep, ServicesDep, authenticate
 from lamina.api.errors import ERRORS
 from lamina.api.openai.protocol import (
     ChatCompletion,
@@ -27,6 +29,8 @@ from lamina.api.openai.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from lamina.api.openai.responses_protocol import InputItemList, ResponseCreate, ResponseDeleted, ResponseEvent
+from lamina.api.openai.responses_protocol import Response as ResponseObject
 from lamina.api.wire import event_stream
 from lamina.infra.telemetry import CONTENT_TYPE
 
@@ -74,3 +78,27 @@ async def tokenize(body: TokenizeRequest, openai: OpenAIDep, key: KeyDep) -> Tok
 @api.post("/detokenize", tags=["tokenizer"])
 async def detokenize(body: DetokenizeRequest, openai: OpenAIDep, key: KeyDep) -> DetokenizeResponse:
     return openai.detokenize(body, key)
+
+
+@api.post("/v1/responses", tags=["openai"], response_model=ResponseObject, responses=event_stream(ResponseEvent))
+async def create_response(body: ResponseCreate, request: Request, responses: ResponsesDep, key: KeyDep) -> Response:
+    """OpenAI's Responses API: input items, function tools, hosted file_search, text.format, stored threads."""
+    return await responses.create(body, request, key)
+
+
+@api.get("/v1/responses/{response_id}", tags=["openai"], response_model=ResponseObject)
+async def get_response(response_id: str, responses: ResponsesDep, key: KeyDep) -> Response:
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(responses.get(response_id, key))
+
+
+@api.delete("/v1/responses/{response_id}", tags=["openai"])
+async def delete_response(response_id: str, responses: ResponsesDep, key: KeyDep) -> ResponseDeleted:
+    return responses.delete(response_id, key)
+
+
+@api.get("/v1/responses/{response_id}/input_items", tags=["openai"])
+async def list_input_items(response_id: str, responses: ResponsesDep, key: KeyDep, limit: int = Query(20, ge=1, le=100),
+                           order: Literal["asc", "desc"] = "desc", after: str | None = None) -> InputItemList:
+    return responses.input_items(response_id, key, limit=limit, order=order, after=after)

@@ -93,7 +93,7 @@ class RequestUsage:
 
 
 @dataclass
-class _Choice:
+class Choice:
     index: int
     prompt_ids: list[int]
     params: SamplingParams
@@ -190,19 +190,19 @@ class OpenAIService:
         head = self._head(f"chatcmpl-{uuid.uuid4().hex}", req)
         if req.stream:
             return _stream(self._chat_chunks(request, head, req, choices, cited, tools), "chat", admission)
-        await self._collect(request, head["id"], choices)
+        await self.collect(request, head["id"], choices)
         body = ChatCompletion(
             **head,
             choices=[ChatChoice(index=c.index, message=_message("".join(c.text), tools, c),
                                 logprobs=_chat_logprobs(c.logprobs) if top is not None else None,
                                 finish_reason=c.finish_reason)  # type: ignore[arg-type]
                      for c in choices],
-            usage=self._usage(choices),
+            usage=self.usage_of(choices),
             citations=MISSING if cited is None else cited,
         )
         return _json(body, admission)
 
-    async def _chat_chunks(self, request: Request, head: dict[str, Any], req: ChatCompletionRequest, choices: list[_Choice],
+    async def _chat_chunks(self, request: Request, head: dict[str, Any], req: ChatCompletionRequest, choices: list[Choice],
                            cited: list[Citation] | None, tools: ToolPlan | None = None) -> AsyncIterator[ChatCompletionChunk]:
         usage = None if req.include_usage else MISSING  # present (null) on every chunk only when asked for
         citations = MISSING if cited is None else cited
@@ -215,7 +215,7 @@ class OpenAIService:
         for c in choices:
             yield chunk(c.index, ChatDelta(role="assistant", content="", refusal=None))
         splitters = {c.index: ToolStream(tools.format) for c in choices} if tools is not None else {}
-        async for c, delta in self._deltas(request, head["id"], choices):
+        async for c, delta in self.deltas(request, head["id"], choices):
             lps = delta.logprobs if req.logprobs else None
             if tools is None:
                 if delta.text or lps:
@@ -236,7 +236,7 @@ class OpenAIService:
                 c.finish_reason = tools.finish_reason(split.calls, delta.finish_reason)
                 yield chunk(c.index, ChatDelta(), c.finish_reason)
         if req.include_usage:
-            yield ChatCompletionChunk(**head, usage=self._usage(choices), choices=[], citations=citations)
+            yield ChatCompletionChunk(**head, usage=self.usage_of(choices), choices=[], citations=citations)
 
     # --- completions ----------------------------------------------------------------------------------
 
@@ -250,18 +250,18 @@ class OpenAIService:
         echo = {c.index: llm.tokenizer.decode(c.prompt_ids) if req.echo else "" for c in choices}
         if req.stream:
             return _stream(self._completion_chunks(request, head, req, choices, echo), "completion", admission)
-        await self._collect(request, head["id"], choices)
+        await self.collect(request, head["id"], choices)
         body = Completion(
             **head,
             choices=[CompletionChoice(index=c.index, text=echo[c.index] + "".join(c.text),
                                       logprobs=_completion_logprobs(c.logprobs, 0) if req.logprobs is not None else None,
                                       finish_reason=c.finish_reason)  # type: ignore[arg-type]
                      for c in choices],
-            usage=self._usage(choices),
+            usage=self.usage_of(choices),
         )
         return _json(body, admission)
 
-    async def _completion_chunks(self, request: Request, head: dict[str, Any], req: CompletionRequest, choices: list[_Choice],
+    async def _completion_chunks(self, request: Request, head: dict[str, Any], req: CompletionRequest, choices: list[Choice],
                                  echo: dict[int, str]) -> AsyncIterator[CompletionChunk]:
         usage = None if req.include_usage else MISSING
 
@@ -273,13 +273,13 @@ class OpenAIService:
         for c in choices:
             if echo[c.index]:
                 yield chunk(c.index, echo[c.index])
-        async for c, delta in self._deltas(request, head["id"], choices):
+        async for c, delta in self.deltas(request, head["id"], choices):
             lps = _completion_logprobs(delta.logprobs, offsets[c.index]) if req.logprobs is not None else None
             offsets[c.index] += len(delta.text)
             if delta.text or delta.finish_reason is not None or lps is not None:
                 yield chunk(c.index, delta.text, lps, delta.finish_reason)
         if req.include_usage:
-            yield CompletionChunk(**head, usage=self._usage(choices), choices=[])
+            yield CompletionChunk(**head, usage=self.usage_of(choices), choices=[])
 
     def _prompts(self, prompt: str | list[str] | list[int] | list[list[int]], llm: LLM) -> list[list[int]]:
         tok = llm.tokenizer
@@ -297,7 +297,7 @@ class OpenAIService:
                 "system_fingerprint": self.fingerprint}
 
     def _choices(self, req: ChatCompletionRequest | CompletionRequest, prompts: list[list[int]], max_tokens: int | None,
-                 logprobs: int | None, tools: ToolPlan | None = None) -> list[_Choice]:
+                 logprobs: int | None, tools: ToolPlan | None = None) -> list[Choice]:
         llm = self.ready()
         choices = []
         structured = req.structured_output()
@@ -331,23 +331,27 @@ class OpenAIService:
                 )
                 adapter = req.model if req.model in self.adapters else None
                 llm.validate(prompt_ids, params, adapter)
-                choices.append(_Choice(p * req.n + i, prompt_ids, params, req.cache_salt or "", adapter))
+                choices.append(Choice(p * req.n + i, prompt_ids, params, req.cache_salt or "", adapter))
         llm.check_capacity()
         return choices
 
     def _admit(self, request: Request, key: APIKey | None, req: ChatCompletionRequest | CompletionRequest,
-               choices: list[_Choice]) -> dict[str, str]:
+               choices: list[Choice]) -> dict[str, str]:
+        return self.admit(request, key, req.model or self.model_name, req.user, choices, req.unknown_fields())
+
+    def admit(self, request: Request, key: APIKey | None, model: str, user: str | None, choices: list[Choice],
+              unknown: list[str] | None = None) -> dict[str, str]:
+        """Rate limits and the usage row for a request about to run `choices` (the rate-limit headers back)."""
         prompt_tokens = sum(len(p) for p in {id(c.prompt_ids): c.prompt_ids for c in choices}.values())
         reserve = prompt_tokens + sum(c.params.max_tokens for c in choices)
-        admission = self.usage.admit(key, endpoint=request.url.path, method=request.method, model=req.model or self.model_name,
-                                     reserve_tokens=reserve, user=req.user)
+        admission = self.usage.admit(key, endpoint=request.url.path, method=request.method, model=model,
+                                     reserve_tokens=reserve, user=user)
         request.state.usage = RequestUsage(admission.usage_id, prompt_tokens)
-        unknown = req.unknown_fields()
         if unknown:
             logger.info("ignoring unknown request fields %s", unknown)
         return admission.headers
 
-    def _usage(self, choices: list[_Choice]) -> Usage:
+    def usage_of(self, choices: list[Choice]) -> Usage:
         prompts = {id(c.prompt_ids): c for c in choices}.values()
         prompt_tokens = sum(len(c.prompt_ids) for c in prompts)
         completion = sum(c.completion_tokens for c in choices)
@@ -355,12 +359,12 @@ class OpenAIService:
         return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion,
                      prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
-    async def _collect(self, request: Request, request_id: str, choices: list[_Choice]) -> None:
+    async def collect(self, request: Request, request_id: str, choices: list[Choice]) -> None:
         """Run every choice to its end, for a non-streamed response. A client that disconnects first cancels the
         run, which aborts the engine's requests (as leaving a stream does): nobody is left to read the answer."""
 
         async def drain() -> None:
-            async for _ in self._deltas(request, request_id, choices):
+            async for _ in self.deltas(request, request_id, choices):
                 pass
 
         run, gone = asyncio.ensure_future(drain()), asyncio.ensure_future(_disconnected(request))
@@ -374,7 +378,7 @@ class OpenAIService:
             raise APIError(499, "The client closed the connection before the response was ready.", code="client_closed_request")
         run.result()  # an engine error becomes the request's error
 
-    async def _deltas(self, request: Request, request_id: str, choices: list[_Choice]) -> AsyncIterator[tuple[_Choice, Delta]]:
+    async def deltas(self, request: Request, request_id: str, choices: list[Choice]) -> AsyncIterator[tuple[Choice, Delta]]:
         """Every choice's deltas as they come (interleaved), with metrics and usage kept up to date."""
         llm = self.ready()
         m, name = self.metrics, self.model_name
@@ -432,7 +436,7 @@ class OpenAIService:
         return DetokenizeResponse(prompt=llm.tokenizer.decode(req.tokens))
 
 
-def _message(text: str, tools: ToolPlan | None, c: _Choice) -> ChatCompletionMessage:
+def _message(text: str, tools: ToolPlan | None, c: Choice) -> ChatCompletionMessage:
     """A whole answer: with tools, its calls split from its content (which is null when there is none)."""
     if tools is None:
         return ChatCompletionMessage(content=text)
@@ -499,7 +503,7 @@ def _citation(c: Cited) -> Citation:
                     snippet=c.snippet, vector_store_id=c.vector_store_id)
 
 
-async def _merge(streams: list[tuple[_Choice, AsyncIterator[Delta]]]) -> AsyncIterator[tuple[_Choice, Delta]]:
+async def _merge(streams: list[tuple[Choice, AsyncIterator[Delta]]]) -> AsyncIterator[tuple[Choice, Delta]]:
     """Interleave several choices' streams; leaving early (or an error in one) closes them all."""
     if len(streams) == 1:
         c, stream = streams[0]
@@ -509,9 +513,9 @@ async def _merge(streams: list[tuple[_Choice, AsyncIterator[Delta]]]) -> AsyncIt
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
         return
-    queue: asyncio.Queue[tuple[_Choice, Delta | BaseException | None]] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[Choice, Delta | BaseException | None]] = asyncio.Queue()
 
-    async def pump(c: _Choice, stream: AsyncIterator[Delta]) -> None:
+    async def pump(c: Choice, stream: AsyncIterator[Delta]) -> None:
         try:
             async for delta in stream:
                 await queue.put((c, delta))
