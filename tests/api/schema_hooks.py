@@ -4,7 +4,10 @@ Before each call they make the generated request what a client that read /v1/mod
 model's id, token ids within its vocabulary, a short `max_tokens` (the tiny model's context is long, and a
 case must take milliseconds), a static chunk the embedding model can read with an overlap of at most half
 of it, `best_of` equal to `n`, `dimensions` of the embedding model's own, the served model in
-`/v1/models/{model_id}`. These are the rules the schema
+`/v1/models/{model_id}`; output constraints llguidance can compile (a made-up regex, grammar or JSON Schema, in
+`response_format`, `structured_outputs`, `guided_*`, `text.format` or a tool's `parameters`, is replaced by a small
+valid one), at most one of them and none beside tools; unique tool names and a named tool_choice among them; tool
+messages and function_call_outputs answering a call made earlier in the conversation. These are the rules the schema
 documents on its fields but cannot state (they depend on the loaded models, or tie one field to another).
 Everything else is sent as generated. Ids in paths are the seeded store and file (DELETEs get their own
 ids, so that deleting does not empty what the other operations read). After each call the response's
@@ -62,6 +65,101 @@ def _generation(body: dict[str, Any], completions: bool) -> None:
             body["best_of"] = body.get("n", 1)
 
 
+SCHEMA = {"type": "object", "properties": {"x": {"type": "string", "maxLength": 4}}}
+CONSTRAINTS = {"structured_outputs": {"choice": ["yes", "no"]}, "guided_json": SCHEMA, "guided_regex": "[ab]{1,3}",
+               "guided_choice": ["a", "b"], "guided_grammar": 'start: "a" | "b"'}
+
+
+def _tools(body: dict[str, Any], flat: bool) -> list[str]:
+    """Function tools with compilable parameters and unique names, at most 4 (128 tools' prompt does not fit the tiny
+    model's context, a rule documented on the field); their names."""
+    if isinstance(body.get("tools"), list):
+        body["tools"] = body["tools"][:4]
+    names: list[str] = []
+    for i, tool in enumerate(body.get("tools") if isinstance(body.get("tools"), list) else []):
+        fn = tool if flat else tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or (flat and tool.get("type") != "function"):
+            if flat and isinstance(tool, dict) and tool.get("type") == "file_search" and isinstance(IDS.get("store_id"), str):
+                tool["vector_store_ids"] = [IDS["store_id"]]
+            continue
+        if fn.get("parameters") is not None:
+            fn["parameters"] = SCHEMA
+        if isinstance(fn.get("name"), str):
+            fn["name"] = f"f{i}"
+            names.append(fn["name"])
+    return names
+
+
+def _tool_choice(body: dict[str, Any], names: list[str], hosted: bool) -> None:
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        if not names:
+            body["tool_choice"] = None
+        elif isinstance(choice.get("function"), dict):
+            choice["function"]["name"] = names[0]
+        else:
+            choice["name"] = names[0]
+    elif (isinstance(choice, dict) and choice.get("type") == "file_search" and not hosted) or (choice in ("auto", "required") and not names and not hosted):
+        body["tool_choice"] = None
+
+
+def _constraints(body: dict[str, Any], tools: bool) -> None:
+    rf = body.get("response_format")
+    given = isinstance(rf, dict) and rf.get("type") in ("json_object", "json_schema")
+    if isinstance(rf, dict) and rf.get("type") == "json_schema" and isinstance(rf.get("json_schema"), dict) \
+            and rf["json_schema"].get("schema") is not None:
+        rf["json_schema"]["schema"] = SCHEMA
+    for name, value in CONSTRAINTS.items():
+        if body.get(name) is not None:
+            body[name] = None if given or tools else value
+            given = True
+    if tools and isinstance(rf, dict):
+        body["response_format"] = None
+
+
+def _answered(messages: Any, role_key: str) -> None:
+    """Tool results answer an earlier call (else they become user turns, or lose their call id)."""
+    made: list[str] = []
+    for m in messages if isinstance(messages, list) else []:
+        if not isinstance(m, dict):
+            continue
+        if role_key == "role":
+            made += [c["id"] for c in m.get("tool_calls") or [] if isinstance(c, dict) and isinstance(c.get("id"), str)]
+            if m.get("role") == "tool" and m.get("tool_call_id") not in made:
+                if made:
+                    m["tool_call_id"] = made[0]
+                else:
+                    m["role"] = "user"
+                    m.pop("tool_call_id", None)
+        else:
+            if m.get("type") == "function_call" and isinstance(m.get("call_id"), str):
+                made.append(m["call_id"])
+            if m.get("type") == "function_call_output" and m.get("call_id") not in made:
+                if made:
+                    m["call_id"] = made[0]
+                else:
+                    m["type"], m["role"], m["content"] = "message", "user", "hi"
+
+
+def _responses(body: dict[str, Any]) -> None:
+    if isinstance(body.get("model"), str):
+        body["model"] = MODEL
+    n = _int(body.get("max_output_tokens"))
+    body["max_output_tokens"] = n % MAX_TOKENS + 1 if n is not None and n >= 1 else MAX_TOKENS
+    names = _tools(body, flat=True)
+    hosted = any(isinstance(t, dict) and t.get("type") == "file_search" for t in body.get("tools") or [])
+    _tool_choice(body, names, hosted)
+    text = body.get("text")
+    fmt = text.get("format") if isinstance(text, dict) else None
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        fmt["schema"] = SCHEMA
+        if names:
+            text["format"] = None
+    _answered(body.get("input"), "type")
+    if isinstance(body.get("input"), list) and all(isinstance(i, dict) and i.get("type") == "file_search_call" for i in body["input"]):
+        body["input"].append({"role": "user", "content": "hi"})
+
+
 def _chunking(body: dict[str, Any]) -> None:
     strategy = body.get("chunking_strategy")
     static = strategy.get("static") if isinstance(strategy, dict) else None
@@ -89,6 +187,14 @@ def before_call(context: Any, case: Any, kwargs: dict[str, Any]) -> None:
         return
     if path in ("/v1/chat/completions", "/v1/completions"):
         _generation(body, completions=path == "/v1/completions")
+        names = _tools(body, flat=False) if path == "/v1/chat/completions" else []
+        _tool_choice(body, names, hosted=False)
+        _constraints(body, tools=bool(names))
+        _answered(body.get("messages"), "role")
+    elif path == "/v1/responses":
+        _responses(body)
+    elif path == "/tokenize":
+        _answered(body.get("messages"), "role")
     elif path == "/detokenize" and isinstance(body.get("tokens"), list):
         body["tokens"] = _token_ids(body["tokens"])
     elif path == "/v1/embeddings":

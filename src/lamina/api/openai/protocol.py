@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import MISSING, BaseModel, ConfigDict, Field, model_validator
+from pydantic import MISSING, BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from lamina.api.wire import EMPTY, Needs, OneOf, RuledModel, WireModel, unsupported
 from lamina.errors import InvalidRequestError
@@ -186,13 +186,32 @@ class MessageToolCall(BaseModel):
     function: FunctionCall
 
 
-class ChatMessage(BaseModel):
+class TurnMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_calls: list[MessageToolCall] | None = Field(default=None, description="On an assistant message: the calls it made.")
-    tool_call_id: str | None = Field(default=None, description="On a tool message: the id of the call it answers (required).")
+    tool_call_id: None = None
+
+
+class ToolMessage(BaseModel):
+    """A tool's result, answering a call an assistant message made earlier in the conversation (else a 400)."""
+
+    model_config = ConfigDict(extra="allow")
+    role: Literal["tool"]
+    content: str | list[TextPart]
+    tool_call_id: str = Field(min_length=1)
+    name: str | None = None
+    tool_calls: None = None
+
+
+def _role(value: Any) -> str:
+    role = value.get("role") if isinstance(value, dict) else getattr(value, "role", None)
+    return "tool" if role == "tool" else "turn"
+
+
+ChatMessage = Annotated[Annotated[TurnMessage, Tag("turn")] | Annotated[ToolMessage, Tag("tool")], Discriminator(_role)]
 
 
 class FunctionDefinition(BaseModel):
@@ -233,7 +252,7 @@ def _refuse_tool_messages(data: Any) -> Any:
     return data
 
 
-def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+def chat_messages(messages: list[TurnMessage | ToolMessage]) -> list[dict[str, Any]]:
     """Messages as chat templates want them: plain string content; `developer` is `system`; calls and their ids kept."""
     out = []
     for m in messages:

@@ -154,8 +154,8 @@ class ResponsesService:
         messages = _messages(earlier + items)
         if req.instructions:
             messages.insert(0, {"role": "system", "content": req.instructions})
-        if not any(m["role"] == "user" for m in messages):
-            raise InvalidRequestError("the input holds no user message", param="input")
+        if not messages:
+            raise InvalidRequestError("the input holds no message to answer (only earlier searches)", param="input")
         functions = [t for t in req.tools or [] if isinstance(t, FunctionTool)]
         searches = [t for t in req.tools or [] if isinstance(t, FileSearchTool)]
         choice = req.tool_choice

@@ -124,7 +124,9 @@ class TextConfig(BaseModel):
 class ResponseCreate(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str
-    input: Annotated[str, Field(min_length=1)] | Annotated[list[InputItem], Field(min_length=1)]
+    input: Annotated[str, Field(min_length=1)] | Annotated[list[InputItem], Field(min_length=1)] = Field(
+        description="A user message, or items of which at least one is a message or function call/output (else a 400); "
+                    "a function_call_output answers a function_call before it.")
     instructions: str | None = Field(default=None, description="A system message for this response only (not carried by previous_response_id).")
     tools: list[Tool] | None = Field(default=None, max_length=129)
     tool_choice: Literal["none", "auto", "required"] | NamedFunctionChoice | HostedToolChoice | None = None
