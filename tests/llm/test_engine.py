@@ -136,3 +136,47 @@ def test_shared_prefix_is_copied_not_recomputed(smollm) -> None:
     assert both["cached"]["b"] >= shared - 2
     apart = _run(_engine(smollm, retained_caches=0), {"a": a, "b": b}, params, salt={"a": "tenant-1", "b": "tenant-2"})
     assert apart["cached"]["b"] == 0
+
+
+def test_sequences_that_outgrow_the_cache_and_finish_out_of_order(smollm) -> None:
+    """The KV rows grow (a new allocation, inside the forward's inference mode) when a sequence passes a
+    CACHE_STEP boundary; a sequence finishing in the middle of the rows afterwards is compacted away outside the
+    forward. That once raised "Inplace update to inference tensor outside InferenceMode" and took the engine down."""
+    from lamina.llm.engine.runner import CACHE_STEP
+
+    engine = _engine(smollm, retained_caches=1)
+    ids = smollm.tokenizer.encode(PROMPTS[0])
+    lengths = {"a": CACHE_STEP + 40, "b": CACHE_STEP + 8, "c": CACHE_STEP + 24}  # b, in the middle row, finishes first
+    for rid, n in lengths.items():
+        engine.add_request(rid, ids, SamplingParams(max_tokens=n - len(ids), temperature=0, ignore_eos=True))
+    out = {rid: 0 for rid in lengths}
+    while engine.has_unfinished():
+        for e in engine.step():
+            out[e.request_id] += 1
+    assert out == {rid: n - len(ids) for rid, n in lengths.items()}
+    assert engine.runner.rows == [] and engine.runner.usage == 0
+
+
+def test_a_failed_step_fails_its_requests_and_the_engine_serves_on(smollm, monkeypatch) -> None:
+    from lamina.llm.engine.async_engine import AsyncEngine
+
+    engine = AsyncEngine(_engine(smollm, retained_caches=0))
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    calls = {"n": 0}
+    real = engine._engine.runner.execute
+
+    def flaky(work):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("injected failure")
+        return real(work)
+
+    monkeypatch.setattr(engine._engine.runner, "execute", flaky)
+    try:
+        with pytest.raises(RuntimeError, match="injected"):
+            list(engine.generate_sync(smollm.tokenizer.encode(PROMPTS[1]), params))
+        again = list(engine.generate_sync(smollm.tokenizer.encode(PROMPTS[1]), params))
+        assert len(again) == 4 and again[-1].finish_reason == "length"
+        assert engine._engine.runner.rows == []
+    finally:
+        engine.shutdown()

@@ -169,3 +169,26 @@ def test_tool_lists_and_choices_are_checked() -> None:
         tool_choice_from_openai({"type": "function", "function": {"name": "nope"}}, listed)
     with pytest.raises(InvalidRequestError, match="needs tools"):
         tool_choice_from_openai("required", [])
+
+
+def test_constraints_hold_under_a_lora_adapter(tmp_path) -> None:
+    peft = pytest.importorskip("peft")
+    import torch
+
+    hf = hf_llama_folder(tmp_path / "base", "llama", max_position_embeddings=4096)
+    model = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():  # lora_B starts at zero: randomise it, or the adapter would change nothing
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    model.save_pretrained(tmp_path / "adapter")
+    llm = LLM.load(str(tmp_path / "base"), device="cpu", dtype="float32", home=tmp_path / "home")
+    llm.load_adapter("tuned", tmp_path / "adapter")
+    for seed in range(3):
+        c = llm.chat(ASK, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, temperature=1.0, seed=seed, max_tokens=900,
+                     adapter="tuned")
+        assert c.finish_reason == "tool_calls"
+        jsonschema.validate(json.loads(c.tool_calls[0].arguments), SCHEMAS[c.tool_calls[0].name])
+        base = llm.chat(ASK, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, temperature=1.0, seed=seed, max_tokens=900)
+        assert base.finish_reason == "tool_calls"
+    llm.close()

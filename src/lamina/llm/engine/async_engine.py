@@ -251,8 +251,11 @@ class AsyncEngine:
                 step_events = engine.step()
             except Exception as e:  # a bug or an out-of-memory: fail the running requests, keep serving
                 logger.exception("engine step failed")
-                for request_id, sink in list(self._sinks.items()):
-                    engine.abort(request_id)
+                try:
+                    engine.drop_all()  # their state is unknown: drop them all rather than abort one by one
+                except Exception:
+                    logger.exception("could not drop the failed step's sequences")
+                for sink in list(self._sinks.values()):
                     sink(e)
                 self._sinks.clear()
                 continue

@@ -175,6 +175,7 @@ class Engine:
         self.runner.check_fits_alone(seq)
         self.scheduler.add(seq)
 
+    @torch.inference_mode()  # (the KV rows it compacts may have been made in the forward's inference mode)
     def abort(self, request_id: str) -> None:
         seq = self.scheduler.remove(request_id)
         if seq is not None:
@@ -194,7 +195,10 @@ class Engine:
 
     # --- one step -------------------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def step(self) -> list[TokenEvent]:
+        """One step. All of it runs in inference mode: the KV cache grows inside the forward (so its tensors are
+        inference tensors) and rows are compacted when a sequence finishes, after sampling."""
         self.scheduler.admit(self.runner.fits, lambda seq: self.runner.acquire(seq, seq.salt))
         work = self._with_drafts(self.scheduler.schedule())
         masks = self._start_masks(work)
@@ -276,3 +280,14 @@ class Engine:
     def reset(self) -> None:
         """Forget the caches kept for prefix reuse."""
         self.runner.clear()
+
+    def drop_all(self) -> list[str]:
+        """Forget every running and waiting sequence and their KV rows, after a failed step left them in an
+        unknown state; the ids dropped."""
+        dropped = [s.request_id for s in [*self.scheduler.running, *self.scheduler.waiting]]
+        for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+            seq.status = Status.FINISHED
+        self.scheduler.running.clear()
+        self.scheduler.waiting.clear()
+        self.runner.drop_rows()
+        return dropped

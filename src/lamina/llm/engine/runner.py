@@ -278,6 +278,14 @@ class ModelRunner:
     def clear(self) -> None:
         self._retained.clear()
 
+    def drop_rows(self) -> None:
+        """Free every row at once, keeping nothing (recovery from a failed step)."""
+        for seq in self.rows:
+            seq.row = None
+        self.rows.clear()
+        self.decoding = 0
+        self.slots.shrink(0, 0)
+
     # --- one step --------------------------------------------------------------------------------------
 
     @torch.inference_mode()
