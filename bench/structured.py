@@ -182,15 +182,23 @@ def _start(kind: str, home: Path, streams: int) -> tuple[subprocess.Popen, str]:
     return proc, url
 
 
+STRICT = True
+"""Send schemas in OpenAI's strict mode (what the SDKs' `parse()` sends): objects that leave additionalProperties
+unsaid are closed. llama.cpp's converter closes them anyway (its documented default), so this is the like-for-like
+request; `--no-strict` measures JSON Schema's open objects."""
+
+
 def _ask(url: str, schema: dict[str, Any] | None, messages: list[dict[str, str]], max_tokens: int = MAX_TOKENS,
-         ignore_eos: bool = False) -> dict[str, Any]:
+         ignore_eos: bool = False, salt: str | None = None) -> dict[str, Any]:
     """One streamed chat request: status, text, token stamps."""
     body: dict[str, Any] = {"model": MODEL, "messages": messages, "temperature": 0, "max_tokens": max_tokens, "stream": True,
                             "stream_options": {"include_usage": True}}
     if schema is not None:
-        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": STRICT}}
     if ignore_eos:
         body["ignore_eos"] = True
+    if salt is not None:
+        body["cache_salt"] = salt  # (Lamina's: no prefix reuse across the runs compared)
     stamps, text, finish, tokens = [], [], None, None
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=900) as r:
         if r.status_code >= 400:
@@ -229,7 +237,7 @@ def _throughput(url: str, picked: list[dict[str, Any]], streams: int, rounds: in
     constrained answer's length (end-of-sequence ignored) so both decode the same tokens: `streams` at once
     (aggregate tok/s over the decode window), or one at a time (`streams` 1: `rounds` requests, tokens over the sum
     of their decode windows)."""
-    def run(requests: list[tuple[dict[str, Any] | None, list[dict[str, str]], int, bool]]) -> tuple[float, list[int]]:
+    def run(requests: list[tuple[dict[str, Any] | None, list[dict[str, str]], int, bool, str]]) -> tuple[float, list[int]]:
         if streams == 1:
             results = [_ask(url, *r) for r in requests]
             windows = sum(r["stamps"][-1] - r["stamps"][0] for r in results if len(r["stamps"]) > 1)
@@ -240,8 +248,8 @@ def _throughput(url: str, picked: list[dict[str, Any]], streams: int, rounds: in
         return len(stamps) / (max(stamps) - min(stamps)), [len(r["stamps"]) for r in results]
 
     batch = picked[: max(streams, rounds) if streams == 1 else streams]
-    constrained, lengths = run([(s, _prompt(s), MAX_TOKENS, False) for s in batch])
-    free, _ = run([(None, _prompt(s), max(2, n), True) for s, n in zip(batch, lengths, strict=True)])
+    constrained, lengths = run([(s, _prompt(s), MAX_TOKENS, False, f"constrained-{streams}") for s in batch])
+    free, _ = run([(None, _prompt(s), max(2, n), True, f"free-{streams}") for s, n in zip(batch, lengths, strict=True)])
     return {"constrained_tok_s": constrained, "unconstrained_tok_s": free, "ratio": constrained / free}
 
 
@@ -280,10 +288,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=240)
     parser.add_argument("--streams", type=int, default=16)
+    parser.add_argument("--no-strict", action="store_true", help="send schemas without strict (open objects stay open)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "structured.json")
     args = parser.parse_args()
     from lamina.infra.device import cpu_features
 
+    global STRICT
+    STRICT = not args.no_strict
     all_schemas = schemas(args.count)
     compile_times = _compile_times(all_schemas)
     print(f"compile: p50 {compile_times['p50_ms']:.2f} ms, p99 {compile_times['p99_ms']:.2f} ms ({compile_times['compiled']} schemas)")
@@ -304,7 +315,8 @@ def main() -> None:
             proc.terminate()
             proc.wait(timeout=30)
     machine = {"cpu": platform.processor() or platform.machine(), "features": cpu_features(), "threads": 2}
-    args.out.write_text(json.dumps({"machine": machine, "max_tokens": MAX_TOKENS, "compile": compile_times, **results}, indent=1) + "\n")
+    args.out.write_text(json.dumps({"machine": machine, "max_tokens": MAX_TOKENS, "strict": STRICT, "compile": compile_times, **results},
+                                   indent=1) + "\n")
 
 
 if __name__ == "__main__":

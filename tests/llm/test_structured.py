@@ -195,3 +195,19 @@ def test_closed_and_response_format_spellings() -> None:
     assert structured_output({"type": "object"}).kind == "json_schema"
     with pytest.raises(InvalidRequestError):
         structured_output(42)
+
+
+def test_unbounded_numbers_are_held_to_the_exact_json_range(smollm) -> None:
+    from lamina.llm.engine.grammar import SAFE_INTEGER, bounded_numbers
+
+    schema = {"type": "object", "properties": {"n": {"type": ["integer", "null"]}, "x": {"type": "number", "minimum": 0},
+                                               "k": {"enum": [1, 2]}, "m": {"type": "integer", "exclusiveMaximum": 10}}}
+    out = bounded_numbers(schema)["properties"]
+    assert (out["n"]["minimum"], out["n"]["maximum"]) == (-SAFE_INTEGER, SAFE_INTEGER)
+    assert out["x"] == {"type": "number", "minimum": 0, "maximum": SAFE_INTEGER}
+    assert out["k"] == {"enum": [1, 2]} and "maximum" not in out["m"]
+    tok = smollm.tokenizer
+    m = smollm.engine._engine.grammars.matcher(StructuredOutput("json_schema", {"type": "integer"}))
+    assert all(m.advance(t) for t in tok.encode(str(SAFE_INTEGER), add_special_tokens=False))
+    m = smollm.engine._engine.grammars.matcher(StructuredOutput("json_schema", {"type": "integer"}))
+    assert not all(m.advance(t) for t in tok.encode("1" * 20, add_special_tokens=False))

@@ -38,6 +38,10 @@ Kind = Literal["json_schema", "json_object", "regex", "choice", "grammar"]
 WHITESPACE = r"( |\n{1,2}[ \t]{0,20})?"
 """What may separate two JSON tokens: nothing, a space, or one or two newlines and an indent of at most 20 (llama.cpp's
 `space` rule in json-schema-to-grammar)."""
+SAFE_INTEGER = 2**53 - 1
+"""Numbers without a bound are held to +-(2**53 - 1), the range in which RFC 8259 (section 6) says integers are
+exact in every JSON parser: an answer stays valid, and a model cannot write digits until max_tokens (llama.cpp's
+JSON grammars cap integral parts at 16 digits for the same reason)."""
 MAX_CHOICES = 1024
 CACHED_GRAMMARS = 64
 
@@ -99,6 +103,30 @@ def closed(schema: Any) -> Any:
     return out
 
 
+def bounded_numbers(schema: Any) -> Any:
+    """`schema` with every integer or number schema that has no upper (lower) bound given `SAFE_INTEGER` as one."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {k: bounded_numbers(v) for k, v in out[key].items()}
+    for key in _LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [bounded_numbers(v) for v in out[key]]
+    for key in _ONE:
+        if key in out:
+            out[key] = [bounded_numbers(v) for v in out[key]] if isinstance(out[key], list) else bounded_numbers(out[key])
+    types = out.get("type")
+    numeric = types in ("integer", "number") or (isinstance(types, list) and bool({"integer", "number"} & set(types)))
+    if numeric and "enum" not in out and "const" not in out:
+        if "maximum" not in out and "exclusiveMaximum" not in out:
+            out["maximum"] = SAFE_INTEGER
+        if "minimum" not in out and "exclusiveMinimum" not in out:
+            out["minimum"] = -SAFE_INTEGER
+    return out
+
+
 def _compile(kind: str, value: Any, param: str) -> str:
     import llguidance as llg
 
@@ -117,7 +145,7 @@ def _compile(kind: str, value: Any, param: str) -> str:
         if not isinstance(schema, dict):
             raise bad(f"a JSON schema is an object, not {type(schema).__name__}")
         try:
-            grammar = llg.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_pattern": WHITESPACE})
+            grammar = llg.LLMatcher.grammar_from_json_schema(bounded_numbers(schema), defaults={"whitespace_pattern": WHITESPACE})
         except (ValueError, TypeError) as e:
             raise bad(f"the JSON schema cannot be read: {e}") from None
         _check(grammar, lambda message: bad(_schema_message(message, schema)))
