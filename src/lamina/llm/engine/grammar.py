@@ -83,48 +83,47 @@ _LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _ONE = ("items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames", "unevaluatedProperties")
 
 
-def closed(schema: Any) -> Any:
-    """`schema` with every object schema that leaves `additionalProperties` unsaid closed to other keys (OpenAI's
-    strict mode, and what the SDKs' pydantic helpers send)."""
+def _rewrite(schema: Any, node: Any) -> Any:
+    """`schema` with `node` applied to every subschema, innermost first (through the keywords that hold schemas)."""
     if not isinstance(schema, dict):
         return schema
     out = dict(schema)
     for key in _MAPS:
         if isinstance(out.get(key), dict):
-            out[key] = {k: closed(v) for k, v in out[key].items()}
+            out[key] = {k: _rewrite(v, node) for k, v in out[key].items()}
     for key in _LISTS:
         if isinstance(out.get(key), list):
-            out[key] = [closed(v) for v in out[key]]
+            out[key] = [_rewrite(v, node) for v in out[key]]
     for key in _ONE:
         if key in out:
-            out[key] = [closed(v) for v in out[key]] if isinstance(out[key], list) else closed(out[key])
-    if ("properties" in out or out.get("type") == "object") and "additionalProperties" not in out and "patternProperties" not in out:
-        out["additionalProperties"] = False
-    return out
+            out[key] = [_rewrite(v, node) for v in out[key]] if isinstance(out[key], list) else _rewrite(out[key], node)
+    return node(out)
+
+
+def closed(schema: Any) -> Any:
+    """`schema` with every object schema that leaves `additionalProperties` unsaid closed to other keys (OpenAI's
+    strict mode, and what the SDKs' pydantic helpers send)."""
+    def close(out: dict[str, Any]) -> dict[str, Any]:
+        if ("properties" in out or out.get("type") == "object") and "additionalProperties" not in out and "patternProperties" not in out:
+            out["additionalProperties"] = False
+        return out
+
+    return _rewrite(schema, close)
 
 
 def bounded_numbers(schema: Any) -> Any:
     """`schema` with every integer or number schema that has no upper (lower) bound given `SAFE_INTEGER` as one."""
-    if not isinstance(schema, dict):
-        return schema
-    out = dict(schema)
-    for key in _MAPS:
-        if isinstance(out.get(key), dict):
-            out[key] = {k: bounded_numbers(v) for k, v in out[key].items()}
-    for key in _LISTS:
-        if isinstance(out.get(key), list):
-            out[key] = [bounded_numbers(v) for v in out[key]]
-    for key in _ONE:
-        if key in out:
-            out[key] = [bounded_numbers(v) for v in out[key]] if isinstance(out[key], list) else bounded_numbers(out[key])
-    types = out.get("type")
-    numeric = types in ("integer", "number") or (isinstance(types, list) and bool({"integer", "number"} & set(types)))
-    if numeric and "enum" not in out and "const" not in out:
-        if "maximum" not in out and "exclusiveMaximum" not in out:
-            out["maximum"] = SAFE_INTEGER
-        if "minimum" not in out and "exclusiveMinimum" not in out:
-            out["minimum"] = -SAFE_INTEGER
-    return out
+    def bound(out: dict[str, Any]) -> dict[str, Any]:
+        types = out.get("type")
+        numeric = types in ("integer", "number") or (isinstance(types, list) and bool({"integer", "number"} & set(types)))
+        if numeric and "enum" not in out and "const" not in out:
+            if "maximum" not in out and "exclusiveMaximum" not in out:
+                out["maximum"] = SAFE_INTEGER
+            if "minimum" not in out and "exclusiveMinimum" not in out:
+                out["minimum"] = -SAFE_INTEGER
+        return out
+
+    return _rewrite(schema, bound)
 
 
 def _compile(kind: str, value: Any, param: str) -> str:
