@@ -54,9 +54,9 @@ from lamina.llm.text.tools import (
     ToolCall,
     ToolChoice,
     ToolFormat,
-    ToolStream,
     check_tool_messages,
     detect_format,
+    split_calls,
     tool_choice_from_openai,
     tools_from_openai,
 )
@@ -388,10 +388,7 @@ class LLM:
         done = self._collect(self.encode_chat(messages, tools=plan), sampling, adapter, response_format)
         if plan is None or not plan.active:
             return done
-        stream = ToolStream(plan.format)
-        content, _ = stream.push(done.text)
-        content += stream.finish() + stream.unfinished
-        calls = stream.calls
+        content, calls = split_calls(plan.format, done.text)
         return replace(done, text=content, tool_calls=calls, finish_reason=plan.finish_reason(calls, done.finish_reason))  # type: ignore[arg-type]
 
     def stream_chat(self, messages: Sequence[Message], params: SamplingParams | None = None, **overrides: Any) -> Iterator[str]:

@@ -66,7 +66,7 @@ from lamina.errors import InvalidRequestError, LaminaError
 from lamina.infra.db import Database
 from lamina.llm.engine.sampling import SamplingParams
 from lamina.llm.llm import ToolPlan, structured_output
-from lamina.llm.text.tools import ToolStream
+from lamina.llm.text.tools import ToolStream, split_calls
 
 if TYPE_CHECKING:
     from lamina.api.rag.service import RagService
@@ -450,12 +450,7 @@ def _annotations(text: str, cited: list[Any]) -> list[FileCitation]:
 def _output(text: str, tools: ToolPlan | None, search_call: Any, cited: list[Any]) -> list[Any]:
     """The output items of a whole answer."""
     out: list[Any] = [search_call] if search_call is not None else []
-    content, calls = text, []
-    if tools is not None:
-        split = ToolStream(tools.format)
-        content, _ = split.push(text)
-        content += split.finish() + split.unfinished
-        calls = split.calls
+    content, calls = split_calls(tools.format, text) if tools is not None else (text, [])
     if content or not calls:
         out.append(OutputMessage(id=_id("msg"), status="completed", content=[OutputText(text=content, annotations=_annotations(content, cited))]))
     out += [FunctionCallOut(id=_id("fc"), call_id=c.id, name=c.name, arguments=c.arguments, status="completed") for c in calls]

@@ -73,7 +73,7 @@ from lamina.llm.engine.sampling import SamplingParams
 from lamina.llm.llm import ToolPlan
 from lamina.llm.rag import Citation as Cited
 from lamina.llm.text.stream import Delta, TokenLogprob
-from lamina.llm.text.tools import CallDelta, ToolStream
+from lamina.llm.text.tools import CallDelta, ToolStream, split_calls
 
 if TYPE_CHECKING:
     from lamina.api.rag.service import RagService
@@ -440,10 +440,7 @@ def _message(text: str, tools: ToolPlan | None, c: Choice) -> ChatCompletionMess
     """A whole answer: with tools, its calls split from its content (which is null when there is none)."""
     if tools is None:
         return ChatCompletionMessage(content=text)
-    split = ToolStream(tools.format)
-    content, _ = split.push(text)
-    content += split.finish() + split.unfinished
-    calls = split.calls
+    content, calls = split_calls(tools.format, text)
     c.finish_reason = tools.finish_reason(calls, c.finish_reason or "stop")
     out = [ToolCallOut(id=t.id, function=FunctionCallOut(name=t.name, arguments=t.arguments)) for t in calls]
     return ChatCompletionMessage(content=content or None, tool_calls=out if out else MISSING)

@@ -447,6 +447,13 @@ class ToolStream:
         return 0
 
 
+def split_calls(fmt: ToolFormat, text: str) -> tuple[str, list[ToolCall]]:
+    """The content and the calls of a whole answer (a call cut short by max_tokens stays in the content)."""
+    stream = ToolStream(fmt)
+    content, _ = stream.push(text)
+    return content + stream.finish() + stream.unfinished, stream.calls
+
+
 class _CallScanner:
     """Reads one JSON call object (or, `many`, a JSON list of them) a character at a time, reporting each call's
     name as soon as its string ends and then the raw text of its arguments value as it comes."""
