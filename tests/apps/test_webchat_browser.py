@@ -17,7 +17,10 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
                   "--disable-component-update", "--no-first-run"]
 XSS = ('Here you go: <script>window.__xss = "script"</script> <img src=x onerror="window.__xss=\'img\'"> '
        '[click me](javascript:window.__xss="link") <a href="javascript:alert(1)">raw link</a> '
-       '**bold** and [a real link](https://example.com)\n```html\n<script>window.__xss="code"</script>\n```')
+       '**bold** and [a real link](https://example.com) ![x](https://example.com/track.png?q=secret)\n'
+       '```html\n<script>window.__xss="code"</script>\n```')
+XSS_NAME = '<img src=y onerror="window.__xss=\'name\'">'
+
 
 
 @pytest.fixture(scope="module")
@@ -110,17 +113,28 @@ def test_model_output_renders_inert(page, server: Server) -> None:
     page.wait_for_selector("body[data-ready=true]")
     _assert_inert(page)
 
-    # The same payload arriving as a stream, through the page's streaming path.
+    # The same payload arriving as a stream, through the page's streaming path, with a tool call and a tool
+    # result that carry it too (a tool's output is as untrusted as the model's).
     def fake_stream(route) -> None:  # type: ignore[no-untyped-def]
-        chunks = [{"choices": [{"index": 0, "delta": {"content": XSS[i : i + 7]}, "finish_reason": None}]} for i in range(0, len(XSS), 7)]
-        body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+        events = [{"type": "tool_call", "id": "call_1", "name": XSS_NAME, "arguments": XSS},
+                  {"type": "tool_result", "id": "call_1", "name": XSS_NAME, "result": XSS, "is_error": False}]
+        events += [{"type": "delta", "content": XSS[i : i + 7]} for i in range(0, len(XSS), 7)]
+        steps = [{"id": "call_1", "name": XSS_NAME, "arguments": XSS, "result": XSS, "is_error": False}]
+        events.append({"type": "done", "title": "xss", "message": {"role": "assistant", "content": XSS,
+                                                                   "meta": {"tools": steps, "completion_tokens": 9}}})
+        body = "".join(f"data: {json.dumps(e)}\n\n" for e in events)
         route.fulfill(status=200, headers={"content-type": "text/event-stream"}, body=body)
 
-    page.route("**/v1/chat/completions", fake_stream)
+    page.route("**/reply", fake_stream)
     _send(page, "show me html")
     page.wait_for_selector("#send:not([hidden])")
     page.wait_for_function("document.querySelectorAll('.message.assistant').length === 2")
     _assert_inert(page)
+    tool = page.locator(".message.assistant").last.locator(".tool")
+    assert tool.count() == 1
+    tool.locator("summary").click()
+    assert tool.locator("script, img, iframe, [onerror], a").count() == 0
+    assert "<img src=x" in tool.locator("pre.result").inner_text() and XSS_NAME in tool.locator("summary").inner_text()
 
 
 def _assert_inert(page) -> None:  # type: ignore[no-untyped-def]
@@ -134,6 +148,9 @@ def _assert_inert(page) -> None:  # type: ignore[no-untyped-def]
     text = body.inner_text()
     assert "<script>" in text and "onerror" in text and "javascript:" in text  # shown as text, not run
     assert body.locator("strong").inner_text() == "bold"
+    code = body.locator("pre code")
+    assert code.count() == 1 and "hljs" in (code.get_attribute("class") or "")  # highlighted, still text
+    assert body.locator("pre button.copy-code").count() == 1
 
 
 def test_conversations_rename_and_delete(page, server: Server) -> None:
@@ -190,3 +207,77 @@ def test_upload_documents_pick_a_store_and_see_citations(page, server: Server, t
     page.reload()
     page.wait_for_selector("body[data-ready=true]")
     assert page.locator(".message.assistant").last.locator(".citations li").count() == citations.count()
+
+
+def test_sampling_defaults_theme_copy_and_one_request_per_reply(page, server: Server) -> None:
+    # SmolLM2's model card: temperature 0.2, top_p 0.9 (not 0.7, which makes it loop on a haiku)
+    assert page.input_value("#temperature") == "0.2" and page.input_value("#top-p") == "0.9"
+    page.click("#theme")
+    assert page.evaluate("document.documentElement.dataset.theme") == "dark"
+    assert page.evaluate("getComputedStyle(document.body).backgroundColor") == "rgb(22, 23, 24)"
+    page.click("#theme")
+    assert page.evaluate("document.documentElement.dataset.theme") == "light"
+
+    page.fill("#temperature", "0")
+    page.dispatch_event("#temperature", "change")
+    _send(page, "Say hello.")
+    page.wait_for_selector("#send:not([hidden])", timeout=60_000)
+    requests: list[str] = []
+    page.on("request", lambda r: requests.append(f"{r.method} {r.url.removeprefix(server.url)}"))
+    _send(page, "Write a haiku about the sea, then explain it in one sentence.")
+    page.wait_for_selector("#send:not([hidden])", timeout=60_000)
+    replies = [r for r in requests if r.endswith("/reply")]
+    assert len(replies) == 1 and requests == replies, requests
+    reply = page.locator(".message.assistant").last
+    stats = reply.locator(".stats").inner_text()
+    conv_id = page.evaluate("localStorage.getItem('lamina.conversation')")
+    conv = httpx.get(f"{server.url}/api/conversations/{conv_id}").json()
+    saved = conv["messages"][-1]
+    assert conv["title"] == "Say hello." and len(conv["messages"]) == 4  # named by the server, no request for it
+    assert saved["role"] == "assistant" and saved["content"].strip() and saved["meta"]["reply_id"]
+    tokens = saved["meta"]["completion_tokens"]
+    assert tokens > 5 and stats.startswith(f"{tokens} tokens") and "tok/s" in stats  # the engine's count, not chunks
+    copy = reply.locator("footer button.copy")
+    copy.click()
+    page.wait_for_function("[...document.querySelectorAll('.message.assistant footer button.copy')].pop().textContent === 'Copied'")
+
+
+def test_tools_from_an_mcp_server_in_the_web_chat(browser, tmp_path) -> None:
+    """`lamina serve --mcp-config`: a conversation enables an MCP tool; the model calls it and the page shows the
+    call and its result while the reply streams."""
+    import sys
+
+    from tests.apps.test_agent_tools import SERVER, write_config
+
+    script, mark = tmp_path / "notes_server.py", tmp_path / "deleted"
+    script.write_text(SERVER)
+    config = write_config(tmp_path, {"notes": {"command": sys.executable, "args": [str(script), str(mark)], "tools": ["get_code"]}})
+    s = start_server(tmp_path / "home", "--mcp-config", str(config))
+    try:
+        context = browser.new_context()
+        page = context.new_page()
+        page.goto(s.url + "/")
+        page.wait_for_selector("body[data-ready=true]")
+        assert page.locator("#model option").all_inner_texts() == ["smollm2-135m-instruct"]  # the tool adapter is not a choice
+        names = page.locator("#tools label").all_inner_texts()
+        assert any("notes_get_code (notes)" in n for n in names) and not any("delete" in n for n in names)
+        page.click("#tools-summary")
+        page.check("#tools input[value=notes_get_code]")
+        page.fill("#temperature", "0")
+        page.dispatch_event("#temperature", "change")
+        _send(page, "What is the code of the word lamina?")
+        page.wait_for_selector(".message.assistant .tool", timeout=120_000)
+        page.wait_for_selector("#send:not([hidden])", timeout=120_000)
+        tool = page.locator(".message.assistant .tool").first
+        assert "notes_get_code" in tool.locator("summary").inner_text() and "done" in tool.locator("summary").inner_text()
+        tool.locator("summary").click()
+        assert "ANIMAL-7" in tool.locator("pre.result").inner_text()
+        assert "ANIMAL-7" in page.locator(".message.assistant .body").inner_text()
+        page.reload()  # the calls are kept with the conversation
+        page.wait_for_selector("body[data-ready=true]")
+        assert page.locator(".message.assistant .tool").count() >= 1
+        assert page.locator("#tools input[value=notes_get_code]").is_checked()
+        assert not mark.exists()
+        context.close()
+    finally:
+        s.stop()

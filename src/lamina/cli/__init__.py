@@ -13,13 +13,14 @@ nowhere else (importing a module registers nothing):
     train.py     tokenizer train, pretrain, evaluate
     finetune.py  finetune sft|dpo|classify, lora merge
     gan.py       gan train|sample, experiment digits
-    info.py      info, models
+    info.py      info, models                agent.py     agent, mcp list|serve
 """
 
 from __future__ import annotations
 
 import click
 
+from lamina.cli.agent import agent, mcp_group
 from lamina.cli.common import CONTEXT_SETTINGS
 from lamina.cli.data import data_group
 from lamina.cli.finetune import finetune, lora_group
@@ -38,7 +39,7 @@ def cli() -> None:
 
 
 for command in (generate, chat, serve, keys, usage, ingest, ask, eval_group, data_group, models, info, tokenizer,
-                pretrain, evaluate, finetune, lora_group, gan, experiment):
+                pretrain, evaluate, finetune, lora_group, gan, experiment, agent, mcp_group):
     cli.add_command(command)
 
 

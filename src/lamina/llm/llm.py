@@ -23,6 +23,7 @@ path, batched together.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -303,6 +304,24 @@ class LLM:
         check_tool_messages(messages)
         rendered, listing = fmt.messages(messages, shown)
         return self._template().encode(rendered, add_generation_prompt=add_generation_prompt, tools=listing)
+
+    @cached_property
+    def sampling_defaults(self) -> dict[str, float]:
+        """The sampling the checkpoint suggests (temperature, top_p, top_k, repetition_penalty of a Hugging Face
+        folder's generation_config.json), else what its model card does (the registry), else nothing."""
+        keys = ("temperature", "top_p", "top_k", "repetition_penalty")
+        if self.entry is None:
+            return {}
+        gen = self.entry.path / "generation_config.json" if self.entry.path.is_dir() else None
+        if gen is not None and gen.exists():
+            try:
+                config = json.loads(gen.read_text(encoding="utf-8"))
+            except ValueError:
+                config = {}
+            found = {k: float(config[k]) for k in keys if isinstance(config.get(k), int | float) and not isinstance(config.get(k), bool)}
+            if found:
+                return found
+        return {k: float(v) for k, v in self.entry.sampling.items() if k in keys}
 
     @cached_property
     def tool_format(self) -> ToolFormat:

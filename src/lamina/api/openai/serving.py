@@ -106,6 +106,16 @@ class Choice:
     cached_tokens: int = 0
 
 
+@dataclass
+class _ChatRun:
+    choices: list[Choice]
+    admission: dict[str, str]
+    head: dict[str, Any]
+    cited: list[Citation] | None
+    tools: ToolPlan | None
+    top: int | None
+
+
 class OpenAIService:
     def __init__(self, model_name: str, usage: UsageLog, metrics: Metrics, fingerprint: str, llm: Loading[LLM], *,
                  rag: RagService | None = None, adapters: dict[str, str] | None = None) -> None:
@@ -172,6 +182,31 @@ class OpenAIService:
     # --- chat -----------------------------------------------------------------------------------------
 
     async def chat(self, req: ChatCompletionRequest, request: Request, key: APIKey | None) -> JSONResponse | StreamingResponse:
+        if req.stream:
+            admission, chunks = await self.chat_stream(req, request, key)
+            return _stream(chunks, "chat", admission)
+        run = await self._chat_run(req, request, key)
+        await self.collect(request, run.head["id"], run.choices)
+        body = ChatCompletion(
+            **run.head,
+            choices=[ChatChoice(index=c.index, message=_message("".join(c.text), run.tools, c),
+                                logprobs=_chat_logprobs(c.logprobs) if run.top is not None else None,
+                                finish_reason=c.finish_reason)  # type: ignore[arg-type]
+                     for c in run.choices],
+            usage=self.usage_of(run.choices),
+            citations=MISSING if run.cited is None else run.cited,
+        )
+        return _json(body, run.admission)
+
+    async def chat_stream(self, req: ChatCompletionRequest, request: Request,
+                          key: APIKey | None) -> tuple[dict[str, str], AsyncIterator[ChatCompletionChunk]]:
+        """A streamed chat completion as chunk objects (the rate-limit headers, the chunks): what `chat` sends as
+        Server-Sent Events, for callers in the server that read the chunks themselves (the web chat)."""
+        run = await self._chat_run(req, request, key)
+        return run.admission, self._chat_chunks(request, run.head, req, run.choices, run.cited, run.tools)
+
+    async def _chat_run(self, req: ChatCompletionRequest, request: Request, key: APIKey | None) -> _ChatRun:
+        """Checked, grounded, tokenised and admitted: a chat request ready to run."""
         self.check_model(req.model, key)
         llm = self.ready()
         messages, cited = req.chat_messages(), None
@@ -182,25 +217,11 @@ class OpenAIService:
             messages, cited = grounding.messages, [_citation(c) for c in grounding.citations]
         plan = llm.tool_plan(req.openai_tools(), req.openai_tool_choice(), req.parallel_tool_calls)
         prompt_ids = llm.encode_chat(messages, tools=plan)
-        max_tokens = req.max_completion_tokens or req.max_tokens
         top = (req.top_logprobs or 0) if req.logprobs else None
         tools = plan if plan is not None and plan.active else None
-        choices = self._choices(req, [prompt_ids], max_tokens, top, tools)
+        choices = self._choices(req, [prompt_ids], req.max_completion_tokens or req.max_tokens, top, tools)
         admission = self._admit(request, key, req, choices)
-        head = self._head(f"chatcmpl-{uuid.uuid4().hex}", req)
-        if req.stream:
-            return _stream(self._chat_chunks(request, head, req, choices, cited, tools), "chat", admission)
-        await self.collect(request, head["id"], choices)
-        body = ChatCompletion(
-            **head,
-            choices=[ChatChoice(index=c.index, message=_message("".join(c.text), tools, c),
-                                logprobs=_chat_logprobs(c.logprobs) if top is not None else None,
-                                finish_reason=c.finish_reason)  # type: ignore[arg-type]
-                     for c in choices],
-            usage=self.usage_of(choices),
-            citations=MISSING if cited is None else cited,
-        )
-        return _json(body, admission)
+        return _ChatRun(choices, admission, self._head(f"chatcmpl-{uuid.uuid4().hex}", req), cited, tools, top)
 
     async def _chat_chunks(self, request: Request, head: dict[str, Any], req: ChatCompletionRequest, choices: list[Choice],
                            cited: list[Citation] | None, tools: ToolPlan | None = None) -> AsyncIterator[ChatCompletionChunk]:

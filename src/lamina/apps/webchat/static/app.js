@@ -1,5 +1,6 @@
-// Lamina's web chat: conversations kept on the server (/api/conversations), replies streamed from
-// /v1/chat/completions. Vanilla JavaScript, no build step, no CDN: it works offline.
+// Lamina's web chat: conversations kept on the server (/api/conversations); a reply is one request to
+// /api/conversations/{id}/reply, which streams the answer and any tool calls and saves the conversation.
+// Vanilla JavaScript, no build step, no CDN (the Markdown libraries are vendored): it works offline.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -8,6 +9,7 @@ const state = {
   current: null, // {id, title, settings, messages: [{role, content, meta}]}
   controller: null, // AbortController of the reply being streamed
   key: localStorage.getItem("lamina.apiKey") || "",
+  config: { sampling: {}, tools: [], tool_model: null }, // from /api/chat/config
 };
 
 // --- HTTP -----------------------------------------------------------------------------------------------
@@ -81,9 +83,11 @@ async function openConversation(id) {
   if (state.controller) state.controller.abort();
   state.current = await json(`/api/conversations/${encodeURIComponent(id)}`);
   $("system").value = state.current.settings.system || "";
-  $("temperature").value = state.current.settings.temperature ?? 0.7;
+  $("temperature").value = state.current.settings.temperature ?? defaultTemperature();
+  $("top-p").value = state.current.settings.top_p ?? defaultTopP();
   if (state.current.settings.model) $("model").value = state.current.settings.model;
   $("store").value = state.current.settings.store || "";
+  await loadTools();
   localStorage.setItem("lamina.conversation", id);
   renderSidebar();
   renderMessages();
@@ -118,8 +122,13 @@ async function deleteConversation(c) {
   await loadConversations();
 }
 
+const defaultTemperature = () => state.config.sampling.temperature ?? 0.7;
+const defaultTopP = () => state.config.sampling.top_p ?? 1;
+
 function currentSettings() {
-  return { system: $("system").value, temperature: Number($("temperature").value), model: $("model").value, store: $("store").value };
+  const tools = [...document.querySelectorAll("#tools input:checked")].map((box) => box.value);
+  return { system: $("system").value, temperature: Number($("temperature").value), top_p: Number($("top-p").value),
+           model: $("model").value, store: $("store").value, tools };
 }
 
 async function saveSettings() {
@@ -130,16 +139,14 @@ async function saveSettings() {
   });
 }
 
-async function saveMessages() {
+function nameConversation(title) {
+  // The server saved the messages with the reply, and named a new conversation after its first message.
   const c = state.current;
-  await json(`/api/conversations/${encodeURIComponent(c.id)}/messages`, {
-    method: "PUT", body: JSON.stringify({ messages: c.messages }),
-  });
-  if (c.title === "New chat" && c.messages.length) {
-    c.title = c.messages[0].content.slice(0, 48).replace(/\s+/g, " ").trim() || "New chat";
-    await json(`/api/conversations/${encodeURIComponent(c.id)}`, { method: "PATCH", body: JSON.stringify({ title: c.title }) });
-  }
-  await loadConversations();
+  if (!title || title === c.title) return;
+  c.title = title;
+  const listed = state.conversations.find((x) => x.id === c.id);
+  if (listed) listed.title = title;
+  renderSidebar();
 }
 
 // --- messages ---------------------------------------------------------------------------------------------
@@ -156,10 +163,13 @@ function messageElement(m, index, last) {
   const el = document.createElement("article");
   el.className = `message ${m.role}`;
   el.dataset.index = index;
+  if (m.role === "assistant" && m.meta && m.meta.tools && m.meta.tools.length) el.append(toolList(m.meta.tools));
   const body = document.createElement("div");
   body.className = "body";
-  if (m.role === "assistant") body.innerHTML = window.renderMarkdown(m.content); // escaped by construction
-  else body.textContent = m.content;
+  if (m.role === "assistant") {
+    body.innerHTML = window.renderMarkdown(m.content); // sanitised: markdown.js
+    window.decorateMarkdown(body);
+  } else body.textContent = m.content;
   el.append(body);
   const footer = document.createElement("footer");
   if (m.role === "assistant" && m.meta && m.meta.completion_tokens !== undefined) {
@@ -170,12 +180,42 @@ function messageElement(m, index, last) {
     footer.append(stats);
   }
   if (m.role === "assistant" && m.meta && m.meta.citations && m.meta.citations.length) el.append(citationList(m.meta.citations));
+  if (m.content) footer.append(button("Copy", "copy", (e) => window.copyText(m.content, e.target)));
   if (!state.controller) { // no editing while a reply streams
     if (m.role === "assistant" && last) footer.append(button("Regenerate", "regenerate", () => regenerate()));
     if (m.role === "user") footer.append(button("Edit", "edit", () => editMessage(index)));
   }
   el.append(footer);
   return el;
+}
+
+function toolList(steps) {
+  // Each call and its result, collapsible; names, arguments and results are set as text, never parsed as HTML.
+  const box = document.createElement("div");
+  box.className = "tools";
+  for (const step of steps) box.append(toolElement(step));
+  return box;
+}
+
+function toolElement(step) {
+  const item = document.createElement("details");
+  item.className = `tool${step.is_error ? " error" : ""}`;
+  item.dataset.id = step.id;
+  const summary = document.createElement("summary");
+  const name = document.createElement("code");
+  name.textContent = step.name;
+  const args = document.createElement("span");
+  args.className = "args";
+  args.textContent = step.arguments;
+  const status = document.createElement("span");
+  status.className = "status";
+  status.textContent = step.result === undefined ? " running…" : step.is_error ? " failed" : " done";
+  summary.append("Tool ", name, " ", args, status);
+  const result = document.createElement("pre");
+  result.className = "result";
+  result.textContent = step.result ?? "";
+  item.append(summary, result);
+  return item;
 }
 
 function citationList(citations) {
@@ -232,61 +272,93 @@ async function send(text) {
   if (!state.current) await newConversation();
   const c = state.current;
   c.messages.push({ role: "user", content: text, meta: {} });
-  const reply = { role: "assistant", content: "", meta: {} };
+  const replyId = `r${Date.now().toString(36)}${Math.random().toString(36).slice(2, 8)}`;
+  const reply = { role: "assistant", content: "", meta: { tools: [], reply_id: replyId } };
+  const asked = c.messages.map(({ role, content, meta }) => ({ role, content, meta }));
   c.messages.push(reply);
   state.controller = new AbortController();
   renderMessages();
   setBusy(true);
   const settings = currentSettings();
-  const history = c.messages.slice(0, -1).map(({ role, content }) => ({ role, content }));
-  if (settings.system.trim()) history.unshift({ role: "system", content: settings.system.trim() });
-  const started = performance.now();
-  let firstToken = null;
+  let title = null;
   try {
-    const response = await api("/v1/chat/completions", {
+    const response = await api(`/api/conversations/${encodeURIComponent(c.id)}/reply`, {
       method: "POST",
       signal: state.controller.signal,
       body: JSON.stringify({
-        model: settings.model, messages: history, temperature: settings.temperature, stream: true,
-        stream_options: { include_usage: true },
-        ...(settings.store ? { vector_store_ids: [settings.store] } : {}),
+        messages: asked, model: settings.model, temperature: settings.temperature, top_p: settings.top_p,
+        system: settings.system, store: settings.store || null, tools: settings.tools, reply_id: replyId,
       }),
     });
     for await (const event of sseEvents(response)) {
-      if (event.error) throw new Error(event.error.message);
-      if (event.usage) reply.meta.completion_tokens = event.usage.completion_tokens;
-      if (event.citations) reply.meta.citations = event.citations;
-      const delta = event.choices && event.choices[0] && event.choices[0].delta;
-      if (delta && delta.content) {
-        firstToken = firstToken ?? performance.now();
-        reply.content += delta.content;
+      if (event.type === "delta") {
+        reply.content += event.content;
         updateLast(reply);
+      } else if (event.type === "tool_call") {
+        reply.meta.tools.push({ id: event.id, name: event.name, arguments: event.arguments });
+        renderLast(reply);
+      } else if (event.type === "tool_result") {
+        const step = reply.meta.tools.find((s) => s.id === event.id);
+        if (step) Object.assign(step, { result: event.result, is_error: event.is_error });
+        renderLast(reply);
+      } else if (event.type === "citations") {
+        reply.meta.citations = event.citations;
+      } else if (event.type === "error") {
+        reply.meta.error = event.message;
+      } else if (event.type === "done") {
+        Object.assign(reply, event.message);
+        title = event.title;
       }
     }
+    if (reply.meta.error) reply.content += `\n\n**Error:** ${reply.meta.error}`;
   } catch (error) {
-    if (error.name === "AbortError") reply.meta.stopped = true;
+    if (error.name === "AbortError") reply.meta.stopped = true;  // the server saves what it had, marked stopped
     else reply.content += `\n\n**Error:** ${error.message}`;
   } finally {
-    const seconds = (performance.now() - (firstToken ?? started)) / 1000;
-    // A stopped stream never receives its usage chunk; each content chunk carries one token.
-    reply.meta.completion_tokens ??= reply.meta.pieces || 0;
-    if (seconds > 0 && reply.meta.completion_tokens > 1) reply.meta.tokens_per_second = (reply.meta.completion_tokens - 1) / seconds;
     state.controller = null;
     setBusy(false);
+    if (reply.meta.stopped) title = await reloadCurrent(replyId); // the saved partial reply, with its token count
     renderMessages();
-    await saveMessages();
+    nameConversation(title);
   }
+}
+
+async function reloadCurrent(replyId) {
+  // After a stop the server finishes saving a moment later; read back what it kept.
+  const id = state.current.id;
+  for (let i = 0; i < 50; i++) {
+    const saved = await json(`/api/conversations/${encodeURIComponent(id)}`);
+    const last = saved.messages[saved.messages.length - 1];
+    if (last && last.meta && last.meta.reply_id === replyId) {
+      state.current.messages = saved.messages;
+      return saved.title;
+    }
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  return null;
+}
+
+function renderLast(reply) {
+  const el = $("messages").lastElementChild;
+  if (!el) return;
+  const old = el.querySelector(".tools");
+  const fresh = toolList(reply.meta.tools);
+  if (old) old.replaceWith(fresh);
+  else el.prepend(fresh);
 }
 
 let pending = false;
 function updateLast(reply) {
-  reply.meta.pieces = (reply.meta.pieces || 0) + 1;
   if (pending) return;
   pending = true;
   requestAnimationFrame(() => {
     pending = false;
     const el = $("messages").lastElementChild;
-    if (el) el.querySelector(".body").innerHTML = window.renderMarkdown(reply.content);
+    if (el) {
+      const body = el.querySelector(".body");
+      body.innerHTML = window.renderMarkdown(reply.content);
+      window.decorateMarkdown(body);
+    }
     $("messages").scrollTop = $("messages").scrollHeight;
   });
 }
@@ -362,8 +434,42 @@ async function uploadFiles(files) {
   $("status").textContent = report.join("; ");
 }
 
+async function loadConfig() {
+  state.config = await json("/api/chat/config");
+  $("temperature").value = defaultTemperature();
+  $("top-p").value = defaultTopP();
+}
+
+async function loadTools() {
+  // The tools a conversation can enable (file_search needs a store); checked: the conversation's choice.
+  const store = $("store").value;
+  const listing = await json(`/api/chat/config${store ? `?store=${encodeURIComponent(store)}` : ""}`);
+  const chosen = new Set((state.current && state.current.settings.tools) || []);
+  const box = $("tools");
+  box.replaceChildren(...listing.tools.map((t) => {
+    const label = document.createElement("label");
+    label.title = t.description;
+    const check = document.createElement("input");
+    check.type = "checkbox";
+    check.value = t.name;
+    check.checked = chosen.has(t.name);
+    check.onchange = () => saveSettings();
+    const source = t.source === "builtin" ? "" : ` (${t.source})`;
+    label.append(check, ` ${t.name}${source}`);
+    return label;
+  }));
+  $("tools-summary").textContent = `Tools (${chosen.size ? [...chosen].filter((n) => listing.tools.some((t) => t.name === n)).length : 0} on)`;
+}
+
+function applyTheme(theme) {
+  document.documentElement.dataset.theme = theme;
+  $("hl-light").disabled = theme === "dark";
+  $("hl-dark").disabled = theme !== "dark";
+  $("theme").textContent = theme === "dark" ? "Light" : "Dark";
+}
+
 async function loadModels() {
-  const models = (await json("/v1/models")).data.filter((m) => m.task !== "embed");
+  const models = (await json("/v1/models")).data.filter((m) => m.task !== "embed" && m.id !== state.config.tool_model);
   const select = $("model");
   select.replaceChildren(...models.map((m) => {
     const option = document.createElement("option");
@@ -389,7 +495,14 @@ function wire() {
   };
   $("stop").onclick = () => state.controller && state.controller.abort();
   $("new-chat").onclick = () => newConversation();
-  for (const id of ["system", "temperature", "model", "store"]) $(id).onchange = () => saveSettings();
+  for (const id of ["system", "temperature", "top-p", "model"]) $(id).onchange = () => saveSettings();
+  $("store").onchange = async () => { await saveSettings(); await loadTools(); };
+  $("tools").onchange = () => loadTools();
+  $("theme").onclick = () => {
+    const next = document.documentElement.dataset.theme === "dark" ? "light" : "dark";
+    localStorage.setItem("lamina.theme", next);
+    applyTheme(next);
+  };
   $("upload-button").onclick = () => $("upload").click();
   $("upload").onchange = async () => {
     const files = [...$("upload").files];
@@ -400,13 +513,16 @@ function wire() {
 
 async function start() {
   wire();
+  const dark = window.matchMedia && window.matchMedia("(prefers-color-scheme: dark)").matches;
+  applyTheme(localStorage.getItem("lamina.theme") || (dark ? "dark" : "light"));
   try {
+    await loadConfig();
     await loadModels();
     await loadStores("");
     await loadConversations();
     const remembered = localStorage.getItem("lamina.conversation");
     if (remembered && state.conversations.some((c) => c.id === remembered)) await openConversation(remembered);
-    else renderMessages();
+    else { renderMessages(); await loadTools(); }
     document.body.dataset.ready = "true";
   } catch (error) {
     $("status").textContent = `Cannot reach the server: ${error.message}`;

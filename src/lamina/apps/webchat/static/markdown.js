@@ -1,82 +1,73 @@
-// A small Markdown renderer for untrusted model output.
-// Safety comes from the order of operations: every piece of text is HTML-escaped before any markup is
-// added, and the only markup added is a fixed set of tags without attributes, except links, whose href must
-// be http(s) or mailto (javascript:, data: and the like stay plain text). Nothing from the input can become
-// a tag, an attribute or an event handler.
+// Markdown for untrusted text (model output, tool results): marked renders it, DOMPurify sanitises the HTML,
+// highlight.js colours code blocks (all three vendored under /static/vendor, see VENDOR.md).
+// Three walls, each enough alone for script: (1) raw HTML in the text is shown as text, never parsed (marked's
+// html renderer is replaced by an escaper); (2) links keep only http(s) and mailto targets, and no images are
+// made (a remote image is how injected text exfiltrates data); (3) DOMPurify removes whatever else could run,
+// with the page's Content-Security-Policy (script-src 'self') behind it. highlight.js reads textContent.
 "use strict";
 
 (function () {
   const ESCAPES = { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" };
-  const escapeHtml = (s) => s.replace(/[&<>"']/g, (c) => ESCAPES[c]);
-  const SAFE_URL = /^(https?:\/\/|mailto:)[^\s]*$/i;
+  const escapeHtml = (s) => String(s).replace(/[&<>"']/g, (c) => ESCAPES[c]);
+  const SAFE_URL = /^(https?:\/\/|mailto:)/i;
 
-  function inline(escaped) {
-    // `escaped` is already HTML-escaped; code spans are cut out first so nothing inside them is formatted.
-    const codes = [];
-    let s = escaped.replace(/`([^`\n]+)`/g, (_, code) => {
-      codes.push(code);
-      return `\u0000${codes.length - 1}\u0000`;
-    });
-    s = s.replace(/\[([^\]\n]+)\]\(([^)\s]+)\)/g, (whole, text, url) => {
-      const raw = url.replace(/&amp;/g, "&");
-      if (!SAFE_URL.test(raw)) return whole;
-      return `<a href="${url}" rel="noopener noreferrer nofollow" target="_blank">${text}</a>`;
-    });
-    s = s.replace(/\*\*([^*\n]+)\*\*/g, "<strong>$1</strong>");
-    s = s.replace(/(^|[^*])\*([^*\n]+)\*/g, "$1<em>$2</em>");
-    return s.replace(/\u0000(\d+)\u0000/g, (_, i) => `<code>${codes[Number(i)]}</code>`);
-  }
+  marked.use({
+    gfm: true,
+    breaks: true,
+    renderer: {
+      html(token) { return escapeHtml(token.text); },
+      link(token) {
+        const text = this.parser.parseInline(token.tokens);
+        if (!SAFE_URL.test(token.href)) return text;
+        return `<a href="${escapeHtml(token.href)}" rel="noopener noreferrer nofollow" target="_blank">${text}</a>`;
+      },
+      image(token) { return escapeHtml(token.text || ""); },
+    },
+  });
 
-  function blocks(text) {
-    const out = [];
-    let list = null;
-    let para = [];
-    const flushPara = () => {
-      if (para.length) out.push(`<p>${para.map(inline).join("<br>")}</p>`);
-      para = [];
-    };
-    const flushList = () => {
-      if (list) out.push(`<${list.tag}>${list.items.map((i) => `<li>${inline(i)}</li>`).join("")}</${list.tag}>`);
-      list = null;
-    };
-    for (const line of escapeHtml(text).split("\n")) {
-      const heading = /^(#{1,4})\s+(.*)$/.exec(line);
-      const bullet = /^\s*[-*+]\s+(.*)$/.exec(line);
-      const numbered = /^\s*\d+[.)]\s+(.*)$/.exec(line);
-      if (heading) {
-        flushPara(); flushList();
-        const level = heading[1].length + 2; // h3..h6 inside a message
-        out.push(`<h${level}>${inline(heading[2])}</h${level}>`);
-      } else if (bullet || numbered) {
-        flushPara();
-        const tag = bullet ? "ul" : "ol";
-        if (!list || list.tag !== tag) { flushList(); list = { tag, items: [] }; }
-        list.items.push((bullet || numbered)[1]);
-      } else if (line.trim() === "") {
-        flushPara(); flushList();
-      } else {
-        flushList();
-        para.push(line);
-      }
-    }
-    flushPara(); flushList();
-    return out.join("");
-  }
+  const PURIFY = {
+    ALLOWED_TAGS: ["p", "br", "hr", "strong", "em", "del", "code", "pre", "blockquote", "ul", "ol", "li", "a", "h1", "h2",
+                   "h3", "h4", "h5", "h6", "table", "thead", "tbody", "tr", "th", "td", "span"],
+    ALLOWED_ATTR: ["href", "rel", "target", "class", "start", "align"],
+    ALLOWED_URI_REGEXP: /^(?:https?:|mailto:)/i,
+  };
 
   function render(source) {
-    // Fenced code blocks alternate with prose: ```lang\ncode``` ; an unclosed fence (mid-stream) is code.
-    const parts = source.split("```");
-    return parts
-      .map((part, i) => {
-        if (i % 2 === 0) return blocks(part);
-        const newline = part.indexOf("\n");
-        const lang = newline >= 0 ? part.slice(0, newline).trim() : "";
-        const code = newline >= 0 ? part.slice(newline + 1) : part;
-        const label = /^[\w+#.-]{1,20}$/.test(lang) ? `<span class="lang">${escapeHtml(lang)}</span>` : "";
-        return `<pre>${label}<code>${escapeHtml(code.replace(/\n$/, ""))}</code></pre>`;
-      })
-      .join("");
+    return DOMPurify.sanitize(marked.parse(String(source)), PURIFY);
   }
 
+  // Highlight and add a copy button to each code block of a rendered element (after it is in the page).
+  function decorate(root) {
+    for (const code of root.querySelectorAll("pre > code")) {
+      if (code.dataset.done) continue;
+      code.dataset.done = "1";
+      if (window.hljs) window.hljs.highlightElement(code);
+      const copy = document.createElement("button");
+      copy.type = "button";
+      copy.className = "copy-code";
+      copy.textContent = "Copy";
+      copy.onclick = () => copyText(code.textContent, copy);
+      code.parentElement.append(copy);
+    }
+  }
+
+  function copyText(text, button) {
+    const done = () => { const was = button.textContent; button.textContent = "Copied"; setTimeout(() => { button.textContent = was; }, 1200); };
+    if (navigator.clipboard && window.isSecureContext) navigator.clipboard.writeText(text).then(done, () => fallback(text, done));
+    else fallback(text, done);
+  }
+
+  function fallback(text, done) {
+    const area = document.createElement("textarea");
+    area.value = text;
+    document.body.append(area);
+    area.select();
+    try { document.execCommand("copy"); } finally { area.remove(); }
+    done();
+  }
+
+  window.hljs && window.hljs.configure({ ignoreUnescapedHTML: true });
   window.renderMarkdown = render;
+  window.decorateMarkdown = decorate;
+  window.copyText = copyText;
 })();
