@@ -281,3 +281,20 @@ def test_tools_from_an_mcp_server_in_the_web_chat(browser, tmp_path) -> None:
         context.close()
     finally:
         s.stop()
+
+
+def test_reply_refuses_bad_input_before_streaming(server: Server) -> None:
+    conv = httpx.post(f"{server.url}/api/conversations", json={"title": "bad"}).json()
+    url = f"{server.url}/api/conversations/{conv['id']}/reply"
+    user = [{"role": "user", "content": "hi"}]
+    cases = [(f"{server.url}/api/conversations/conv_nope/reply", {"messages": user}, 404, "No conversation"),
+             (url, {"messages": [{"role": "assistant", "content": "x"}]}, 400, "end with the user's message"),
+             (url, {"messages": user, "tools": ["rm_rf"]}, 400, "no tool 'rm_rf'"),
+             (url, {"messages": user, "tools": ["file_search"]}, 400, "file_search needs a store"),
+             (url, {"messages": user, "temperature": 9}, 400, "temperature"), (url, {"messages": []}, 400, "messages")]
+    for where, body, status, message in cases:
+        r = httpx.post(where, json=body, timeout=60)
+        assert r.status_code == status, (body, r.text)
+        if message:
+            assert message in r.json()["error"]["message"]
+    assert httpx.get(f"{server.url}/api/conversations/{conv['id']}").json()["messages"] == []  # nothing stored

@@ -7,6 +7,7 @@ page and its conversation routes to the API's app; the agents application gives 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,8 +18,11 @@ from lamina.apps.agents import Agent, AgentArgs, AgentRuns, Toolbox
 from lamina.apps.agents.mcp import McpServerConfig, McpTools
 from lamina.apps.agents.tools import builtin_tools, retriever_search
 from lamina.apps.webchat import mount_webchat
+from lamina.errors import LaminaError
 from lamina.llm import LLM
 from lamina.llm.rag import Retriever
+
+logger = logging.getLogger(__name__)
 
 
 class AgentTools:
@@ -42,8 +46,14 @@ class AgentTools:
 
     async def available(self, store: str | None) -> list[dict[str, Any]]:
         if self._listing is None:
-            async with McpTools(self.servers) as mcp:
-                self._listing = [{"name": t.name, "description": t.description, "source": t.source} for t in mcp.tools]
+            listing = []
+            for server in self.servers:  # one by one: a server that does not start costs its own tools only
+                try:
+                    async with McpTools([server]) as mcp:
+                        listing += [{"name": t.name, "description": t.description, "source": t.source} for t in mcp.tools]
+                except LaminaError as e:
+                    logger.warning("%s; its tools are not offered", e.message)
+            self._listing = listing
         builtin = [{"name": t.name, "description": t.description, "source": t.source} for t in self._builtins(store)]
         return builtin + self._listing
 

@@ -94,6 +94,12 @@ class Replies:
             raise InvalidRequestError("the conversation must end with the user's message", param="messages")
         if body.tools and self.tools is None:
             raise InvalidRequestError("this server offers no tools to the web chat", param="tools")
+        if body.tools:
+            offered = {t["name"] for t in await self.tools.available(body.store)}
+            unknown = [t for t in body.tools if t not in offered]
+            if unknown:
+                raise InvalidRequestError(f"no tool {', '.join(map(repr, unknown))} here; the tools are: "
+                                          f"{', '.join(sorted(offered))} (file_search needs a store)", param="tools")
         reply: dict[str, Any] = {"role": "assistant", "content": "", "meta": {"reply_id": body.reply_id} if body.reply_id else {}}
         saved = [m.model_dump() for m in body.messages]
         clock = {"first": None, "last": None}
@@ -142,6 +148,7 @@ class Replies:
         })
         _, chunks = await self.openai.chat_stream(req, request, key)
         async for chunk in chunks:
+            reply["meta"]["completion_tokens"] = _generated(request)  # kept current: a stopped reply has its count too
             if chunk.usage:
                 reply["meta"]["completion_tokens"] = chunk.usage.completion_tokens
             citations = getattr(chunk, "citations", None)
@@ -171,25 +178,15 @@ class Replies:
                 "stream": True, "stream_options": {"include_usage": True}})
             _, chunks = await self.openai.chat_stream(req, request, key)
             content, calls, finish, usage = [], {}, "stop", None
-            async for chunk in chunks:
-                usage = chunk.usage or usage
-                for choice_ in chunk.choices:
-                    delta = choice_.delta
-                    if delta.content:
-                        clock["first"] = clock["first"] or time.perf_counter()
-                        clock["last"] = time.perf_counter()
-                        content.append(delta.content)
-                        events.put_nowait(_event("delta", content=delta.content))
-                    for call in delta.tool_calls or []:
-                        clock["first"] = clock["first"] or time.perf_counter()
-                        clock["last"] = time.perf_counter()
-                        slot = calls.setdefault(call.index, {"id": "", "name": "", "arguments": ""})
-                        slot["id"] = call.id or slot["id"]
-                        fn = call.function
-                        if fn is not None:
-                            slot["name"] += fn.name or ""
-                            slot["arguments"] += fn.arguments or ""
-                    finish = choice_.finish_reason or finish
+            started = time.perf_counter()
+            try:
+                async for chunk in chunks:
+                    usage = chunk.usage or usage
+                    reply["meta"]["completion_tokens"] = tokens["n"] + _generated(request)
+                    self._turn_chunk(chunk, content, calls, clock, events)
+                    finish = next((c.finish_reason for c in chunk.choices if c.finish_reason), finish)
+            finally:
+                self._finish_turn(request, started)
             made = [ToolCall(c["name"], c["arguments"], c["id"]) for _, c in sorted(calls.items())]
             prompt_tokens = usage.prompt_tokens if usage else 0
             completion_tokens = usage.completion_tokens if usage else 0
@@ -229,6 +226,39 @@ class Replies:
                 await asyncio.gather(task, return_exceptions=True)
         reply["content"] = run.answer
         reply["meta"]["status"] = run.status
+
+    @staticmethod
+    def _turn_chunk(chunk: Any, content: list[str], calls: dict[int, dict[str, str]], clock: dict[str, Any],
+                    events: asyncio.Queue[str | None]) -> None:
+        for choice in chunk.choices:
+            delta = choice.delta
+            if delta.content or delta.tool_calls:
+                clock["first"] = clock["first"] or time.perf_counter()
+                clock["last"] = time.perf_counter()
+            if delta.content:
+                content.append(delta.content)
+                events.put_nowait(_event("delta", content=delta.content))
+            for call in delta.tool_calls or []:
+                slot = calls.setdefault(call.index, {"id": "", "name": "", "arguments": ""})
+                slot["id"] = call.id or slot["id"]
+                if call.function is not None:
+                    slot["name"] += call.function.name or ""
+                    slot["arguments"] += call.function.arguments or ""
+
+    def _finish_turn(self, request: Request, started: float) -> None:
+        """Close the usage row of one agent turn (a reply with tools makes several chat requests in one HTTP
+        request; the API's middleware closes only the last one it sees)."""
+        usage = getattr(request.state, "usage", None)
+        if usage is not None:
+            self.openai.usage.finish(usage.usage_id, status=200, latency_ms=(time.perf_counter() - started) * 1000,
+                                     prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens)
+            request.state.usage = None
+
+
+def _generated(request: Request) -> int:
+    """Tokens generated so far for the request being streamed (the engine's count, which the API keeps)."""
+    usage = getattr(request.state, "usage", None)
+    return usage.completion_tokens if usage is not None else 0
 
 
 class _Turn:
