@@ -34,7 +34,9 @@ def client(server: Server):  # type: ignore[no-untyped-def]
 
 def test_models_list_and_retrieve(client) -> None:
     models = client.models.list()
-    assert [m.id for m in models.data] == [MODEL, "all-minilm-l6-v2"]
+    # the shipped tool-use adapter is served beside the base model (`lamina serve --tool-adapter auto`)
+    assert [m.id for m in models.data] == [MODEL, "smollm2-135m-tools", "all-minilm-l6-v2"]
+    assert models.data[1].parent == MODEL
     card = client.models.retrieve(MODEL)
     assert card.id == MODEL and card.object == "model" and card.owned_by == "lamina"
     with pytest.raises(openai.NotFoundError):

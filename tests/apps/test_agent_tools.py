@@ -259,3 +259,35 @@ def test_cli_mcp_list(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "lamina", "mcp", "list", "--mcp-config", str(tmp_path / "none.json")],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.startswith("error: cannot read the MCP config")
+
+
+# --- the loop, with scripted turns (the `turn` hook the web chat uses) ---------------------------------
+
+def test_agent_loop_runs_calls_stops_on_repeats_and_records(tmp_path: Path) -> None:
+    from lamina.apps.agents import Agent, AgentArgs, AgentRuns
+    from lamina.apps.agents.agent import Turn
+    from lamina.infra.db import Database
+    from lamina.llm.text.tools import ToolCall
+
+    said: list[list[dict]] = []
+
+    async def repeating(messages, tools, choice, params):  # type: ignore[no-untyped-def]
+        said.append([dict(m) for m in messages])
+        return Turn("", [ToolCall("calculator", '{"expression": "6*7"}')], 10, 5, "tool_calls")
+
+    runs = AgentRuns(Database(tmp_path / "lamina.db"))
+    run = Agent(None, Toolbox([calculator()]), AgentArgs(max_steps=5), runs=runs, turn=repeating).run("six times seven")  # type: ignore[arg-type]
+    assert run.status == "repeated_calls" and run.calls() == ["calculator"]  # run once, not five times
+    assert said[1][-1] == {"role": "tool", "tool_call_id": said[1][-2]["tool_calls"][0]["id"], "content": "42"}
+    assert run.completion_tokens == 10 and [s.kind for s in runs.get(run.id).steps] == ["model", "tool", "model", "stopped"]
+
+    async def answering(messages, tools, choice, params):  # type: ignore[no-untyped-def]
+        if messages[-1]["role"] == "tool":
+            return Turn("It is 42.", [], 20, 4, "stop")
+        assert choice == "required" and [t["function"]["name"] for t in tools] == ["calculator"]
+        return Turn("", [ToolCall("calculator", '{"expression": "6*7"}'), ToolCall("rm_rf", "{}")], 10, 6, "tool_calls")
+
+    run = Agent(None, Toolbox([calculator()]), AgentArgs(tool_choice="required"), turn=answering).run("six times seven")  # type: ignore[arg-type]
+    assert run.status == "answered" and run.answer == "It is 42." and run.prompt_tokens == 30
+    refused = [s.data for s in run.steps if s.kind == "tool" and s.data["name"] == "rm_rf"]
+    assert refused and refused[0]["is_error"] and not refused[0]["enabled"]

@@ -221,10 +221,12 @@ def test_sampling_defaults_theme_copy_and_one_request_per_reply(page, server: Se
     page.fill("#temperature", "0")
     page.dispatch_event("#temperature", "change")
     _send(page, "Say hello.")
+    page.wait_for_selector(".message.assistant .stats", timeout=60_000)
     page.wait_for_selector("#send:not([hidden])", timeout=60_000)
     requests: list[str] = []
     page.on("request", lambda r: requests.append(f"{r.method} {r.url.removeprefix(server.url)}"))
     _send(page, "Write a haiku about the sea, then explain it in one sentence.")
+    page.wait_for_function("document.querySelectorAll('.message.assistant .stats').length === 2", timeout=60_000)
     page.wait_for_selector("#send:not([hidden])", timeout=60_000)
     replies = [r for r in requests if r.endswith("/reply")]
     assert len(replies) == 1 and requests == replies, requests

@@ -211,3 +211,17 @@ def test_unbounded_numbers_are_held_to_the_exact_json_range(smollm) -> None:
     assert all(m.advance(t) for t in tok.encode(str(SAFE_INTEGER), add_special_tokens=False))
     m = smollm.engine._engine.grammars.matcher(StructuredOutput("json_schema", {"type": "integer"}))
     assert not all(m.advance(t) for t in tok.encode("1" * 20, add_special_tokens=False))
+
+
+@pytest.mark.parametrize("max_tokens", [12, 40])
+def test_a_budget_that_runs_out_still_ends_in_valid_json(smollm, max_tokens: int) -> None:
+    """Unbounded strings and arrays would be cut mid-value by max_tokens; in the budget's last tokens the grammar
+    keeps to closing tokens, so the answer is complete JSON (reported as `length`: it was cut short)."""
+    schema = {"type": "object", "properties": {"chapters": {"type": "array", "items": {"type": "string"}},
+                                               "moral": {"type": "string"}}, "required": ["chapters"]}
+    c = smollm.chat([{"role": "user", "content": "Write a very long story about a dragon, chapter by chapter, as JSON."}],
+                    response_format=schema, max_tokens=max_tokens, temperature=0)
+    jsonschema.validate(json.loads(c.text), schema)
+    assert c.finish_reason == "length" and c.parsed is None and c.completion_tokens <= max_tokens
+    free = smollm.chat([{"role": "user", "content": "Write a very long story about a dragon."}], max_tokens=max_tokens, temperature=0)
+    assert free.finish_reason == "length"  # the same budget, unconstrained, is cut wherever it ends

@@ -4,6 +4,7 @@ tools over MCP)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from typing import Any
 
@@ -74,21 +75,25 @@ def agent(task: str | None, stores: tuple[str, ...], allow_dir: str | None, mcp_
     servers = _mcp_servers(mcp_config)
     search = retriever_search(_retriever(), stores) if stores else None
     folder = Folder(allow_dir) if allow_dir else None
-    llm = load_llm(model, device, dtype)
-    args = AgentArgs(max_steps=max_steps, max_tokens=max_tokens, tool_choice=tool_choice,  # type: ignore[arg-type]
-                     grammar=not no_grammar, temperature=temperature, adapter=use_tool_adapter(llm, adapter))
+    loaded: list[Any] = []
+    checked = AgentArgs(max_steps=max_steps, max_tokens=max_tokens, tool_choice=tool_choice,  # type: ignore[arg-type]
+                        grammar=not no_grammar, temperature=temperature)
 
     async def go() -> Any:
-        async with McpTools(servers) as mcp:
+        async with McpTools(servers) as mcp:  # the tools first: a bad --tool is an error before the model loads
             box = Toolbox([*builtin_tools(search=search, stores=stores, folder=folder), *mcp.tools])
             box = box.only(list(only)) if only else box
+            llm = load_llm(model, device, dtype)
+            loaded.append(llm)
+            args = dataclasses.replace(checked, adapter=use_tool_adapter(llm, adapter))
             shown = None if as_json else _StepPrinter(box)
             return await Agent(llm, box, args, runs=runs, on_step=shown).arun(task)
 
     try:
         run = asyncio.run(go())
     finally:
-        llm.close()
+        for llm in loaded:
+            llm.close()
     if as_json:
         click.echo(json.dumps(_run_dict(run), indent=2, ensure_ascii=False))
     else:

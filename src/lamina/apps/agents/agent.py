@@ -8,7 +8,8 @@ Each turn the model sees the conversation and the enabled tools (through its cha
 tools prompt for templates without tools) and either answers or calls tools; started calls are held to the
 tools' schemas by the grammar. The calls are run by the `Toolbox` (nothing outside it ever runs), their
 results go back as `role: tool` messages, and the loop goes on until the model answers, `max_steps` model
-turns have passed, or `max_tokens` tokens have been generated. The loop is written once, async (MCP tools
+turns have passed, `max_tokens` tokens have been generated, or the model asks again for calls it has made
+(`repeated_calls`: their results are already in the conversation). The loop is written once, async (MCP tools
 are async); `run` drives it for synchronous code.
 
 Every step is an event (`model`, `tool`, `answer`, `stopped`) given to `on_step` as it happens (the CLI
@@ -35,7 +36,8 @@ from lamina.llm.text.tools import ToolCall, split_calls
 SYSTEM = ("You are a helpful assistant with tools. Call a tool when the question needs one (facts from documents, "
           "any arithmetic, look-ups); when the tool results are in, answer the user's question in one or two "
           "sentences, using those results.")
-Status = Literal["running", "answered", "step_limit", "token_budget", "failed"]
+Status = Literal["running", "answered", "step_limit", "token_budget", "repeated_calls", "failed"]
+"""repeated_calls: the model asked for calls it had made already (a loop a small model can fall into)."""
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,7 @@ class Agent:
         return run
 
     async def _loop(self, run: AgentRun, messages: list[dict[str, Any]]) -> None:
+        done_calls: set[tuple[str, str]] = set()
         for turn in range(self.args.max_steps):
             left = self.args.max_tokens - run.completion_tokens
             if left <= 0:
@@ -159,6 +162,11 @@ class Agent:
                 run.answer, run.status = content.strip(), "answered"
                 self._record(run, Step("answer", {"content": run.answer}))
                 return
+            made = [(c.name, _canonical(c.arguments)) for c in calls]
+            if all(m in done_calls for m in made):  # the same calls again: their results are already above
+                self._stop(run, "repeated_calls", content)
+                return
+            done_calls.update(made)
             messages.append({"role": "assistant", "content": content or None, "tool_calls": [
                 {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls]})
             for call in calls:
@@ -194,7 +202,8 @@ class Agent:
         return Turn(content, calls, len(ids), count, "tool_calls" if calls else finish)
 
     def _stop(self, run: AgentRun, reason: str, content: str = "") -> None:
-        run.status = "token_budget" if reason in ("token_budget", "step_tokens") else "step_limit"  # type: ignore[assignment]
+        run.status = {"token_budget": "token_budget", "step_tokens": "token_budget",
+                      "repeated_calls": "repeated_calls"}.get(reason, "step_limit")  # type: ignore[assignment]
         run.answer = content.strip()
         self._record(run, Step("stopped", {"reason": reason, "content": run.answer}))
 
@@ -204,6 +213,13 @@ class Agent:
             self.runs.add_step(run, step)
         if self.on_step is not None:
             self.on_step(run, step)
+
+
+def _canonical(arguments: str) -> str:
+    try:
+        return json.dumps(json.loads(arguments), sort_keys=True)
+    except ValueError:
+        return arguments
 
 
 # --- the record of runs --------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ system prompt, the tools shown through the model's tool format, calls in `<tool_
 - arithmetic -> calculator -> the answer with the computed value;
 - a question on documents -> file_search -> the answer copied from the passage that holds it (the documents
   are invented: fictional protocols, libraries and formats, never the pydoc store the evaluation uses);
-- both in a row (look a number up, then compute with it), and two independent calls in one turn;
+- both in a row (look a number up, then compute with it), and two or three independent calls in one turn;
+- passages that do not hold the answer, answered as such (never the same search again);
 - the date, and look-ups on tools with other names (as MCP servers offer them), so the names in the list
   are read rather than memorised;
 - chat that needs no tool, answered with the base model's own answer (self-distilled), so `auto` still answers.
@@ -165,8 +166,8 @@ class Generator:
         return v
 
     def example(self) -> dict[str, Any]:
-        kind = self.rng.choices(["calc", "doc", "doc_calc", "parallel", "date", "lookup", "chat"],
-                                weights=[20, 22, 12, 8, 5, 12, 14])[0]
+        kind = self.rng.choices(["calc", "doc", "doc_calc", "parallel", "triple", "not_found", "date", "lookup", "chat"],
+                                weights=[16, 16, 12, 14, 6, 6, 4, 10, 12])[0]
         return getattr(self, f"_{kind}")()
 
     def _calc(self) -> dict[str, Any]:
@@ -198,12 +199,37 @@ class Generator:
                                                           [("calculator", {"expression": expr}, str(value))]], answer)
 
     def _parallel(self) -> dict[str, Any]:
+        """A question on the documents and a calculation in one message: two calls in one turn, in the order asked."""
         f = self.fact()
         q1, expr, value = self.calc_task()
-        q = f"{f['q']} Also, {q1[0].lower()}{q1[1:]}"
-        return self._run(self.tools(*self.standard()), q, [[("file_search", {"query": f["query"]}, self.passages(f)),
-                                                           ("calculator", {"expression": expr}, value)]],
+        calc_q = f"{q1[0].lower()}{q1[1:]}"
+        join = self.rng.choice(["Also, ", "And ", "Then ", "Besides, "])
+        search = ("file_search", {"query": f["query"]}, self.passages(f))
+        calc = ("calculator", {"expression": expr}, value)
+        if self.rng.random() < 0.3:
+            q = f"{q1} {join}{f['q'][0].lower()}{f['q'][1:]}"
+            return self._run(self.tools(*self.standard()), q, [[calc, search]], f"{expr} = {value}. {f['answer']}")
+        return self._run(self.tools(*self.standard()), f"{f['q']} {join}{calc_q}", [[search, calc]],
                          f"{f['answer']} And {expr} = {value}.")
+
+    def _triple(self) -> dict[str, Any]:
+        """Two calculations and a look-up: three calls in one turn."""
+        f = self.fact()
+        (q1, e1, v1), (q2, e2, v2) = self.calc_task(), self.calc_task()
+        q = f"{q1} {q2} And {f['q'][0].lower()}{f['q'][1:]}"
+        return self._run(self.tools(*self.standard()), q, [[("calculator", {"expression": e1}, v1),
+                                                           ("calculator", {"expression": e2}, v2),
+                                                           ("file_search", {"query": f["query"]}, self.passages(f))]],
+                         f"{e1} = {v1} and {e2} = {v2}. {f['answer']}")
+
+    def _not_found(self) -> dict[str, Any]:
+        """The passages do not hold the answer: say so, do not search again."""
+        f = self.fact()
+        others = "\n".join(f"[{i}] ({o['name'].lower()}.txt) {o['fact']} {self.rng.choice(FILLER)}"
+                            for i, o in enumerate([self.fact() for _ in range(self.rng.randint(1, 3))], start=1))
+        return self._run(self.tools(*self.standard()), f["q"], [[("file_search", {"query": f["query"]}, others)]],
+                         self.rng.choice([f"The documents do not say anything about {f['name']}.",
+                                          f"I could not find {f['name']} in the documents."]))
 
     def _date(self) -> dict[str, Any]:
         when = dt.datetime(2024, 1, 1, tzinfo=dt.UTC) + dt.timedelta(minutes=self.rng.randint(0, 3 * 525600))

@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 from fastapi import Request
-from pydantic import BaseModel, Field
+from pydantic import MISSING, BaseModel, Field, ValidationError
 
 from lamina.api.openai.protocol import ChatCompletionRequest
 from lamina.apps.webchat.store import ConversationStore
@@ -125,6 +125,10 @@ class Replies:
             meta["error"] = e.message
             yield _event("error", message=e.message)
             finished = True
+        except ValidationError as e:  # a request built from the page's values that the API refuses
+            meta["error"] = str(e.errors()[0].get("msg")) if e.errors() else str(e)
+            yield _event("error", message=meta["error"])
+            finished = True
         finally:
             if not finished:
                 meta["stopped"] = True  # the page went away or pressed stop
@@ -142,25 +146,26 @@ class Replies:
     async def _chat(self, request: Request, key: Any, body: ReplyRequest, history: list[dict[str, Any]], reply: dict[str, Any],
                     clock: dict[str, Any], temperature: float, top_p: float) -> AsyncIterator[str]:
         req = ChatCompletionRequest.model_validate({
-            "model": body.model, "messages": history, "temperature": temperature, "top_p": top_p, "stream": True,
-            "stream_options": {"include_usage": True}, "max_tokens": body.max_tokens,
+            "model": body.model or self.openai.model_name, "messages": history, "temperature": temperature, "top_p": top_p,
+            "stream": True, "stream_options": {"include_usage": True}, "max_tokens": body.max_tokens,
             **({"vector_store_ids": [body.store]} if body.store else {}),
         })
         _, chunks = await self.openai.chat_stream(req, request, key)
         async for chunk in chunks:
             reply["meta"]["completion_tokens"] = _generated(request)  # kept current: a stopped reply has its count too
-            if chunk.usage:
+            if _got(chunk.usage):
                 reply["meta"]["completion_tokens"] = chunk.usage.completion_tokens
-            citations = getattr(chunk, "citations", None)
+            citations = _got(getattr(chunk, "citations", None))
             if isinstance(citations, list) and citations:
                 reply["meta"]["citations"] = [c.model_dump(mode="json") for c in citations]
                 yield _event("citations", citations=reply["meta"]["citations"])
             for choice in chunk.choices:
-                if choice.delta.content:
+                text = _got(choice.delta.content)
+                if text:
                     clock["first"] = clock["first"] or time.perf_counter()
                     clock["last"] = time.perf_counter()
-                    reply["content"] += choice.delta.content
-                    yield _event("delta", content=choice.delta.content)
+                    reply["content"] += text
+                    yield _event("delta", content=text)
 
     async def _agent(self, request: Request, key: Any, body: ReplyRequest, history: list[dict[str, Any]], reply: dict[str, Any],
                      clock: dict[str, Any], temperature: float, top_p: float) -> AsyncIterator[str]:
@@ -173,7 +178,7 @@ class Replies:
 
         async def turn(messages: list[dict[str, Any]], specs: list[dict[str, Any]], choice: str, params: Any) -> Any:
             req = ChatCompletionRequest.model_validate({
-                "model": self.tools.model or body.model, "messages": messages, "tools": specs, "tool_choice": choice,
+                "model": self.tools.model or body.model or self.openai.model_name, "messages": messages, "tools": specs, "tool_choice": choice,
                 "temperature": params.temperature, "top_p": params.top_p, "max_tokens": params.max_tokens,
                 "stream": True, "stream_options": {"include_usage": True}})
             _, chunks = await self.openai.chat_stream(req, request, key)
@@ -181,10 +186,10 @@ class Replies:
             started = time.perf_counter()
             try:
                 async for chunk in chunks:
-                    usage = chunk.usage or usage
+                    usage = _got(chunk.usage) or usage
                     reply["meta"]["completion_tokens"] = tokens["n"] + _generated(request)
                     self._turn_chunk(chunk, content, calls, clock, events)
-                    finish = next((c.finish_reason for c in chunk.choices if c.finish_reason), finish)
+                    finish = next((c.finish_reason for c in chunk.choices if _got(c.finish_reason)), finish)
             finally:
                 self._finish_turn(request, started)
             made = [ToolCall(c["name"], c["arguments"], c["id"]) for _, c in sorted(calls.items())]
@@ -231,19 +236,20 @@ class Replies:
     def _turn_chunk(chunk: Any, content: list[str], calls: dict[int, dict[str, str]], clock: dict[str, Any],
                     events: asyncio.Queue[str | None]) -> None:
         for choice in chunk.choices:
-            delta = choice.delta
-            if delta.content or delta.tool_calls:
+            text, made = _got(choice.delta.content), _got(choice.delta.tool_calls)
+            if text or made:
                 clock["first"] = clock["first"] or time.perf_counter()
                 clock["last"] = time.perf_counter()
-            if delta.content:
-                content.append(delta.content)
-                events.put_nowait(_event("delta", content=delta.content))
-            for call in delta.tool_calls or []:
+            if text:
+                content.append(text)
+                events.put_nowait(_event("delta", content=text))
+            for call in made or []:
                 slot = calls.setdefault(call.index, {"id": "", "name": "", "arguments": ""})
-                slot["id"] = call.id or slot["id"]
-                if call.function is not None:
-                    slot["name"] += call.function.name or ""
-                    slot["arguments"] += call.function.arguments or ""
+                slot["id"] = _got(call.id) or slot["id"]
+                fn = _got(call.function)
+                if fn is not None:
+                    slot["name"] += _got(fn.name) or ""
+                    slot["arguments"] += _got(fn.arguments) or ""
 
     def _finish_turn(self, request: Request, started: float) -> None:
         """Close the usage row of one agent turn (a reply with tools makes several chat requests in one HTTP
@@ -253,6 +259,11 @@ class Replies:
             self.openai.usage.finish(usage.usage_id, status=200, latency_ms=(time.perf_counter() - started) * 1000,
                                      prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens)
             request.state.usage = None
+
+
+def _got(value: Any) -> Any:
+    """A chunk field's value, None where OpenAI's shape omits it (pydantic's MISSING)."""
+    return None if value is MISSING else value
 
 
 def _generated(request: Request) -> int:

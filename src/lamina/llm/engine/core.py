@@ -237,8 +237,11 @@ class Engine:
                 p = seq.params
                 is_stop = sample.token_id in p.stop_token_ids or (not p.ignore_eos and sample.token_id in self.eos_ids)
                 finish: FinishReason | None = "stop" if is_stop else ("length" if len(seq.output_ids) >= p.max_tokens else None)
-                if finish is None and seq.sampler.matcher is not None and seq.sampler.matcher.done:
+                matcher = seq.sampler.matcher
+                if finish is None and matcher is not None and matcher.done:
                     finish = "stop"  # the grammar admits nothing more: the output is complete
+                if finish == "stop" and matcher is not None and matcher.closing:
+                    finish = "length"  # complete and valid, but closed early because the budget ran out
                 if finish is None and self.args.max_request_seconds is not None and now - seq.arrival >= self.args.max_request_seconds:
                     finish = "length"  # the server's time limit
                 events.append(TokenEvent(seq.request_id, sample.token_id, sample.logprob, sample.top_logprobs, finish, is_stop,

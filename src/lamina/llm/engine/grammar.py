@@ -26,6 +26,7 @@ import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Literal
 
 import numpy as np
@@ -256,7 +257,22 @@ class Grammars:
 
     def matcher(self, structured: StructuredOutput) -> Matcher:
         """A fresh matcher at the start of `structured`'s language."""
-        return Matcher(self._template(structured).deep_copy(), self.tokenizer.vocab_size, self.vocab_size)
+        # Only JSON closes early: in a grammar with free text (a tool call under auto) a quote or a brace is text.
+        closers = self.closers if structured.kind in ("json_schema", "json_object") else None
+        return Matcher(self._template(structured).deep_copy(), self.tokenizer.vocab_size, self.vocab_size, closers)
+
+    @cached_property
+    def closers(self) -> np.ndarray:
+        """(tokenizer vocab,) bool: the tokens that only close what is open (made of `"`, `]` and `}`), and the
+        end of sequence; what a matcher keeps to when the token budget is nearly spent."""
+        tok = self.tokenizer
+        out = np.zeros(tok.vocab_size, dtype=bool)
+        for i in range(tok.vocab_size):
+            text = tok.decode_bytes([i])
+            out[i] = bool(text) and not text.strip(b'"]}')
+        if 0 <= self._eos_id < tok.vocab_size:
+            out[self._eos_id] = True
+        return out
 
     def _template(self, structured: StructuredOutput) -> Any:
         import llguidance as llg
@@ -280,12 +296,15 @@ class Grammars:
 class Matcher:
     """One sequence's place in its grammar: the mask of the tokens that may come next, and the tokens taken."""
 
-    def __init__(self, matcher: Any, tokenizer_vocab: int, model_vocab: int) -> None:
+    def __init__(self, matcher: Any, tokenizer_vocab: int, model_vocab: int, closers: np.ndarray | None = None) -> None:
         self._m = matcher
         self._vocab = tokenizer_vocab
         self._model_vocab = model_vocab
         self._mask = np.zeros((tokenizer_vocab + 31) // 32, dtype=np.int32)
         self._fresh = False
+        self._closers = closers
+        self.closing = False
+        """Whether the budget ran low and the output was closed early (its finish reason is then `length`)."""
 
     def fill(self) -> None:
         """Compute the mask of the next token (drops the GIL: the engine runs it beside the forward)."""
@@ -293,10 +312,19 @@ class Matcher:
             self._m.unsafe_compute_mask_ptr(self._mask.ctypes.data, self._mask.nbytes)
             self._fresh = True
 
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        """`logits` (vocab,) float32 with every token the grammar forbids at minus infinity (a new tensor)."""
+    def apply(self, logits: torch.Tensor, closing: bool = False) -> torch.Tensor:
+        """`logits` (vocab,) float32 with every token the grammar forbids at minus infinity (a new tensor).
+
+        `closing` (the token budget is nearly spent): where the grammar allows a token that only closes (a
+        string's quote, `]`, `}`, the end), keep to those, so that the output ends complete and valid instead
+        of being cut mid-value; where it allows none (a required key still to write), the mask is unchanged."""
         self.fill()
         allowed = np.unpackbits(self._mask.view(np.uint8), count=self._vocab, bitorder="little")
+        if closing and self._closers is not None:
+            ends = allowed.astype(bool) & self._closers
+            if ends.any():
+                allowed = ends.astype(np.uint8)
+                self.closing = True
         out = logits.detach().to(torch.float32, copy=True).cpu()
         values = out.numpy()
         np.putmask(values[: self._vocab], allowed == 0, -np.inf)

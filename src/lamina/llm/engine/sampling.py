@@ -111,6 +111,7 @@ class Sampler:
             self.generator = torch.Generator(device=device).manual_seed(params.seed)
         self.output_counts: torch.Tensor | None = None
         self.seen: torch.Tensor | None = None
+        self.generated = 0
         if params.presence_penalty or params.frequency_penalty:
             self.output_counts = torch.zeros(vocab_size, device=device)
         if params.repetition_penalty != 1.0:
@@ -123,7 +124,7 @@ class Sampler:
         p = self.params
         raw = logits
         if self.matcher is not None:
-            logits = self.matcher.apply(logits)
+            logits = self.matcher.apply(logits, closing=p.max_tokens - self.generated <= closing_reserve(p.max_tokens))
         logits = self._penalise(logits)
         if p.greedy:
             token = argmax(logits)
@@ -164,12 +165,19 @@ class Sampler:
         return logits
 
     def _record(self, token: int) -> None:
+        self.generated += 1
         if self.matcher is not None:
             self.matcher.advance(token)
         if self.output_counts is not None:
             self.output_counts[token] += 1
         if self.seen is not None:
             self.seen[token] = True
+
+
+def closing_reserve(max_tokens: int) -> int:
+    """The last tokens of a constrained request's budget, in which its grammar closes what is open (`Matcher`):
+    an eighth of the budget, between 6 and 24 tokens (a quote and a few brackets, which tokenizers often merge)."""
+    return min(24, max(6, max_tokens // 8))
 
 
 def argmax(row: torch.Tensor) -> int:
