@@ -261,8 +261,8 @@ def test_tools_from_an_mcp_server_in_the_web_chat(browser, tmp_path) -> None:
         page.goto(s.url + "/")
         page.wait_for_selector("body[data-ready=true]")
         assert page.locator("#model option").all_inner_texts() == ["smollm2-135m-instruct"]  # the tool adapter is not a choice
-        names = page.locator("#tools label").all_inner_texts()
-        assert any("notes_get_code (notes)" in n for n in names) and not any("delete" in n for n in names)
+        names = page.locator("#tools label").all_text_contents()
+        assert any("notes_get_code (notes)" in n for n in names) and not any("delete" in n for n in names), names
         page.click("#tools-summary")
         page.check("#tools input[value=notes_get_code]")
         page.fill("#temperature", "0")

@@ -458,7 +458,11 @@ async function loadTools() {
     label.append(check, ` ${t.name}${source}`);
     return label;
   }));
-  $("tools-summary").textContent = `Tools (${chosen.size ? [...chosen].filter((n) => listing.tools.some((t) => t.name === n)).length : 0} on)`;
+  countTools();
+}
+
+function countTools() {
+  $("tools-summary").textContent = `Tools (${document.querySelectorAll("#tools input:checked").length} on)`;
 }
 
 function applyTheme(theme) {
@@ -497,7 +501,7 @@ function wire() {
   $("new-chat").onclick = () => newConversation();
   for (const id of ["system", "temperature", "top-p", "model"]) $(id).onchange = () => saveSettings();
   $("store").onchange = async () => { await saveSettings(); await loadTools(); };
-  $("tools").onchange = () => loadTools();
+  $("tools").onchange = () => countTools();
   $("theme").onclick = () => {
     const next = document.documentElement.dataset.theme === "dark" ? "light" : "dark";
     localStorage.setItem("lamina.theme", next);
