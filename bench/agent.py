@@ -116,6 +116,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=len(TASKS))
     parser.add_argument("--store", default="pydoc")
+    parser.add_argument("--adapter", action="append", default=[], metavar="FOLDER",
+                        help="also score this tool-use adapter (with the grammar); repeatable")
     a = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     import torch
@@ -140,6 +142,9 @@ def main() -> None:
     configs = [("base, no grammar", False, None), ("base, grammar", True, None)]
     if adapter:
         configs += [("adapter, no grammar", False, adapter), ("adapter, grammar", True, adapter)]
+    for i, folder in enumerate(a.adapter):
+        llm.load_adapter(f"extra{i}", folder)
+        configs.append((f"{Path(folder).name}, grammar", True, f"extra{i}"))
     started = time.perf_counter()
     results = {}
     for label, grammar, which in configs:

@@ -57,6 +57,8 @@ def test_calculator_tool_result_and_error() -> None:
     tool = calculator()
     assert run(tool.call({"expression": "6 * 7"})).text == "42"
     assert run(tool.call({"expression": "10 / 4"})).text == "2.5"
+    assert run(tool.call({"expression": "17 / 100 * 2400"})).text == "408"
+    assert run(tool.call({"expression": "1 / 3"})).text == "0.333333333333"
     bad = run(tool.call({"expression": "import os"}))
     assert bad.is_error and "not an arithmetic expression" in bad.text
 

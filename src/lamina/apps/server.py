@@ -67,6 +67,9 @@ class AgentTools:
         async with McpTools(wanted) as mcp:
             box = Toolbox([*builtins, *mcp.tools]).only(enabled)
             args = AgentArgs(temperature=temperature, top_p=top_p)
+            if history and history[0]["role"] == "system":  # the conversation's own system prompt joins the agent's
+                args = AgentArgs(temperature=temperature, top_p=top_p, system=f"{args.system}\n\n{history[0]['content']}")
+                history = history[1:]
             agent = Agent(llm, box, args, runs=self._runs, on_step=lambda run, step: on_step(step.kind, step.data), turn=turn)
             return await agent.arun(task, history)
 

@@ -214,8 +214,10 @@ def _bounded(value: Any) -> Any:
 def calculator() -> AgentTool:
     def run(args: dict[str, Any]) -> str:
         value = calculate(str(args.get("expression", "")))
-        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-            value = int(value)
+        if isinstance(value, float):  # 12 significant digits: 17 / 100 * 2400 is 408, not 408.0000000000006
+            value = float(f"{value:.12g}")
+            if value.is_integer() and abs(value) < 2**53:
+                value = int(value)
         return str(value)
 
     return AgentTool(

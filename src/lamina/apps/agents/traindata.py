@@ -23,6 +23,7 @@ import argparse
 import datetime as dt
 import json
 import random
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,22 @@ def _tool(spec: tuple[str, str, dict[str, Any], list[str]]) -> dict[str, Any]:
                                              "parameters": {"type": "object", "properties": props, "required": required}}}
 
 
+_STOP = frozenset([
+    "which", "what", "whats", "does", "do", "did", "is", "are", "was", "were", "the", "a", "an", "of", "to",
+    "when", "how", "many", "much", "who", "whom", "according", "docs", "documents", "document", "look", "up",
+    "search", "check", "for", "it", "its", "that", "and", "by", "in", "use", "uses", "used", "has", "have",
+    "written", "also", "then", "tell", "me", "find", "please", "there", "this", "these", "those", "be",
+    "can", "could", "would", "should", "says", "say", "about", "default"
+])
+"""Question words and fillers, left out of the queries the examples search with."""
+
+
+def query_of(question: str) -> str:
+    """A search query as a user's question gives it: its words, less the question words and fillers."""
+    words = [w for w in re.findall(r"[A-Za-z0-9_]+", question) if w.lower() not in _STOP]
+    return " ".join(words) or question
+
+
 class Generator:
     def __init__(self, seed: int, chat_answer: Callable[[str], str] | None) -> None:
         self.rng = random.Random(seed)
@@ -103,6 +120,11 @@ class Generator:
     # --- facts in invented documents ----------------------------------------------------------------------
 
     def fact(self) -> dict[str, Any]:
+        """An invented fact, the question it answers, and the query a search for it takes (the question's words)."""
+        f = self._fact()
+        return {**f, "query": query_of(f["q"])}
+
+    def _fact(self) -> dict[str, Any]:
         name, kind = self.name(), self.rng.choice(KINDS)
         what = f"the {name} {kind}"
         pick = self.rng.randrange(5)
@@ -110,29 +132,29 @@ class Generator:
             n, unit = self.rng.randint(2, 64), self.rng.choice(UNITS)
             return {"fact": f"The {name} {kind} uses {n} {unit}.", "q": self.rng.choice([
                 f"How many {unit} does {what} use?", f"According to the docs, how many {unit} does {name} use?",
-                f"Look up how many {unit} {what} has."]), "query": f"{name} {unit}", "number": n, "unit": unit,
+                f"Look up how many {unit} {what} has."]), "query": "", "number": n, "unit": unit,
                 "answer": f"The {name} {kind} uses {n} {unit}.", "name": name, "kind": kind}
         if pick == 1:
             err, cond = self.rng.choice(ERRORS), self.rng.choice(CONDITIONS)
             return {"fact": f"The {name} {kind} raises {err} when {cond}.", "q": self.rng.choice([
                 f"Which error does {what} raise when {cond}?", f"What exception does {name} raise when {cond}?"]),
-                "query": f"{name} error {cond}", "answer": f"{name} raises {err} when {cond}.", "name": name, "kind": kind}
+                "query": "", "answer": f"{name} raises {err} when {cond}.", "name": name, "kind": kind}
         if pick == 2:
             person, year = self.rng.choice(PEOPLE), self.rng.randint(1975, 2024)
             return {"fact": f"The {name} {kind} was written by {person} in {year}.", "q": self.rng.choice([
-                f"Who wrote {what}?", f"When was {what} written, and by whom?"]), "query": f"{name} author",
+                f"Who wrote {what}?", f"When was {what} written, and by whom?"]), "query": "",
                 "number": year, "unit": "year", "answer": f"{what.capitalize()} was written by {person} in {year}.",
                 "name": name, "kind": kind}
         if pick == 3:
             purpose = self.rng.choice(PURPOSES)
             return {"fact": f"{name} is a {kind} used to {purpose}.", "q": self.rng.choice([
-                f"What is {name} used for?", f"Search the documents: what does {name} do?"]), "query": f"{name} purpose",
+                f"What is {name} used for?", f"Search the documents: what does {name} do?"]), "query": "",
                 "answer": f"{name} is a {kind} used to {purpose}.", "name": name, "kind": kind}
         setting, values = self.rng.choice(SETTINGS_)
         value = self.rng.choice(values)
         return {"fact": f"The default {setting} of {name} is {value}.", "q": self.rng.choice([
             f"What is the default {setting} of {name}?", f"Check the docs for the default {setting} of {what}."]),
-            "query": f"{name} default {setting}", "answer": f"The default {setting} of {name} is {value}.",
+            "query": "", "answer": f"The default {setting} of {name} is {value}.",
             "name": name, "kind": kind}
 
     def passages(self, fact: dict[str, Any]) -> str:
