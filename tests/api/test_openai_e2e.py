@@ -610,6 +610,12 @@ def test_responses_file_search_over_a_vector_store(client) -> None:
         types = [e.type for e in stream]
     assert types[:3] == ["response.created", "response.in_progress", "response.output_item.added"]
     assert "response.file_search_call.completed" in types and types[-1] in ("response.completed", "response.incomplete")
+    # a turn with no user message (only an earlier call and its output) has nothing to search for: no search, no 400
+    turn = [{"type": "function_call", "call_id": "call_1", "name": "f", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "call_1", "output": "42"}]
+    fn = {"type": "function", "name": "f", "parameters": {"type": "object", "properties": {}}}
+    r = client.responses.create(model=MODEL, input=turn, tools=[*tools, fn], temperature=0, max_output_tokens=8)
+    assert r.status in ("completed", "incomplete") and all(o.type != "file_search_call" for o in r.output)
 
 
 @pytest.mark.parametrize(("kwargs", "status", "param"), [

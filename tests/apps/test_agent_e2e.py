@@ -88,8 +88,10 @@ def test_agent_answers_with_file_search_and_the_calculator(home: Path) -> None:
 
 def test_agent_calls_an_mcp_stdio_tool(home: Path, tmp_path: Path) -> None:
     config, mark = mcp_config(tmp_path)
-    run = agent_json(home, "What is the code of the word lamina?", "--mcp-config", str(config))
-    assert "notes_get_code" in run["tools"] and "notes_delete_all_files" not in run["tools"]
+    listed = agent_json(home, "x", "--mcp-config", str(config), "--max-tokens", "1")["tools"]
+    assert "notes_get_code" in listed and "calculator" in listed and "notes_delete_all_files" not in listed
+    run = agent_json(home, "What is the code of the word lamina?", "--mcp-config", str(config), "--tool", "notes_get_code")
+    assert run["tools"] == ["notes_get_code"]
     calls = [s for s in run["steps"] if s["kind"] == "tool"]
     assert [s["name"] for s in calls][:1] == ["notes_get_code"], run
     assert calls[0]["result"] == "The code of lamina is ANIMAL-7."

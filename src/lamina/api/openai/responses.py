@@ -170,7 +170,8 @@ class ResponsesService:
         if tools is not None and structured is not None:
             raise InvalidRequestError("give text.format or function tools, not both: each constrains the whole answer", param="text")
         search_call, cited = None, []
-        if searches and choice not in ("none",) and not isinstance(choice, NamedFunctionChoice):
+        searched = searches and choice not in ("none",) and not isinstance(choice, NamedFunctionChoice)
+        if searched and (_asks_for_search(choice) or _user_text(messages)):  # with no user message, nothing to search for
             search_call, messages, cited = await self._search(searches, messages, req)
         prompt_ids = llm.encode_chat(messages, tools=plan)
         limit = req.max_output_tokens or max(1, llm.config.max_seq_len - len(prompt_ids))
@@ -455,3 +456,12 @@ def _output(text: str, tools: ToolPlan | None, search_call: Any, cited: list[Any
         out.append(OutputMessage(id=_id("msg"), status="completed", content=[OutputText(text=content, annotations=_annotations(content, cited))]))
     out += [FunctionCallOut(id=_id("fc"), call_id=c.id, name=c.name, arguments=c.arguments, status="completed") for c in calls]
     return out
+
+
+def _user_text(messages: list[dict[str, Any]]) -> bool:
+    return any(m.get("role") == "user" and isinstance(m.get("content"), str) and m["content"].strip() for m in messages)
+
+
+def _asks_for_search(choice: Any) -> bool:
+    """tool_choice names the hosted file_search (then a search there must be)."""
+    return getattr(choice, "type", None) == "file_search" or (isinstance(choice, dict) and choice.get("type") == "file_search")
