@@ -15,7 +15,7 @@ from lamina.llm.engine.sampling import Sampler, SamplingParams, argmax, sample_b
         ("max_tokens", 0, "1 or more"),
         ("max_tokens", -5, "1 or more"),
         ("temperature", -0.1, "use 0 for greedy"),
-        ("top_p", 0.0, "1 turns it off"),
+        ("top_p", -0.1, "1 turns it off"),
         ("top_p", 1.5, "1 turns it off"),
         ("top_k", -2, "0 turns it off"),
         ("min_p", 1.5, "0 turns it off"),
@@ -69,6 +69,7 @@ def test_top_k_keeps_k_tokens() -> None:
 def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
     assert _draws(SamplingParams(top_p=0.7, seed=0), LOGITS) == {0, 1}  # 0.5 < 0.7 <= 0.75
     assert _draws(SamplingParams(top_p=0.45, seed=0), LOGITS) == {0}
+    assert _draws(SamplingParams(top_p=0.0, seed=0), LOGITS) == {0}  # 0 (OpenAI takes it): the top token alone
     assert _draws(SamplingParams(top_p=0.76, seed=0), LOGITS) == {0, 1, 2}
 
 

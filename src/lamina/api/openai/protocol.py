@@ -136,7 +136,7 @@ class StreamOptions(BaseModel):
 class _Sampling(_Request):
     model: str = Field(description="A model served here (see /v1/models); another is a 404.")
     temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_p: float | None = Field(default=None, ge=0, le=1)
     n: int = Field(default=1, ge=1, le=MAX_N)
     stop: Stop | Annotated[list[Stop], Field(max_length=16)] | None = None
     seed: int | None = Field(default=None, description="Any integer; the sampler's generator takes it modulo 2**64.")

@@ -134,7 +134,7 @@ class ResponseCreate(BaseModel):
     text: TextConfig | None = None
     max_output_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_p: float | None = Field(default=None, ge=0, le=1)
     seed: int | None = None
     stream: bool = False
     store: bool = True

@@ -63,7 +63,7 @@ class ReplyRequest(BaseModel):
     messages: list[StoredMessage] = Field(min_length=1, max_length=10_000)
     model: str | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_p: float | None = Field(default=None, ge=0, le=1)
     system: str = Field(default="", max_length=20_000)
     store: str | None = None
     tools: list[str] = Field(default_factory=list, max_length=128)

@@ -27,7 +27,8 @@ class SamplingParams:
     temperature: float = 1.0
     """0 is greedy; higher is more random."""
     top_p: float = 1.0
-    """Keep the smallest set of tokens whose probabilities add up to top_p (nucleus sampling); 1 is off."""
+    """Keep the smallest set of tokens whose probabilities add up to top_p (nucleus sampling); 1 is off, and 0 (which
+    OpenAI accepts) keeps the most likely token alone."""
     top_k: int = 0
     """Keep the k most likely tokens; 0 is off."""
     min_p: float = 0.0
@@ -65,7 +66,8 @@ class SamplingParams:
                f"max_tokens must be at least 1 (got {self.max_tokens!r}); ask for 1 or more tokens")
         _check(self.temperature >= 0, "temperature",
                f"temperature must be >= 0 (got {self.temperature}); use 0 for greedy decoding, 0.7-1.0 for sampling")
-        _check(0 < self.top_p <= 1, "top_p", f"top_p must be in (0, 1] (got {self.top_p}); 1 turns it off")
+        _check(0 <= self.top_p <= 1, "top_p", f"top_p must be in [0, 1] (got {self.top_p}); 1 turns it off, 0 keeps "
+               "only the most likely token")
         _check(self.top_k >= 0, "top_k", f"top_k must be >= 0 (got {self.top_k}); 0 turns it off")
         _check(0 <= self.min_p <= 1, "min_p", f"min_p must be in [0, 1] (got {self.min_p}); 0 turns it off")
         _check(self.repetition_penalty > 0, "repetition_penalty",
