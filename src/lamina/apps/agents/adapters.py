@@ -26,21 +26,16 @@ def shipped_adapter(model_name: str) -> Path | None:
 def use_tool_adapter(llm: LLM, choice: str | None = "auto") -> str | None:
     """Load the adapter `choice` names into `llm` and return its name: `auto` is the shipped one for this model
     (none if there is none), `none` is the base model, anything else a PEFT adapter folder."""
-    if choice in (None, "none"):
+    found = tool_adapter_for(llm.name, choice, param="adapter")
+    if found is None:
         return None
-    path = shipped_adapter(llm.name) if choice == "auto" else Path(choice)
-    if path is None:
-        return None
-    if not (path / "adapter_config.json").exists():
-        raise InvalidRequestError(f"{path} is not a LoRA adapter folder (no adapter_config.json); give a folder that "
-                                  "`lamina finetune sft` wrote, `auto` or `none`", param="adapter")
-    name = f"tools-{path.name}"
+    name = f"tools-{found[0]}"
     if name not in llm.adapters:
-        llm.load_adapter(name, path)
+        llm.load_adapter(name, found[1])
     return name
 
 
-def tool_adapter_for(model_name: str, choice: str | None = "auto") -> tuple[str, str] | None:
+def tool_adapter_for(model_name: str, choice: str | None = "auto", param: str = "tool_adapter") -> tuple[str, str] | None:
     """(served name, folder) of the tool-use adapter `choice` names for a server of `model_name` (as in
     `use_tool_adapter`), or None."""
     if choice in (None, "none"):
@@ -49,5 +44,6 @@ def tool_adapter_for(model_name: str, choice: str | None = "auto") -> tuple[str,
     if path is None:
         return None
     if not (path / "adapter_config.json").exists():
-        raise InvalidRequestError(f"{path} is not a LoRA adapter folder (no adapter_config.json)", param="tool_adapter")
+        raise InvalidRequestError(f"{path} is not a LoRA adapter folder (no adapter_config.json); give a folder that "
+                                  "`lamina finetune sft` wrote, `auto` or `none`", param=param)
     return path.name, str(path)
