@@ -616,6 +616,10 @@ def test_responses_file_search_over_a_vector_store(client) -> None:
     fn = {"type": "function", "name": "f", "parameters": {"type": "object", "properties": {}}}
     r = client.responses.create(model=MODEL, input=turn, tools=[*tools, fn], temperature=0, max_output_tokens=8)
     assert r.status in ("completed", "incomplete") and all(o.type != "file_search_call" for o in r.output)
+    # tool_choice auto or required over the hosted tool alone (no function tools) is a search, not a 400
+    for choice in ("auto", "required"):
+        r = client.responses.create(model=MODEL, input="Who is Pico?", tools=tools, tool_choice=choice, max_output_tokens=4)
+        assert r.output[0].type == "file_search_call"
 
 
 @pytest.mark.parametrize(("kwargs", "status", "param"), [

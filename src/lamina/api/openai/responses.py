@@ -162,8 +162,8 @@ class ResponsesService:
         if isinstance(choice, HostedToolChoice) and not searches:
             raise InvalidRequestError("tool_choice file_search needs a file_search tool", param="tool_choice")
         fn_choice: Any = choice.model_dump() if isinstance(choice, NamedFunctionChoice) else choice
-        if isinstance(choice, HostedToolChoice):
-            fn_choice = "none"
+        if isinstance(choice, HostedToolChoice) or (not functions and choice in ("auto", "required") and searches):
+            fn_choice = "none"  # the choice is over the hosted search alone
         plan = llm.tool_plan([t.model_dump(exclude_none=True) for t in functions], fn_choice, req.parallel_tool_calls)
         tools = plan if plan is not None and plan.active else None
         structured = _format(req)
