@@ -124,7 +124,8 @@ def _answered(messages: Any, role_key: str) -> None:
         if not isinstance(m, dict):
             continue
         if role_key == "role":
-            made += [c["id"] for c in m.get("tool_calls") or [] if isinstance(c, dict) and isinstance(c.get("id"), str)]
+            calls = m.get("tool_calls") if isinstance(m.get("tool_calls"), list) else []  # /tokenize's messages are loose
+            made += [c["id"] for c in calls if isinstance(c, dict) and isinstance(c.get("id"), str)]
             if m.get("role") == "tool" and m.get("tool_call_id") not in made:
                 if made:
                     m["tool_call_id"] = made[0]
