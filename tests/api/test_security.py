@@ -9,7 +9,7 @@ import pytest
 from lamina.api.keys import KeyStore
 from lamina.api.security import check_exposure, is_loopback
 from lamina.errors import InvalidRequestError
-from lamina.infra.db import Database
+from lamina.infra.db import open_database
 
 
 @pytest.mark.parametrize(("host", "loopback"), [("127.0.0.1", True), ("127.3.4.5", True), ("::1", True),
@@ -27,5 +27,5 @@ def test_an_exposed_address_needs_a_key_or_insecure(tmp_path: Path) -> None:
         check_exposure("0.0.0.0", insecure=False, database=db, api_key=None)
     check_exposure("0.0.0.0", insecure=True, database=db, api_key=None)
     check_exposure("0.0.0.0", insecure=False, database=db, api_key="static-key")
-    KeyStore(Database(db)).create("ops")
+    KeyStore(open_database(db)).create("ops")
     check_exposure("0.0.0.0", insecure=False, database=db, api_key=None)

@@ -147,9 +147,9 @@ def test_cli_bad_input_is_one_line(home: Path, tmp_path: Path) -> None:
 # --- the library, in process ---------------------------------------------------------------------------
 
 def test_agent_limits_and_record(smollm, lamina_home: Path) -> None:  # type: ignore[no-untyped-def]
-    from lamina.infra.db import Database
+    from lamina.infra.db import open_database
 
-    runs = AgentRuns(Database(lamina_home / "lamina.db"))
+    runs = AgentRuns(open_database(lamina_home / "lamina.db"))
     seen: list[str] = []
     box = Toolbox([calculator(), current_datetime()])
     adapter = use_tool_adapter(smollm, "auto")

@@ -268,7 +268,7 @@ def test_cli_mcp_list(tmp_path: Path) -> None:
 def test_agent_loop_runs_calls_stops_on_repeats_and_records(tmp_path: Path) -> None:
     from lamina.apps.agents import Agent, AgentArgs, AgentRuns
     from lamina.apps.agents.agent import Turn
-    from lamina.infra.db import Database
+    from lamina.infra.db import open_database
     from lamina.llm.text.tools import ToolCall
 
     said: list[list[dict]] = []
@@ -277,7 +277,7 @@ def test_agent_loop_runs_calls_stops_on_repeats_and_records(tmp_path: Path) -> N
         said.append([dict(m) for m in messages])
         return Turn("", [ToolCall("calculator", '{"expression": "6*7"}')], 10, 5, "tool_calls")
 
-    runs = AgentRuns(Database(tmp_path / "lamina.db"))
+    runs = AgentRuns(open_database(tmp_path / "lamina.db"))
     run = Agent(None, Toolbox([calculator()]), AgentArgs(max_steps=5), runs=runs, turn=repeating).run("six times seven")  # type: ignore[arg-type]
     assert run.status == "repeated_calls" and run.calls() == ["calculator"]  # run once, not five times
     assert said[1][-1] == {"role": "tool", "tool_call_id": said[1][-2]["tool_calls"][0]["id"], "content": "42"}

@@ -85,10 +85,10 @@ def test_kill_9_during_ingest_then_rerun(tmp_path) -> None:
     assert final["files"] == len(paths)
 
     from lamina.foundation.embeddings import Embedder
-    from lamina.infra.db import Database
+    from lamina.infra.db import open_database
     from lamina.infra.vectorstore import VectorStores
 
-    stores = VectorStores(Database(db_path), home / "vector_stores")
+    stores = VectorStores(open_database(db_path), home / "vector_stores")
     index = stores.index("crash")
     assert index.size == final["chunks"]
     question = "fact number 455 about tundra"  # doc045 is about tundra, and only it holds fact 455

@@ -1,4 +1,5 @@
-"""Vector stores: SQLite as the record, FTS5 for BM25, FAISS as a rebuildable cache, OpenAI's filters."""
+"""Vector stores on both backends: SQLite as the record, FTS5 for BM25, FAISS as a rebuildable cache; PostgreSQL with
+its full-text search and pgvector; OpenAI's filters on both."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import pytest
 
 from lamina.errors import InvalidRequestError
 from lamina.infra import vector_index
-from lamina.infra.db import Database
 from lamina.infra.vectorstore import ChunkRecord, FileRecord, NotFoundError, VectorStores, compile_filter
 
 DIM = 16
@@ -30,8 +30,14 @@ def _chunks(texts: list[str], vectors: np.ndarray, **attrs) -> list[ChunkRecord]
 
 
 @pytest.fixture
-def stores(tmp_path) -> VectorStores:
-    return VectorStores(Database(tmp_path / "db.sqlite"), tmp_path / "indexes")
+def stores(database, tmp_path) -> VectorStores:  # type: ignore[no-untyped-def]
+    """On each backend: SQLite (FTS5, FAISS) and PostgreSQL (full-text search, pgvector)."""
+    return VectorStores(database, tmp_path / "indexes")
+
+
+def _faiss_only(stores: VectorStores) -> None:
+    if stores.pg:
+        pytest.skip("on PostgreSQL pgvector searches the vectors: there is no FAISS index")
 
 
 @pytest.fixture
@@ -101,6 +107,7 @@ def test_filters(filled, spec, files, mode) -> None:  # type: ignore[no-untyped-
 
 def test_filtered_search_through_the_index(filled, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     stores, store, vectors = filled
+    _faiss_only(stores)
     monkeypatch.setattr("lamina.infra.vectorstore.EXACT_FILTER_LIMIT", 0)
     spec = {"type": "eq", "key": "author", "value": "a1"}
     hits = stores.search(store.id, query_vector=vectors["file-1"][2], k=3, mode="vector", filters=spec)
@@ -153,6 +160,7 @@ def test_exact_duplicate_chunks_are_dropped(stores: VectorStores) -> None:
 
 def test_index_is_rebuilt_when_missing_stale_or_corrupt(filled) -> None:  # type: ignore[no-untyped-def]
     stores, store, vectors = filled
+    _faiss_only(stores)
     query = vectors["file-4"][1]
     expected = stores.search(store.id, query_vector=query, k=3, mode="vector")
     path = stores.index_dir / f"{store.id}.faiss"
@@ -173,6 +181,7 @@ def test_index_is_rebuilt_when_missing_stale_or_corrupt(filled) -> None:  # type
 
 
 def test_hnsw_above_the_threshold(stores: VectorStores, monkeypatch) -> None:
+    _faiss_only(stores)
     monkeypatch.setattr(vector_index, "HNSW_THRESHOLD", 50)
     store = stores.create("big", embedding_model="test", dim=DIM)
     v = _unit(np.random.default_rng(2), 200)
@@ -197,4 +206,5 @@ def test_stores_lifecycle(stores: VectorStores) -> None:
     with pytest.raises(NotFoundError, match="No vector store"):
         stores.get(store.id)
     assert stores.db.query_one("SELECT COUNT(*) FROM vs_chunks")[0] == 0
-    assert stores.db.query_one("SELECT COUNT(*) FROM vs_chunks_fts")[0] == 0
+    if not stores.pg:  # PostgreSQL's text index is a column of vs_chunks
+        assert stores.db.query_one("SELECT COUNT(*) FROM vs_chunks_fts")[0] == 0

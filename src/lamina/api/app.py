@@ -29,7 +29,7 @@ from lamina.api.rag import routes as rag_routes
 from lamina.api.rag.service import RagService
 from lamina.api.usage import UsageLog
 from lamina.foundation.embeddings import Embedder
-from lamina.infra.db import Database
+from lamina.infra.db import open_database
 from lamina.infra.registry import Registry
 from lamina.infra.telemetry import Metrics
 from lamina.llm import LLM
@@ -68,8 +68,8 @@ class ServeArgs:
         return self.settings.home
 
     @property
-    def database(self) -> Path:
-        return self.home / "lamina.db"
+    def database(self) -> str | Path:
+        return self.settings.database_for(self.home)
 
 
 def create_app(
@@ -83,7 +83,7 @@ def create_app(
     chat) need them before the lifespan starts; the models they serve arrive later through `Loading`."""
     served = Registry(args.home).resolve(args.model).id  # fails fast on an unknown model, before serving
     _check_adapters(args, served)
-    db = Database(args.database)
+    db = open_database(args.database)
     metrics = Metrics(served)
     usage = UsageLog(db)
     chat_model: Loading[LLM] = Loading("the model")

@@ -23,7 +23,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_exposure(host: str, *, insecure: bool, database: Path, api_key: str | None) -> None:
+def check_exposure(host: str, *, insecure: bool, database: str | Path, api_key: str | None) -> None:
     """Refuse to listen on a non-loopback `host` with no API key at all, unless `insecure`.
 
     The key store in `database` is opened only when the address is exposed (a loopback server needs no key).
@@ -31,9 +31,9 @@ def check_exposure(host: str, *, insecure: bool, database: Path, api_key: str | 
     if is_loopback(host) or insecure:
         return
     from lamina.api.keys import KeyStore
-    from lamina.infra.db import Database
+    from lamina.infra.db import open_database
 
-    if not KeyStore(Database(database), api_key).auth_required():
+    if not KeyStore(open_database(database), api_key).auth_required():
         raise InvalidRequestError(
             f"refusing to listen on {host} without an API key: pass --api-key KEY (or create one with "
             "`lamina keys create --name NAME`), or --insecure to serve anyone who can reach this address"

@@ -15,9 +15,9 @@ from lamina.settings import get_settings
 
 
 def _database() -> Any:
-    from lamina.infra.db import Database
+    from lamina.infra.db import open_database
 
-    return Database(get_settings().home / "lamina.db")
+    return open_database(get_settings().database_for(get_settings().home))
 
 
 def _retriever() -> Any:

@@ -15,11 +15,11 @@ from lamina.settings import get_settings
 def _rag_parts(embedding_model: str = "all-minilm-l6-v2") -> tuple[Any, Any]:
     """The vector stores of LAMINA_HOME and the embedder they were built with."""
     from lamina.foundation.embeddings import Embedder
-    from lamina.infra.db import Database
+    from lamina.infra.db import open_database
     from lamina.infra.vectorstore import VectorStores
 
     home = get_settings().home
-    stores = VectorStores(Database(home / "lamina.db"), home / "vector_stores")
+    stores = VectorStores(open_database(get_settings().database_for(home)), home / "vector_stores")
     return stores, Embedder.load(embedding_model, device="cpu", dtype="float32", home=home)
 
 

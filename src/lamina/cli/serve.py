@@ -110,9 +110,9 @@ def keys() -> None:
 
 def _key_store() -> Any:
     from lamina.api.keys import KeyStore
-    from lamina.infra.db import Database
+    from lamina.infra.db import open_database
 
-    return KeyStore(Database(get_settings().home / "lamina.db"))
+    return KeyStore(open_database(get_settings().database_for(get_settings().home)))
 
 
 @keys.command("create")
@@ -154,9 +154,9 @@ def keys_revoke(name: str) -> None:
 def usage() -> None:
     """Requests and tokens per key and model, from the usage log."""
     from lamina.api.usage import UsageLog
-    from lamina.infra.db import Database
+    from lamina.infra.db import open_database
 
-    rows = UsageLog(Database(get_settings().home / "lamina.db")).totals()
+    rows = UsageLog(open_database(get_settings().database_for(get_settings().home))).totals()
     click.echo(f"{'key':20} {'model':24} {'requests':>8} {'errors':>6} {'prompt':>9} {'completion':>10} {'mean ms':>8}")
     for r in rows:
         click.echo(f"{r['key']:20} {r['model']:24} {r['requests']:8} {r['errors']:6} {r['prompt_tokens']:9} "

@@ -36,61 +36,113 @@ RRF_K = 60
 EXACT_FILTER_LIMIT = 50_000
 """Filtered vector searches over at most this many chunks are scored exactly."""
 
-MIGRATIONS = [
-    """
-    CREATE TABLE vs_stores (
-        id TEXT PRIMARY KEY,
-        name TEXT NOT NULL UNIQUE,
-        created_at REAL NOT NULL,
-        last_active_at REAL NOT NULL,
-        metadata TEXT NOT NULL DEFAULT '{}',
-        embedding_model TEXT NOT NULL,
-        dim INTEGER NOT NULL,
-        chunk_tokens INTEGER NOT NULL,
-        chunk_overlap INTEGER NOT NULL,
-        generation INTEGER NOT NULL DEFAULT 0
-    );
-    CREATE TABLE vs_files (
-        store_id TEXT NOT NULL REFERENCES vs_stores (id) ON DELETE CASCADE,
-        file_id TEXT NOT NULL,
-        filename TEXT NOT NULL,
-        source TEXT,
-        sha256 TEXT,
-        bytes INTEGER NOT NULL DEFAULT 0,
-        status TEXT NOT NULL,
-        error TEXT,
-        attributes TEXT NOT NULL DEFAULT '{}',
-        chunk_count INTEGER NOT NULL DEFAULT 0,
-        duplicate_chunks INTEGER NOT NULL DEFAULT 0,
-        created_at REAL NOT NULL,
-        PRIMARY KEY (store_id, file_id)
-    );
-    CREATE TABLE vs_chunks (
-        id INTEGER PRIMARY KEY,
-        store_id TEXT NOT NULL,
-        file_id TEXT NOT NULL,
-        seq INTEGER NOT NULL,
-        text TEXT NOT NULL,
-        page INTEGER,
-        start_char INTEGER NOT NULL,
-        end_char INTEGER NOT NULL,
-        n_tokens INTEGER NOT NULL,
-        attributes TEXT NOT NULL DEFAULT '{}',
-        content_hash TEXT NOT NULL,
-        embedding BLOB NOT NULL,
-        FOREIGN KEY (store_id, file_id) REFERENCES vs_files (store_id, file_id) ON DELETE CASCADE
-    );
-    CREATE UNIQUE INDEX vs_chunks_dedupe ON vs_chunks (store_id, content_hash);
-    CREATE INDEX vs_chunks_file ON vs_chunks (store_id, file_id);
-    CREATE VIRTUAL TABLE vs_chunks_fts USING fts5 (text, content='vs_chunks', content_rowid='id', tokenize='porter unicode61');
-    CREATE TRIGGER vs_chunks_ai AFTER INSERT ON vs_chunks BEGIN
-        INSERT INTO vs_chunks_fts (rowid, text) VALUES (new.id, new.text);
-    END;
-    CREATE TRIGGER vs_chunks_ad AFTER DELETE ON vs_chunks BEGIN
-        INSERT INTO vs_chunks_fts (vs_chunks_fts, rowid, text) VALUES ('delete', old.id, old.text);
-    END
-    """,
-]
+MIGRATIONS = {
+    "sqlite": [
+        """
+        CREATE TABLE vs_stores (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            created_at REAL NOT NULL,
+            last_active_at REAL NOT NULL,
+            metadata TEXT NOT NULL DEFAULT '{}',
+            embedding_model TEXT NOT NULL,
+            dim INTEGER NOT NULL,
+            chunk_tokens INTEGER NOT NULL,
+            chunk_overlap INTEGER NOT NULL,
+            generation INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE TABLE vs_files (
+            store_id TEXT NOT NULL REFERENCES vs_stores (id) ON DELETE CASCADE,
+            file_id TEXT NOT NULL,
+            filename TEXT NOT NULL,
+            source TEXT,
+            sha256 TEXT,
+            bytes INTEGER NOT NULL DEFAULT 0,
+            status TEXT NOT NULL,
+            error TEXT,
+            attributes TEXT NOT NULL DEFAULT '{}',
+            chunk_count INTEGER NOT NULL DEFAULT 0,
+            duplicate_chunks INTEGER NOT NULL DEFAULT 0,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (store_id, file_id)
+        );
+        CREATE TABLE vs_chunks (
+            id INTEGER PRIMARY KEY,
+            store_id TEXT NOT NULL,
+            file_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            text TEXT NOT NULL,
+            page INTEGER,
+            start_char INTEGER NOT NULL,
+            end_char INTEGER NOT NULL,
+            n_tokens INTEGER NOT NULL,
+            attributes TEXT NOT NULL DEFAULT '{}',
+            content_hash TEXT NOT NULL,
+            embedding BLOB NOT NULL,
+            FOREIGN KEY (store_id, file_id) REFERENCES vs_files (store_id, file_id) ON DELETE CASCADE
+        );
+        CREATE UNIQUE INDEX vs_chunks_dedupe ON vs_chunks (store_id, content_hash);
+        CREATE INDEX vs_chunks_file ON vs_chunks (store_id, file_id);
+        CREATE VIRTUAL TABLE vs_chunks_fts USING fts5 (text, content='vs_chunks', content_rowid='id', tokenize='porter unicode61');
+        CREATE TRIGGER vs_chunks_ai AFTER INSERT ON vs_chunks BEGIN
+            INSERT INTO vs_chunks_fts (rowid, text) VALUES (new.id, new.text);
+        END;
+        CREATE TRIGGER vs_chunks_ad AFTER DELETE ON vs_chunks BEGIN
+            INSERT INTO vs_chunks_fts (vs_chunks_fts, rowid, text) VALUES ('delete', old.id, old.text);
+        END
+        """,
+    ],
+    "postgresql": [
+        """
+        CREATE TABLE vs_stores (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            created_at DOUBLE PRECISION NOT NULL,
+            last_active_at DOUBLE PRECISION NOT NULL,
+            metadata TEXT NOT NULL DEFAULT '{}',
+            embedding_model TEXT NOT NULL,
+            dim INTEGER NOT NULL,
+            chunk_tokens INTEGER NOT NULL,
+            chunk_overlap INTEGER NOT NULL,
+            generation BIGINT NOT NULL DEFAULT 0
+        );
+        CREATE TABLE vs_files (
+            store_id TEXT NOT NULL REFERENCES vs_stores (id) ON DELETE CASCADE,
+            file_id TEXT NOT NULL,
+            filename TEXT NOT NULL,
+            source TEXT,
+            sha256 TEXT,
+            bytes BIGINT NOT NULL DEFAULT 0,
+            status TEXT NOT NULL,
+            error TEXT,
+            attributes TEXT NOT NULL DEFAULT '{}',
+            chunk_count INTEGER NOT NULL DEFAULT 0,
+            duplicate_chunks INTEGER NOT NULL DEFAULT 0,
+            created_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (store_id, file_id)
+        );
+        CREATE TABLE vs_chunks (
+            id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+            store_id TEXT NOT NULL,
+            file_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            text TEXT NOT NULL,
+            page INTEGER,
+            start_char INTEGER NOT NULL,
+            end_char INTEGER NOT NULL,
+            n_tokens INTEGER NOT NULL,
+            attributes TEXT NOT NULL DEFAULT '{}',
+            content_hash TEXT NOT NULL,
+            embedding vector NOT NULL,
+            tsv tsvector GENERATED ALWAYS AS (to_tsvector('english', text)) STORED,
+            FOREIGN KEY (store_id, file_id) REFERENCES vs_files (store_id, file_id) ON DELETE CASCADE
+        );
+        CREATE UNIQUE INDEX vs_chunks_dedupe ON vs_chunks (store_id, content_hash);
+        CREATE INDEX vs_chunks_file ON vs_chunks (store_id, file_id);
+        CREATE INDEX vs_chunks_tsv ON vs_chunks USING GIN (tsv)
+        """,
+    ],
+}
 
 
 class NotFoundError(LaminaError):
@@ -162,6 +214,9 @@ class VectorStores:
         self.index_dir = Path(index_dir)
         self._indexes: dict[str, VectorIndex] = {}
         db.migrate("vectorstore", MIGRATIONS)
+        self.pg = db.dialect == "postgresql"
+        """On PostgreSQL, pgvector scores the vectors and its full-text search ranks the words: every replica reads
+        the same store, with no index file of its own to keep in step."""
 
     # --- stores ---------------------------------------------------------------------------------------
 
@@ -223,15 +278,17 @@ class VectorStores:
 
     def stats(self, store_id: str) -> dict[str, int]:
         row = self.db.query_one(
-            "SELECT COUNT(*) AS files, SUM(status = 'completed') AS completed, SUM(status = 'failed') AS failed, "
+            "SELECT COUNT(*) AS files, SUM(CASE WHEN status = 'completed' THEN 1 ELSE 0 END) AS completed, "
+            "SUM(CASE WHEN status = 'failed' THEN 1 ELSE 0 END) AS failed, "
             "COALESCE(SUM(bytes), 0) AS bytes, COALESCE(SUM(chunk_count), 0) AS chunks FROM vs_files WHERE store_id = ?",
             (store_id,),
         )
+        vector_bytes = "vector_dims(embedding) * 4" if self.pg else "LENGTH(embedding)"
         usage = self.db.query_one(
-            "SELECT COALESCE(SUM(LENGTH(text) + LENGTH(embedding)), 0) AS usage FROM vs_chunks WHERE store_id = ?", (store_id,)
+            f"SELECT COALESCE(SUM(LENGTH(text) + {vector_bytes}), 0) AS usage FROM vs_chunks WHERE store_id = ?", (store_id,)
         )
-        return {"files": row["files"] or 0, "completed": row["completed"] or 0, "failed": row["failed"] or 0,
-                "bytes": row["bytes"], "chunks": row["chunks"], "usage_bytes": usage["usage"]}
+        return {"files": int(row["files"] or 0), "completed": int(row["completed"] or 0), "failed": int(row["failed"] or 0),
+                "bytes": int(row["bytes"]), "chunks": int(row["chunks"]), "usage_bytes": int(usage["usage"])}
 
     # --- files ----------------------------------------------------------------------------------------
 
@@ -264,16 +321,16 @@ class VectorStores:
                  record.error, json.dumps(record.attributes), record.created_at or now),
             )
             added_ids, added_vectors, duplicates = [], [], 0
+            vector = "CAST(? AS vector)" if self.pg else "?"
             for seq, c in enumerate(chunks):
-                cursor = conn.execute(
-                    "INSERT OR IGNORE INTO vs_chunks (store_id, file_id, seq, text, page, start_char, end_char, n_tokens, "
-                    "attributes, content_hash, embedding) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                chunk_id = conn.insert(
+                    "INSERT INTO vs_chunks (store_id, file_id, seq, text, page, start_char, end_char, n_tokens, "
+                    f"attributes, content_hash, embedding) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {vector}) ON CONFLICT DO NOTHING",
                     (store.id, record.file_id, seq, c.text, c.page, c.start, c.end, c.n_tokens,
-                     json.dumps({**record.attributes, **c.attributes}), c.content_hash,
-                     np.ascontiguousarray(c.embedding, dtype=np.float32).tobytes()),
+                     json.dumps({**record.attributes, **c.attributes}), c.content_hash, self._vector_param(c.embedding)),
                 )
-                if cursor.rowcount:
-                    added_ids.append(cursor.lastrowid)
+                if chunk_id:
+                    added_ids.append(chunk_id)
                     added_vectors.append(c.embedding)
                 else:
                     duplicates += 1
@@ -307,8 +364,17 @@ class VectorStores:
         conn.execute("UPDATE vs_stores SET generation = generation + 1, last_active_at = ? WHERE id = ?", (time.time(), store_id))
         return conn.execute("SELECT generation FROM vs_stores WHERE id = ?", (store_id,)).fetchone()[0]
 
+    def _vector_param(self, vector: np.ndarray) -> Any:
+        """An embedding as the database takes it: float32 bytes for SQLite, pgvector's text form for PostgreSQL."""
+        v = np.ascontiguousarray(vector, dtype=np.float32).reshape(-1)
+        if self.pg:
+            return "[" + ",".join(f"{x:.9g}" for x in v.tolist()) + "]"
+        return v.tobytes()
+
     def _apply(self, store: StoreInfo, generation: int, added: np.ndarray, vectors: np.ndarray, removed: np.ndarray) -> None:
         """Bring a loaded index up to `generation` in place; if it is not loaded, the next search rebuilds it."""
+        if self.pg:
+            return
         index = self._indexes.get(store.id)
         if index is None or index.generation != generation - 1:
             self._indexes.pop(store.id, None)
@@ -358,7 +424,7 @@ class VectorStores:
             raise InvalidRequestError("a vector or hybrid search needs the query's embedding", param="query")
         if mode != "vector" and not (query_text or "").strip():
             raise InvalidRequestError("the query is empty: give some text to search for", param="query")
-        where, params = compile_filter(filters) if filters else ("1", [])
+        where, params = compile_filter(filters, self.db.dialect) if filters else ("1 = 1", [])
         depth = k if mode != "hybrid" else max(3 * k, 30)
         ranked: list[list[tuple[int, float]]] = []
         if mode in ("vector", "hybrid"):
@@ -383,6 +449,11 @@ class VectorStores:
         query = np.asarray(query, dtype=np.float32).reshape(-1)
         if query.shape != (store.dim,):
             raise InvalidRequestError(f"query embedding has {query.shape[0]} dimensions; the store has {store.dim}")
+        if self.pg:  # exact: every matching chunk is scored, so a filtered search always finds k
+            q = self._vector_param(query)
+            rows = self.db.query(f"SELECT c.id, -(c.embedding <#> CAST(? AS vector)) FROM vs_chunks c WHERE c.store_id = ? AND ({where}) "
+                                 "ORDER BY c.embedding <#> CAST(? AS vector) LIMIT ?", [q, store.id, *params, q, k])
+            return [(int(r[0]), float(r[1])) for r in rows]
         if not filtered:
             scores, ids = self.index(store.id).search(query, k)
             return [(int(i), float(s)) for s, i in zip(scores, ids, strict=True) if i >= 0]
@@ -406,6 +477,12 @@ class VectorStores:
         terms = re.findall(r"\w+", text.lower())
         if not terms:
             return []
+        if self.pg:  # PostgreSQL's full-text search: English stemming (as FTS5's porter), cover-density rank
+            rows = self.db.query(
+                f"SELECT c.id, ts_rank_cd(c.tsv, q) AS score FROM vs_chunks c, to_tsquery('english', ?) q "
+                f"WHERE c.tsv @@ q AND c.store_id = ? AND ({where}) ORDER BY score DESC, c.id LIMIT ?",
+                [" | ".join(dict.fromkeys(terms)), store.id, *params, k])
+            return [(int(r[0]), float(r[1])) for r in rows]
         match = " OR ".join(f'"{t}"' for t in dict.fromkeys(terms))
         rows = self.db.query(
             f"SELECT c.id, -bm25(vs_chunks_fts) AS score FROM vs_chunks_fts JOIN vs_chunks c ON c.id = vs_chunks_fts.rowid "
@@ -419,7 +496,8 @@ class VectorStores:
             return []
         placeholders = ",".join("?" * len(scored))
         rows = {r["id"]: r for r in self.db.query(
-            f"SELECT c.*, f.filename FROM vs_chunks c JOIN vs_files f ON f.store_id = c.store_id AND f.file_id = c.file_id "
+            "SELECT c.id, c.file_id, c.text, c.page, c.start_char, c.end_char, c.attributes, f.filename FROM vs_chunks c"
+            f" JOIN vs_files f ON f.store_id = c.store_id AND f.file_id = c.file_id "
             f"WHERE c.id IN ({placeholders})", [cid for cid, _ in scored])}
         return [
             SearchHit(cid, rows[cid]["file_id"], rows[cid]["filename"], score, rows[cid]["text"], rows[cid]["page"],
@@ -437,39 +515,44 @@ _COMPARISONS = {"eq": "=", "ne": "!=", "gt": ">", "gte": ">=", "lt": "<", "lte":
 _BUILTIN_KEYS = {"file_id": "c.file_id", "page": "c.page", "filename": "(SELECT filename FROM vs_files f2 WHERE f2.store_id = c.store_id AND f2.file_id = c.file_id)"}
 # The key is a parameter, not part of a JSON path: any key (quotes, dots, backslashes) names itself.
 _ATTRIBUTE = "(SELECT value FROM json_each(c.attributes) WHERE key = ?)"
+# On PostgreSQL both sides are jsonb: comparisons across types (a page against a string) are false, never errors.
+_PG_ATTRIBUTE = "(CAST(c.attributes AS jsonb) -> ?)"
 MAX_FILTER_DEPTH = 32
 MAX_FILTER_VALUES = 10_000
 """Limits that keep a compiled filter within SQLite's (expression depth, bound parameters)."""
 
 
-def compile_filter(spec: dict[str, Any]) -> tuple[str, list[Any]]:
+def compile_filter(spec: dict[str, Any], dialect: str = "sqlite") -> tuple[str, list[Any]]:
     """A filter -> (SQL boolean expression over `vs_chunks c`, its parameters).
 
     A filter is a plain structure in the shape of OpenAI's file-search filters: `{"type": "eq"|"ne"|"gt"|
     "gte"|"lt"|"lte", "key", "value": scalar}`, `{"type": "in"|"nin", "key", "value": [scalars]}` or
     `{"type": "and"|"or", "filters": [filters]}`. Callers validate it (the API's models publish that
-    schema); what cannot be compiled is refused whole."""
-    sql, params = _compile(spec, 0)
+    schema); what cannot be compiled is refused whole. `dialect` is the database's ("sqlite" or "postgresql")."""
+    sql, params = _compile(spec, 0, dialect == "postgresql")
     if len(params) > MAX_FILTER_VALUES:
         raise InvalidRequestError(f"the filter holds {len(params)} keys and values; at most {MAX_FILTER_VALUES}", param="filters")
     return sql, params
 
 
-def _compile(spec: Any, depth: int) -> tuple[str, list[Any]]:
+def _compile(spec: Any, depth: int, pg: bool = False) -> tuple[str, list[Any]]:
     kind = spec.get("type") if isinstance(spec, dict) else None
     parts, key, value = (spec.get("filters"), spec.get("key"), spec.get("value")) if isinstance(spec, dict) else (None, None, None)
     if depth > MAX_FILTER_DEPTH:
         raise InvalidRequestError(f"filters nest more than {MAX_FILTER_DEPTH} levels deep", param="filters")
     if kind in ("and", "or") and isinstance(parts, list) and parts:
-        compiled = [_compile(p, depth + 1) for p in parts]
+        compiled = [_compile(p, depth + 1, pg) for p in parts]
         return f" {kind.upper()} ".join(f"({s})" for s, _ in compiled), [v for _, ps in compiled for v in ps]
     if isinstance(key, str) and key:
-        column, key_params = (_BUILTIN_KEYS[key], []) if key in _BUILTIN_KEYS else (_ATTRIBUTE, [key])
+        column, key_params = (_BUILTIN_KEYS[key], []) if key in _BUILTIN_KEYS else (_PG_ATTRIBUTE if pg else _ATTRIBUTE, [key])
+        if pg and key in _BUILTIN_KEYS:
+            column = f"to_jsonb({column})"
+        slot, bind = ("CAST(? AS jsonb)", json.dumps) if pg else ("?", lambda v: v)
         if kind in _COMPARISONS and _scalar(value):
-            return f"{column} {_COMPARISONS[kind]} ?", [*key_params, value]
+            return f"{column} {_COMPARISONS[kind]} {slot}", [*key_params, bind(value)]
         if kind in ("in", "nin") and isinstance(value, list) and value and all(_scalar(v) for v in value):
             negation = "NOT " if kind == "nin" else ""
-            return f"{column} {negation}IN ({','.join('?' * len(value))})", [*key_params, *value]
+            return f"{column} {negation}IN ({','.join([slot] * len(value))})", [*key_params, *map(bind, value)]
     raise InvalidRequestError(
         f"cannot compile the filter {spec!r:.100}: use eq, ne, gt, gte, lt or lte with a key and a string, number or "
         "boolean value; in or nin with a key and a non-empty list of them; and/or with a non-empty list of filters",

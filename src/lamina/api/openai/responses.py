@@ -71,19 +71,34 @@ from lamina.llm.text.tools import ToolStream, split_calls
 if TYPE_CHECKING:
     from lamina.api.rag.service import RagService
 
-MIGRATIONS = [
-    """
-    CREATE TABLE responses (
-        id TEXT PRIMARY KEY,
-        key_id INTEGER NOT NULL,
-        created_at REAL NOT NULL,
-        previous_response_id TEXT,
-        input_items TEXT NOT NULL,
-        response TEXT NOT NULL
-    );
-    CREATE INDEX responses_key ON responses (key_id, created_at)
-    """,
-]
+MIGRATIONS = {
+    "sqlite": [
+        """
+        CREATE TABLE responses (
+            id TEXT PRIMARY KEY,
+            key_id INTEGER NOT NULL,
+            created_at REAL NOT NULL,
+            previous_response_id TEXT,
+            input_items TEXT NOT NULL,
+            response TEXT NOT NULL
+        );
+        CREATE INDEX responses_key ON responses (key_id, created_at)
+        """,
+    ],
+    "postgresql": [
+        """
+        CREATE TABLE responses (
+            id TEXT PRIMARY KEY,
+            key_id BIGINT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            previous_response_id TEXT,
+            input_items TEXT NOT NULL,
+            response TEXT NOT NULL
+        );
+        CREATE INDEX responses_key ON responses (key_id, created_at)
+        """,
+    ],
+}
 NO_KEY = -1
 """The key id of responses stored while the server has no API keys."""
 MAX_THREAD = 256

@@ -224,30 +224,56 @@ def _canonical(arguments: str) -> str:
 
 # --- the record of runs --------------------------------------------------------------------------------
 
-MIGRATIONS = [
-    """
-    CREATE TABLE agent_runs (
-        id TEXT PRIMARY KEY,
-        task TEXT NOT NULL,
-        tools TEXT NOT NULL,
-        status TEXT NOT NULL,
-        answer TEXT NOT NULL DEFAULT '',
-        prompt_tokens INTEGER NOT NULL DEFAULT 0,
-        completion_tokens INTEGER NOT NULL DEFAULT 0,
-        started_at REAL NOT NULL,
-        finished_at REAL
-    );
-    CREATE INDEX agent_runs_started ON agent_runs (started_at);
-    CREATE TABLE agent_steps (
-        run_id TEXT NOT NULL REFERENCES agent_runs (id) ON DELETE CASCADE,
-        position INTEGER NOT NULL,
-        kind TEXT NOT NULL,
-        data TEXT NOT NULL,
-        at REAL NOT NULL,
-        PRIMARY KEY (run_id, position)
-    )
-    """,
-]
+MIGRATIONS = {
+    "sqlite": [
+        """
+        CREATE TABLE agent_runs (
+            id TEXT PRIMARY KEY,
+            task TEXT NOT NULL,
+            tools TEXT NOT NULL,
+            status TEXT NOT NULL,
+            answer TEXT NOT NULL DEFAULT '',
+            prompt_tokens INTEGER NOT NULL DEFAULT 0,
+            completion_tokens INTEGER NOT NULL DEFAULT 0,
+            started_at REAL NOT NULL,
+            finished_at REAL
+        );
+        CREATE INDEX agent_runs_started ON agent_runs (started_at);
+        CREATE TABLE agent_steps (
+            run_id TEXT NOT NULL REFERENCES agent_runs (id) ON DELETE CASCADE,
+            position INTEGER NOT NULL,
+            kind TEXT NOT NULL,
+            data TEXT NOT NULL,
+            at REAL NOT NULL,
+            PRIMARY KEY (run_id, position)
+        )
+        """,
+    ],
+    "postgresql": [
+        """
+        CREATE TABLE agent_runs (
+            id TEXT PRIMARY KEY,
+            task TEXT NOT NULL,
+            tools TEXT NOT NULL,
+            status TEXT NOT NULL,
+            answer TEXT NOT NULL DEFAULT '',
+            prompt_tokens BIGINT NOT NULL DEFAULT 0,
+            completion_tokens BIGINT NOT NULL DEFAULT 0,
+            started_at DOUBLE PRECISION NOT NULL,
+            finished_at DOUBLE PRECISION
+        );
+        CREATE INDEX agent_runs_started ON agent_runs (started_at);
+        CREATE TABLE agent_steps (
+            run_id TEXT NOT NULL REFERENCES agent_runs (id) ON DELETE CASCADE,
+            position INTEGER NOT NULL,
+            kind TEXT NOT NULL,
+            data TEXT NOT NULL,
+            at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (run_id, position)
+        )
+        """,
+    ],
+}
 
 
 class RunNotFound(LaminaError):

@@ -10,27 +10,50 @@ from typing import Any
 from lamina.errors import LaminaError
 from lamina.infra.db import Database
 
-MIGRATIONS = [
-    """
-    CREATE TABLE conversations (
-        id TEXT PRIMARY KEY,
-        owner INTEGER,
-        title TEXT NOT NULL,
-        settings TEXT NOT NULL DEFAULT '{}',
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL
-    );
-    CREATE INDEX conversations_owner ON conversations (owner, updated_at);
-    CREATE TABLE conversation_messages (
-        conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
-        position INTEGER NOT NULL,
-        role TEXT NOT NULL,
-        content TEXT NOT NULL,
-        meta TEXT NOT NULL DEFAULT '{}',
-        PRIMARY KEY (conversation_id, position)
-    )
-    """,
-]
+MIGRATIONS = {
+    "sqlite": [
+        """
+        CREATE TABLE conversations (
+            id TEXT PRIMARY KEY,
+            owner INTEGER,
+            title TEXT NOT NULL,
+            settings TEXT NOT NULL DEFAULT '{}',
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        );
+        CREATE INDEX conversations_owner ON conversations (owner, updated_at);
+        CREATE TABLE conversation_messages (
+            conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+            position INTEGER NOT NULL,
+            role TEXT NOT NULL,
+            content TEXT NOT NULL,
+            meta TEXT NOT NULL DEFAULT '{}',
+            PRIMARY KEY (conversation_id, position)
+        )
+        """,
+    ],
+    "postgresql": [
+        """
+        CREATE TABLE conversations (
+            id TEXT PRIMARY KEY,
+            owner BIGINT,
+            title TEXT NOT NULL,
+            settings TEXT NOT NULL DEFAULT '{}',
+            created_at DOUBLE PRECISION NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL
+        );
+        CREATE INDEX conversations_owner ON conversations (owner, updated_at);
+        CREATE TABLE conversation_messages (
+            conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+            position INTEGER NOT NULL,
+            role TEXT NOT NULL,
+            content TEXT NOT NULL,
+            meta TEXT NOT NULL DEFAULT '{}',
+            PRIMARY KEY (conversation_id, position)
+        )
+        """,
+    ],
+}
 
 
 class NotFound(LaminaError):
@@ -46,7 +69,7 @@ class ConversationStore:
 
     def list(self, owner: int | None) -> list[dict[str, Any]]:
         rows = self.db.query(
-            "SELECT id, title, created_at, updated_at FROM conversations WHERE owner IS ? ORDER BY updated_at DESC", (owner,)
+            "SELECT id, title, created_at, updated_at FROM conversations WHERE owner IS NOT DISTINCT FROM ? ORDER BY updated_at DESC", (owner,)
         )
         return [dict(r) for r in rows]
 
@@ -60,7 +83,7 @@ class ConversationStore:
         return self.get(owner, cid)
 
     def get(self, owner: int | None, cid: str) -> dict[str, Any]:
-        row = self.db.query_one("SELECT * FROM conversations WHERE id = ? AND owner IS ?", (cid, owner))
+        row = self.db.query_one("SELECT * FROM conversations WHERE id = ? AND owner IS NOT DISTINCT FROM ?", (cid, owner))
         if row is None:
             raise NotFound(f"No conversation with id {cid!r}.", param="conversation_id")
         messages = self.db.query(
