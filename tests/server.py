@@ -25,6 +25,8 @@ class Server:
     home: Path
     proc: subprocess.Popen
     log: Path
+    env: dict[str, str] | None = None
+    """Environment beyond LAMINA_HOME that the server (and `lamina` commands against it) run with."""
 
     @property
     def api(self) -> str:
@@ -39,20 +41,21 @@ class Server:
 
     def lamina(self, *args: str) -> subprocess.CompletedProcess:
         """Run a `lamina` command against this server's LAMINA_HOME."""
-        env = {**os.environ, "LAMINA_HOME": str(self.home)}
+        env = {**os.environ, **(self.env or {}), "LAMINA_HOME": str(self.home)}
         return subprocess.run([sys.executable, "-m", "lamina", *args], capture_output=True, text=True, env=env, timeout=120)
 
 
-def start_server(home: Path, *args: str, timeout: float = 180) -> Server:
+def start_server(home: Path, *args: str, timeout: float = 180, env: dict[str, str] | None = None) -> Server:
     port = free_port()
     home.mkdir(parents=True, exist_ok=True)
     log = home / "server.log"
-    env = {**os.environ, "LAMINA_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    extra = env
+    env = {**os.environ, **(extra or {}), "LAMINA_HOME": str(home), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "lamina", "serve", "--port", str(port), *args],
         env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
     )
-    server = Server(f"http://127.0.0.1:{port}", home, proc, log)
+    server = Server(f"http://127.0.0.1:{port}", home, proc, log, extra)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:

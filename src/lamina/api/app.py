@@ -18,6 +18,8 @@ from fastapi import FastAPI
 
 import lamina
 from lamina.api import errors
+from lamina.api.batches import BatchRunner, BatchStore
+from lamina.api.batches import router as batch_routes
 from lamina.api.deps import Services
 from lamina.api.keys import KeyStore
 from lamina.api.loading import Loading
@@ -96,7 +98,11 @@ def create_app(
     loader = load or _load
     embedder_loader = load_embedder or _load_embedder
 
+    batch_store = BatchStore(db, rag.files)
+    waiting = [0]  # requests the engine had waiting at its last step: batch lines start only when none do
+
     def on_step(stats: EngineStats) -> None:
+        waiting[0] = stats.waiting
         metrics.engine_step(stats.running, stats.waiting, stats.tokens, stats.kv_usage, stats.prefix_queries, stats.prefix_hits)
 
     @asynccontextmanager
@@ -125,9 +131,11 @@ def create_app(
             logger.info("model %s ready", llm.name)
 
         threading.Thread(target=load_models, name="lamina-load", daemon=True).start()
+        runner.start()
         try:
             yield
         finally:
+            await runner.stop()
             closing.set()
             if chat_model.value is not None:
                 chat_model.value.close()
@@ -141,10 +149,13 @@ def create_app(
     )
     app.state.services = services
     app.state.args = args
+    runner = BatchRunner(batch_store, app, ready=lambda: chat_model.value is not None, waiting=lambda: waiting[0])
+    app.state.batch_runner = runner
     errors.install(app)
     app.include_router(routes.public)
     app.include_router(routes.api)
     app.include_router(rag_routes.router)
+    app.include_router(batch_routes)
     app.add_middleware(RecordRequests, metrics=metrics, usage=usage)
     app.add_middleware(LimitBody, max_bytes=args.max_body_bytes, upload_bytes=args.max_upload_bytes, upload_path="/v1/files")
     return app

@@ -52,7 +52,17 @@ ResponsesDep = Annotated[ResponsesService, Depends(get_responses)]
 
 
 def authenticate(request: Request, services: ServicesDep) -> APIKey | None:
-    """The caller's key; 401 when keys exist and the request has none or a wrong one. None: no keys exist."""
+    """The caller's key; 401 when keys exist and the request has none or a wrong one. None: no keys exist.
+
+    A line of a batch, sent by this process's batch runner, runs under the key that created the batch."""
+    runner = getattr(request.app.state, "batch_runner", None)
+    if runner is not None:
+        is_line, key = runner.line_key(request, services.keys)
+        if is_line:
+            request.state.batch = True
+            if key is not None:
+                request.state.key = key
+            return key
     if not services.keys.auth_required():
         return None
     header = request.headers.get("authorization", "")

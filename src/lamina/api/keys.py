@@ -134,6 +134,10 @@ class KeyStore:
             return True
         return self.db.query_one("SELECT 1 FROM api_keys WHERE revoked_at IS NULL LIMIT 1") is not None
 
+    def by_id(self, key_id: int) -> APIKey | None:
+        row = self.db.query_one("SELECT * FROM api_keys WHERE id = ?", (key_id,))
+        return _row(row) if row else None
+
     def lookup(self, secret: str) -> APIKey | None:
         """The active key for this secret, or None."""
         if self.static_key and hmac.compare_digest(secret.encode(), self.static_key.encode()):

@@ -85,12 +85,14 @@ class UsageLog:
         model: str | None,
         reserve_tokens: int,
         user: str | None = None,
+        limits: bool = True,
     ) -> Admission:
-        """Check the key's per-minute limits and record the request as started; 429 if over a limit."""
+        """Check the key's per-minute limits and record the request as started; 429 if over a limit. `limits`
+        False (a batch line) records it for the key without checking its limits."""
         now = time.time()
         with self.db.transaction() as conn:
             headers: dict[str, str] = {}
-            if key is not None and (key.rpm or key.tpm):
+            if limits and key is not None and (key.rpm or key.tpm):
                 conn.lock(f"usage:{key.id}")  # one admission per key at a time, on every replica of the database
                 count, tokens, oldest = conn.execute(
                     "SELECT COUNT(*), CAST(COALESCE(SUM(CASE WHEN status IS NULL "

@@ -26,6 +26,10 @@ class EngineDefault(click.Option):
 @click.option("--host", default=None, help="address to listen on [LAMINA_HOST, default 127.0.0.1]")
 @click.option("--port", type=int, default=None, help="port [LAMINA_PORT, default 8000]")
 @click.option("--api-key", default=None, help="require this key (Authorization: Bearer KEY) [LAMINA_API_KEY]")
+@click.option("--database-url", default=None,
+              help="postgresql://user:password@host/db: keys, usage, conversations, files, vector stores and stored "
+                   "responses in PostgreSQL (with pgvector), shared by every replica that names it "
+                   "[LAMINA_DATABASE_URL, default: SQLite in LAMINA_HOME]")
 @click.option("--insecure", is_flag=True, help="allow a non-loopback address with no API key at all")
 @click.option("--max-running", cls=EngineDefault, type=int, show_default=True, help="requests decoded at once; more wait")
 @click.option("--max-upload-mb", type=float, default=64, show_default=True, help="largest file POST /v1/files accepts")
@@ -50,7 +54,7 @@ class EngineDefault(click.Option):
                    "the model, if any), none, or a folder")
 @model_options
 @fail_cleanly
-def serve(host: str | None, port: int | None, api_key: str | None, insecure: bool, max_running: int, max_upload_mb: float,
+def serve(host: str | None, port: int | None, api_key: str | None, database_url: str | None, insecure: bool, max_running: int, max_upload_mb: float,
           kv_cache_gb: float, kv_cache_dtype: str, speculative_tokens: int, max_request_seconds: float | None, quantize: str | None, lora: tuple[str, ...], mcp_config: str | None, tool_adapter: str,
           model: str | None, device: str | None, dtype: str | None) -> None:
     """Serve the OpenAI-compatible API and the web chat (http://HOST:PORT/)."""
@@ -68,7 +72,8 @@ def serve(host: str | None, port: int | None, api_key: str | None, insecure: boo
 
     use_thread_setting()
     mcp_servers = load_mcp_config(mcp_config) if mcp_config else []
-    flags = {"model": model, "host": host, "port": port, "api_key": api_key, "device": device, "dtype": dtype}
+    flags = {"model": model, "host": host, "port": port, "api_key": api_key, "device": device, "dtype": dtype,
+             "database_url": database_url}
     # a flag given on the command line wins over its LAMINA_* setting
     settings = get_settings().model_copy(update={k: v for k, v in flags.items() if v})
     args = ServeArgs(

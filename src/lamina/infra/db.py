@@ -244,8 +244,9 @@ _TOKEN = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|\?|%")
 
 @functools.lru_cache(maxsize=4096)
 def to_pyformat(sql: str) -> str:
-    """`?` placeholders to psycopg's `%s`, and a literal `%` to `%%`, outside quoted strings and names."""
-    return _TOKEN.sub(lambda m: "%s" if m.group() == "?" else "%%" if m.group() == "%" else m.group(), sql)
+    """`?` placeholders to psycopg's `%s` outside quoted strings and names; every literal `%` to `%%` (psycopg reads
+    them everywhere, inside quotes too, as queries always go with their parameters, even none)."""
+    return _TOKEN.sub(lambda m: "%s" if m.group() == "?" else m.group().replace("%", "%%"), sql)
 
 
 def _pg_params(params: Params) -> Params:
@@ -262,7 +263,7 @@ class _PgTx(Tx):
         self.conn = conn
 
     def execute(self, sql: str, params: Params = ()) -> Any:
-        return self.conn.execute(to_pyformat(sql), _pg_params(params) or None)
+        return self.conn.execute(to_pyformat(sql), _pg_params(params))
 
     def executemany(self, sql: str, rows: Sequence[Params]) -> None:
         with self.conn.cursor() as cursor:
@@ -315,7 +316,7 @@ class PostgresDatabase(Database):
             conn = self._psycopg.connect(self._url, autocommit=True, row_factory=_pg_row, connect_timeout=10)
         except self._psycopg.Error as e:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DatabaseError(f"cannot connect to the database {self.target}: {reason}") from None
+            raise DatabaseError(f"cannot connect to the database {self.target}: {reason} (check LAMINA_DATABASE_URL or --database-url, and that the server is up)") from None
         with self._lock:
             self._all.append(conn)
         return conn
@@ -357,7 +358,7 @@ class PostgresDatabase(Database):
 
     def query(self, sql: str, params: Params = ()) -> list[Any]:
         with self._connection() as conn:
-            return conn.execute(to_pyformat(sql), _pg_params(params) or None).fetchall()
+            return conn.execute(to_pyformat(sql), _pg_params(params)).fetchall()
 
     def _statements(self, script: str) -> list[str]:
         """Statements split on `;` outside quotes and dollar-quoted bodies (PL/pgSQL functions hold `;`)."""

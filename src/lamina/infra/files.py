@@ -45,6 +45,9 @@ MIGRATIONS = {
     ],
 }
 PURPOSES = ("assistants", "user_data", "batch", "fine-tune", "vision", "evals")
+"""What an upload may be for."""
+OUTPUT_PURPOSES = ("batch_output",)
+"""What the server writes: a batch's output and error files."""
 
 
 class FileNotFound(LaminaError):
@@ -71,7 +74,7 @@ class FileStore:
         """On PostgreSQL the bytes live in the database (shared by replicas); on SQLite in files under `root`."""
 
     def create(self, filename: str, data: bytes, purpose: str = "assistants") -> StoredFile:
-        if purpose not in PURPOSES:
+        if purpose not in PURPOSES + OUTPUT_PURPOSES:
             raise InvalidRequestError(f"purpose must be one of {', '.join(PURPOSES)} (got {purpose!r})", param="purpose")
         name = Path(filename or "").name
         if not name:

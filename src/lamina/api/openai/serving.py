@@ -366,7 +366,7 @@ class OpenAIService:
         prompt_tokens = sum(len(p) for p in {id(c.prompt_ids): c.prompt_ids for c in choices}.values())
         reserve = prompt_tokens + sum(c.params.max_tokens for c in choices)
         admission = self.usage.admit(key, endpoint=request.url.path, method=request.method, model=model,
-                                     reserve_tokens=reserve, user=user)
+                                     reserve_tokens=reserve, user=user, limits=not getattr(request.state, "batch", False))
         request.state.usage = RequestUsage(admission.usage_id, prompt_tokens)
         if unknown:
             logger.info("ignoring unknown request fields %s", unknown)
