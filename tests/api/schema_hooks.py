@@ -9,7 +9,7 @@ of it, `best_of` equal to `n`, `dimensions` of the embedding model's own, the se
 valid one), at most one of them and none beside tools; unique tool names and a named tool_choice among them; tool
 messages and function_call_outputs answering a call made earlier in the conversation. These are the rules the schema
 documents on its fields but cannot state (they depend on the loaded models, or tie one field to another).
-Everything else is sent as generated. Ids in paths are the seeded store and file (DELETEs get their own
+Everything else is sent as generated. Ids in paths are the seeded store, file and batch (DELETEs get their own
 ids, so that deleting does not empty what the other operations read). After each call the response's
 status is logged per operation, for the totals.
 """
@@ -181,7 +181,7 @@ def before_call(context: Any, case: Any, kwargs: dict[str, Any]) -> None:
     if case.path_parameters and isinstance(case.path_parameters.get("model_id"), str):
         case.path_parameters["model_id"] = MODEL  # a made-up id is a 404, which the e2e tests cover
     ids = IDS.get(f"{case.method.upper()} {path}", IDS) if case.method.upper() == "DELETE" else IDS
-    for name in ("store_id", "file_id"):
+    for name in ("store_id", "file_id", "batch_id"):
         if case.path_parameters and name in case.path_parameters and isinstance(ids.get(name), str):
             case.path_parameters[name] = ids[name]
     if not isinstance(body, dict):
@@ -203,6 +203,8 @@ def before_call(context: Any, case: Any, kwargs: dict[str, Any]) -> None:
             body["model"] = EMBEDDER
         if _int(body.get("dimensions")) is not None:
             body["dimensions"] = EMBEDDING_DIM
+    elif path == "/v1/batches" and isinstance(body.get("input_file_id"), str):
+        body["input_file_id"] = IDS.get("batch_file_id", body["input_file_id"])  # a JSONL file of requests
     elif path == "/v1/vector_stores/{store_id}/files" and isinstance(body.get("file_id"), str):
         body["file_id"] = IDS.get("file_id", body["file_id"])
     _chunking(body)

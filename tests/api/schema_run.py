@@ -120,8 +120,8 @@ def live_server(root: Path) -> Iterator[LiveServer]:
 
 
 def _seed(client: httpx.Client) -> dict[str, Any]:
-    def upload(name: str, text: str) -> str:
-        r = client.post("/v1/files", files={"file": (name, text.encode())}, data={"purpose": "assistants"})
+    def upload(name: str, text: str, purpose: str = "assistants") -> str:
+        r = client.post("/v1/files", files={"file": (name, text.encode())}, data={"purpose": purpose})
         r.raise_for_status()
         return r.json()["id"]
 
@@ -135,8 +135,14 @@ def _seed(client: httpx.Client) -> dict[str, Any]:
     unlinked = upload("unlinked.txt", "This file leaves the seeded store.")
     client.post(f"/v1/vector_stores/{kept_store}/files", json={"file_id": unlinked}).raise_for_status()
     doomed = upload("doomed.txt", "This file is here to be deleted.")
+    model = client.get("/v1/models").json()["data"][0]["id"]
+    requests = upload("requests.jsonl", json.dumps({"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions", "body": {
+        "model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}}), purpose="batch")
+    batch = client.post("/v1/batches", json={"input_file_id": requests, "endpoint": "/v1/chat/completions",
+                                             "completion_window": "24h"})
+    batch.raise_for_status()
     # Each DELETE gets ids of its own, so that it deletes something and the other operations still find theirs.
-    return {"store_id": kept_store, "file_id": kept,
+    return {"store_id": kept_store, "file_id": kept, "batch_file_id": requests, "batch_id": batch.json()["id"],
             "DELETE /v1/vector_stores/{store_id}": {"store_id": store("doomed", doomed)},
             "DELETE /v1/files/{file_id}": {"file_id": doomed},
             "DELETE /v1/vector_stores/{store_id}/files/{file_id}": {"store_id": kept_store, "file_id": unlinked}}

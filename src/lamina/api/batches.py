@@ -53,7 +53,9 @@ MAX_LINES = 50_000
 """Requests one batch may hold (OpenAI's limit)."""
 WINDOW_S = 24 * 3600
 LEASE_S = 10.0
-"""How long a replica's claim on a batch lasts unless renewed (it renews every LEASE_S / 3)."""
+"""How long a replica's claim on a batch lasts unless renewed (it renews every CHECK_S)."""
+CHECK_S = 0.5
+"""How often a running batch renews its lease and reads its status (a cancel takes effect within this)."""
 BATCH_HEADER = "x-lamina-batch"
 """The header a batch line is sent with: this process's secret and the batch's id. Never leaves the process."""
 
@@ -441,16 +443,18 @@ class BatchRunner:
                 line, body = pending.pop(0)
                 running.add(asyncio.create_task(self._line(client, batch_id, endpoint, line, body)))
             if running:
-                done, running = await asyncio.wait(running, timeout=LEASE_S / 3, return_when=asyncio.FIRST_COMPLETED)
+                done, running = await asyncio.wait(running, timeout=CHECK_S, return_when=asyncio.FIRST_COMPLETED)
                 for t in done:
                     t.result()
             else:
                 await asyncio.sleep(0.05)  # interactive requests are waiting: let them in first
-            if time.monotonic() - renewed > LEASE_S / 3:
+            if time.monotonic() - renewed > CHECK_S:  # renew the lease, and see a cancel soon
                 renewed = time.monotonic()
                 status = await asyncio.to_thread(self.store.renew, batch_id, self.owner) or "lost"
         if running:  # cancelled or expired: the lines already running finish
             await asyncio.gather(*running, return_exceptions=True)
+        if status == "in_progress":  # every line is done; a cancel may have come meanwhile
+            status = await asyncio.to_thread(self.store.renew, batch_id, self.owner) or "lost"
         if status == "lost":
             return
         if status in ("in_progress", "finalizing"):
