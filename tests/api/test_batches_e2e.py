@@ -82,6 +82,7 @@ def test_a_batch_through_the_sdk_with_bad_lines_reported_by_number(folder, tmp_p
         assert errors["d"]["response"]["status_code"] == 400 and errors["d"]["response"]["body"]["error"]["param"]
         assert client.files.retrieve(done.output_file_id).purpose == "batch_output"
         assert [b.id for b in client.batches.list()] == [batch.id]
+        assert client.batches.retrieve(batch.id).request_counts.completed == 3
         with pytest.raises(openai.APIStatusError) as info:
             client.batches.cancel(batch.id)
         assert info.value.status_code == 409
@@ -93,6 +94,16 @@ def test_a_batch_through_the_sdk_with_bad_lines_reported_by_number(folder, tmp_p
         done = _wait(client, client.batches.create(input_file_id=upload.id, endpoint="/v1/embeddings", completion_window="24h").id)
         vectors = [o["response"]["body"]["data"][0]["embedding"] for o in _lines(client, done.output_file_id)]
         assert len(vectors) == 3 and all(len(v) == 384 for v in vectors)
+        # the same from the command line: `lamina batch create --wait` writes the output lines
+        requests, results = tmp_path / "cli.jsonl", tmp_path / "cli-out.jsonl"
+        requests.write_text("\n".join(_line(f"k{i}") for i in range(3)))
+        made = server.lamina("batch", "create", str(requests), "--url", server.url, "--wait", "-o", str(results))
+        assert made.returncode == 0, made.stderr
+        assert sorted(json.loads(x)["custom_id"] for x in results.read_text().splitlines()) == ["k0", "k1", "k2"]
+        listed = server.lamina("batch", "list", "--url", server.url)
+        assert made.stdout.strip() in listed.stdout and "completed" in listed.stdout
+        gone = server.lamina("batch", "list", "--url", "http://127.0.0.1:1")
+        assert gone.returncode == 2 and len(gone.stderr.strip().splitlines()) == 1 and "cannot reach" in gone.stderr
         other = client.files.create(file=("notes.txt", b"x"), purpose="assistants")
         for file_id, status in ((other.id, 400), ("file-nope", 404)):
             with pytest.raises(openai.APIStatusError) as info:

@@ -14,6 +14,7 @@ nowhere else (importing a module registers nothing):
     finetune.py  finetune sft|dpo|classify, lora merge
     gan.py       gan train|sample, experiment digits
     info.py      info, models                agent.py     agent, mcp list|serve
+    batch.py     batch create|list|get|cancel|results (against a running server)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import click
 
 from lamina.cli.agent import agent, mcp_group
+from lamina.cli.batch import batch_group
 from lamina.cli.common import CONTEXT_SETTINGS
 from lamina.cli.data import data_group
 from lamina.cli.finetune import finetune, lora_group
@@ -39,7 +41,7 @@ def cli() -> None:
 
 
 for command in (generate, chat, serve, keys, usage, ingest, ask, eval_group, data_group, models, info, tokenizer,
-                pretrain, evaluate, finetune, lora_group, gan, experiment, agent, mcp_group):
+                pretrain, evaluate, finetune, lora_group, gan, experiment, agent, mcp_group, batch_group):
     cli.add_command(command)
 
 
