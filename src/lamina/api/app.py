@@ -60,6 +60,8 @@ class ServeArgs:
     auto by default, which serves a Q4_1/Q8_0 GGUF on its own blocks; with LoRA adapters, none)."""
     lora: tuple[tuple[str, str], ...] = ()
     """LoRA adapters served beside the base model, as (name, folder): a request's `model` chooses one."""
+    batch_concurrency: int = 4
+    """Lines of a batch running at once (fewer than the engine's slots, so interactive requests always find one)."""
 
     @property
     def model(self) -> str:
@@ -149,7 +151,8 @@ def create_app(
     )
     app.state.services = services
     app.state.args = args
-    runner = BatchRunner(batch_store, app, ready=lambda: chat_model.value is not None, waiting=lambda: waiting[0])
+    runner = BatchRunner(batch_store, app, ready=lambda: chat_model.value is not None, waiting=lambda: waiting[0],
+                         concurrency=args.batch_concurrency)
     app.state.batch_runner = runner
     errors.install(app)
     app.include_router(routes.public)

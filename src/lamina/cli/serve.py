@@ -32,6 +32,8 @@ class EngineDefault(click.Option):
                    "[LAMINA_DATABASE_URL, default: SQLite in LAMINA_HOME]")
 @click.option("--insecure", is_flag=True, help="allow a non-loopback address with no API key at all")
 @click.option("--max-running", cls=EngineDefault, type=int, show_default=True, help="requests decoded at once; more wait")
+@click.option("--batch-concurrency", type=click.IntRange(1, 256), default=4, show_default=True,
+              help="lines of a batch (/v1/batches) running at once; they start only while no interactive request waits")
 @click.option("--max-upload-mb", type=float, default=64, show_default=True, help="largest file POST /v1/files accepts")
 @click.option("--kv-cache-gb", cls=EngineDefault, type=float, show_default=True,
               help="memory for keys/values of running requests; requests that do not fit wait")
@@ -54,7 +56,8 @@ class EngineDefault(click.Option):
                    "the model, if any), none, or a folder")
 @model_options
 @fail_cleanly
-def serve(host: str | None, port: int | None, api_key: str | None, database_url: str | None, insecure: bool, max_running: int, max_upload_mb: float,
+def serve(host: str | None, port: int | None, api_key: str | None, database_url: str | None, insecure: bool, max_running: int,
+          batch_concurrency: int, max_upload_mb: float,
           kv_cache_gb: float, kv_cache_dtype: str, speculative_tokens: int, max_request_seconds: float | None, quantize: str | None, lora: tuple[str, ...], mcp_config: str | None, tool_adapter: str,
           model: str | None, device: str | None, dtype: str | None) -> None:
     """Serve the OpenAI-compatible API and the web chat (http://HOST:PORT/)."""
@@ -80,6 +83,7 @@ def serve(host: str | None, port: int | None, api_key: str | None, database_url:
         settings, insecure=insecure, engine=EngineArgs(max_running=max_running, kv_cache_gb=kv_cache_gb, kv_cache_dtype=kv_cache_dtype,
                                                        speculative_tokens=speculative_tokens, max_request_seconds=max_request_seconds),
         max_upload_bytes=int(max_upload_mb * 1024 * 1024), quantize=quantize, lora=tuple(_pairs(lora, "--lora")),
+        batch_concurrency=batch_concurrency,
     )
     tools = tool_adapter_for(settings.model, tool_adapter)
     if tools is not None and tools[0] not in dict(args.lora):

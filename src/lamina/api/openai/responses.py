@@ -191,7 +191,7 @@ class ResponsesService:
         prompt_ids = llm.encode_chat(messages, tools=plan)
         limit = req.max_output_tokens or max(1, llm.config.max_seq_len - len(prompt_ids))
         params = SamplingParams(max_tokens=limit, temperature=1.0 if req.temperature is None else req.temperature,
-                                top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed,
+                                top_p=1.0 if req.top_p is None else req.top_p, seed=None if req.seed is None else req.seed % 2**64,
                                 structured=tools.grammar() if tools is not None else structured)
         llm.validate(prompt_ids, params)
         llm.check_capacity()

@@ -135,7 +135,7 @@ class ResponseCreate(BaseModel):
     max_output_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(default=None, description="Any integer; the sampler's generator takes it modulo 2**64.")
     stream: bool = False
     store: bool = True
     previous_response_id: str | None = None
