@@ -208,3 +208,24 @@ def test_stores_lifecycle(stores: VectorStores) -> None:
     assert stores.db.query_one("SELECT COUNT(*) FROM vs_chunks")[0] == 0
     if not stores.pg:  # PostgreSQL's text index is a column of vs_chunks
         assert stores.db.query_one("SELECT COUNT(*) FROM vs_chunks_fts")[0] == 0
+
+
+def test_postgresql_searches_each_store_through_its_own_hnsw_index(stores: VectorStores) -> None:
+    if not stores.pg:
+        pytest.skip("pgvector's HNSW is the PostgreSQL side")
+    store = stores.create("ann", embedding_model="test", dim=DIM)
+    v = _unit(np.random.default_rng(4), 3000)
+    stores.put_file(store.id, FileRecord("f", "f.txt", "completed"), _chunks([f"chunk {i}" for i in range(3000)], v))
+    queries = _unit(np.random.default_rng(5), 20)
+    recall = []
+    for q in queries:
+        exact = set(np.argsort(-(v @ q))[:10])
+        got = {int(h.text.split()[1]) for h in stores.search(store.id, query_vector=q, k=10, mode="vector")}
+        recall.append(len(exact & got) / 10)
+    assert np.mean(recall) >= 0.9
+    dim, q = DIM, stores._vector_param(queries[0])
+    plan = stores.db.query(f"EXPLAIN SELECT c.id FROM vs_chunks c WHERE c.store_id = '{store.id}' ORDER BY CAST(c.embedding AS "
+                           f"vector({dim})) <#> CAST(? AS vector({dim})) LIMIT 10", [q])
+    assert any("vs_hnsw_" in r[0] for r in plan), plan
+    stores.delete(store.id)
+    assert stores.db.query("SELECT indexname FROM pg_indexes WHERE indexname LIKE 'vs_hnsw_%'") == []

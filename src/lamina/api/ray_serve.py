@@ -81,7 +81,10 @@ async def asgi_stream(app: Any, method: str, path: str, query: str, headers: lis
 class Replica:
     """One engine replica: the whole Lamina app in a Ray actor (its lifespan entered on first use)."""
 
-    def __init__(self, factory: Callable[..., Any], args: Any) -> None:
+    def __init__(self, factory: Callable[..., Any], args: Any, threads: int) -> None:
+        from lamina.infra.device import set_threads
+
+        set_threads(threads)
         self.app = factory(args)
         self._lifespan: Any = None
         self._lock = asyncio.Lock()
@@ -161,10 +164,16 @@ def serve_on_ray(factory: Callable[..., Any], args: Any, *, replicas: int, polic
         from ray import serve
     except ImportError:
         raise LaminaError("--ray needs Ray Serve: pip install 'lamina[ray]'") from None
-    ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
-    serve.start(http_options={"host": host, "port": port})
+    import os
+
+    # the replicas read the same LAMINA_* settings (home, database, cache, threads) as this command
+    env = {k: v for k, v in os.environ.items() if k.startswith(("LAMINA_", "HF_", "TRANSFORMERS_", "OMP_"))}
+    ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False,
+             runtime_env={"env_vars": env})
+    serve.start(http_options={"host": host, "port": port, "location": "HeadOnly"})
     replica_cls = serve.deployment(max_ongoing_requests=1024, ray_actor_options={"num_cpus": cpus_per_replica})(Replica)
-    bound = [replica_cls.options(name=f"lamina-replica-{i}").bind(factory, args) for i in range(replicas)]
+    threads = max(1, int(cpus_per_replica))
+    bound = [replica_cls.options(name=f"lamina-replica-{i}").bind(factory, args, threads) for i in range(replicas)]
     front = _front(serve)
     serve.run(front.bind(bound, policy), name="lamina", route_prefix="/", blocking=True)
 

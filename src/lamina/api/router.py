@@ -8,7 +8,8 @@ the whole prefix up to it, as vLLM's prefix-cache block hashes do), a bounded LR
 request it finds the replica holding the longest run of the prompt's leading blocks:
 
 - if that match covers at least `match` (0.3) of the prompt, the request goes there;
-- otherwise to the replica with the fewest requests in flight (its cache is the least useful to keep warm);
+- otherwise to the replica with the fewest requests in flight, and among those the one that remembers the
+  fewest blocks (the smallest tree, as sglang's gateway does): new prefixes spread over the replicas;
 - but when the busiest replica has more than `balance_abs` requests above the idlest *and* more than
   `balance_rel` times its load, balance wins: the least-loaded replica takes it, whatever the match.
 
@@ -84,7 +85,8 @@ class PrefixRouter:
         if self.policy == "round_robin":
             return next(self._next)
         blocks = block_hashes(text)
-        idlest = min(range(self.replicas), key=lambda i: (loads[i], i))
+        # the least loaded, and among equals the one that remembers least (the smallest tree, as sglang's)
+        idlest = min(range(self.replicas), key=lambda i: (loads[i], len(self._seen[i]), i))
         busiest = max(loads)
         if busiest - loads[idlest] > self.balance_abs and busiest > self.balance_rel * loads[idlest]:
             chosen = idlest

@@ -30,6 +30,12 @@ class EngineDefault(click.Option):
               help="postgresql://user:password@host/db: keys, usage, conversations, files, vector stores and stored "
                    "responses in PostgreSQL (with pgvector), shared by every replica that names it "
                    "[LAMINA_DATABASE_URL, default: SQLite in LAMINA_HOME]")
+@click.option("--ray", "use_ray", is_flag=True,
+              help="serve on Ray Serve: --replicas engine replicas as deployments behind a prefix-aware router")
+@click.option("--ray-address", default=None, help="with --ray: the cluster to join (host:port; default: start a local one)")
+@click.option("--replicas", type=click.IntRange(1, 256), default=2, show_default=True, help="with --ray: engine replicas")
+@click.option("--routing", type=click.Choice(["prefix", "round_robin"]), default="prefix", show_default=True,
+              help="with --ray: how the router picks a replica (prefix: cache affinity with a load guard)")
 @click.option("--insecure", is_flag=True, help="allow a non-loopback address with no API key at all")
 @click.option("--max-running", cls=EngineDefault, type=int, show_default=True, help="requests decoded at once; more wait")
 @click.option("--batch-concurrency", type=click.IntRange(1, 256), default=4, show_default=True,
@@ -56,7 +62,8 @@ class EngineDefault(click.Option):
                    "the model, if any), none, or a folder")
 @model_options
 @fail_cleanly
-def serve(host: str | None, port: int | None, api_key: str | None, database_url: str | None, insecure: bool, max_running: int,
+def serve(host: str | None, port: int | None, api_key: str | None, database_url: str | None, use_ray: bool, ray_address: str | None,
+          replicas: int, routing: str, insecure: bool, max_running: int,
           batch_concurrency: int, max_upload_mb: float,
           kv_cache_gb: float, kv_cache_dtype: str, speculative_tokens: int, max_request_seconds: float | None, quantize: str | None, lora: tuple[str, ...], mcp_config: str | None, tool_adapter: str,
           model: str | None, device: str | None, dtype: str | None) -> None:
@@ -90,6 +97,17 @@ def serve(host: str | None, port: int | None, api_key: str | None, database_url:
         args = dataclasses.replace(args, lora=(*args.lora, tools))
     check_exposure(settings.host, insecure=insecure, database=args.database, api_key=settings.api_key)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if use_ray:
+        import functools
+
+        from lamina.api.ray_serve import serve_on_ray
+
+        click.echo(f"Lamina serving {args.model} on Ray Serve: {replicas} replicas, {routing} routing, "
+                   f"at http://{settings.host}:{settings.port}/", err=True)
+        serve_on_ray(functools.partial(build_app, mcp_servers=mcp_servers, tool_model=tools[0] if tools else None), args,
+                     replicas=replicas, policy=routing, address=ray_address, host=settings.host, port=settings.port,  # type: ignore[arg-type]
+                     cpus_per_replica=float(settings.threads or 1))
+        return
     app = build_app(args, mcp_servers=mcp_servers, tool_model=tools[0] if tools else None)
     shown = f"[{settings.host}]" if ":" in settings.host else settings.host
     click.echo(f"Lamina serving {args.model} at http://{shown}:{settings.port}/  (API: http://{shown}:{settings.port}/v1)",

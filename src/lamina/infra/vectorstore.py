@@ -12,6 +12,11 @@ k=60, scaled so that rank 1 in both lists scores 1.0). Filters follow OpenAI's f
 `filename`, `file_id` and `page`; they are compiled to SQL. A filtered vector search scores the matching
 chunks exactly when they are few (so it always finds k, unlike a filtered ANN scan), and uses the index with
 an id selector otherwise.
+
+On PostgreSQL the same tables hold the chunks, with pgvector's `vector` for embeddings and a generated
+`tsvector` column (English stemming, GIN-indexed) for the keywords, ranked by `ts_rank_cd`. Each store gets
+its own HNSW index (partial, over its chunks); an unfiltered vector search walks it, a filtered one scores the
+matching chunks exactly. Nothing lives outside the database, so every replica sees every change at once.
 """
 
 from __future__ import annotations
@@ -33,6 +38,10 @@ from lamina.infra.vector_index import VectorIndex
 Mode = Literal["vector", "bm25", "hybrid"]
 Scalar = str | int | float | bool
 RRF_K = 60
+PG_HNSW_MAX_DIM = 2000
+"""pgvector's HNSW indexes vectors of up to 2,000 dimensions; wider stores are scanned exactly."""
+PG_HNSW_EF_SEARCH = 100
+"""pgvector's search beam (its default is 40); at least twice k."""
 EXACT_FILTER_LIMIT = 50_000
 """Filtered vector searches over at most this many chunks are scored exactly."""
 
@@ -241,6 +250,9 @@ class VectorStores:
                 "chunk_overlap) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (store_id, name, now, now, json.dumps(metadata or {}), embedding_model, dim, chunk_tokens, chunk_overlap),
             )
+            if self.pg and dim <= PG_HNSW_MAX_DIM:  # the store's own HNSW graph, over its chunks only
+                conn.execute(f"CREATE INDEX {_hnsw_name(store_id)} ON vs_chunks USING hnsw ((CAST(embedding AS vector({int(dim)}))) "
+                             f"vector_ip_ops) WITH (m = 16, ef_construction = 64) WHERE store_id = '{store_id}'")
         return self.get(store_id)
 
     def get(self, id_or_name: str) -> StoreInfo:
@@ -272,6 +284,8 @@ class VectorStores:
             conn.execute("DELETE FROM vs_chunks WHERE store_id = ?", (store.id,))
             conn.execute("DELETE FROM vs_files WHERE store_id = ?", (store.id,))
             conn.execute("DELETE FROM vs_stores WHERE id = ?", (store.id,))
+            if self.pg:
+                conn.execute(f"DROP INDEX IF EXISTS {_hnsw_name(store.id)}")
         self._indexes.pop(store.id, None)
         VectorIndex.delete_files(self._index_path(store.id))
         return store
@@ -449,7 +463,17 @@ class VectorStores:
         query = np.asarray(query, dtype=np.float32).reshape(-1)
         if query.shape != (store.dim,):
             raise InvalidRequestError(f"query embedding has {query.shape[0]} dimensions; the store has {store.dim}")
-        if self.pg:  # exact: every matching chunk is scored, so a filtered search always finds k
+        if self.pg and not filtered and store.dim <= PG_HNSW_MAX_DIM:  # the store's HNSW graph (pgvector)
+            q, dim = self._vector_param(query), int(store.dim)
+            _hnsw_name(store.id)  # an id of ours: safe to write into the statement, as the partial index needs
+            with self.db.transaction() as tx:
+                tx.execute(f"SET LOCAL hnsw.ef_search = {max(PG_HNSW_EF_SEARCH, 2 * k)}")
+                rows = tx.execute(
+                    f"SELECT c.id, -(CAST(c.embedding AS vector({dim})) <#> CAST(? AS vector({dim}))) FROM vs_chunks c "
+                    f"WHERE c.store_id = '{store.id}' ORDER BY CAST(c.embedding AS vector({dim})) <#> CAST(? AS vector({dim})) "
+                    "LIMIT ?", [q, q, k]).fetchall()
+            return [(int(r[0]), float(r[1])) for r in rows]
+        if self.pg:  # filtered: every matching chunk is scored exactly, so a filtered search always finds k
             q = self._vector_param(query)
             rows = self.db.query(f"SELECT c.id, -(c.embedding <#> CAST(? AS vector)) FROM vs_chunks c WHERE c.store_id = ? AND ({where}) "
                                  "ORDER BY c.embedding <#> CAST(? AS vector) LIMIT ?", [q, store.id, *params, q, k])
@@ -563,6 +587,13 @@ def _compile(spec: Any, depth: int, pg: bool = False) -> tuple[str, list[Any]]:
 def _scalar(value: Any) -> bool:
     """A value SQLite binds: a string, a float, a boolean, or an integer of 64 bits."""
     return isinstance(value, str | float | bool) or (isinstance(value, int) and -(2**63) <= value < 2**63)
+
+
+def _hnsw_name(store_id: str) -> str:
+    """The name of a store's pgvector index; store ids are made here (vs_ and hex digits), so they are safe in SQL."""
+    if not re.fullmatch(r"vs_[0-9a-f]+", store_id):
+        raise InvalidRequestError(f"not a vector store id: {store_id!r}")
+    return f"vs_hnsw_{store_id.removeprefix('vs_')}"
 
 
 def _store(row: Any) -> StoreInfo:
