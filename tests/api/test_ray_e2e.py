@@ -44,7 +44,7 @@ def test_lamina_serve_on_a_two_node_ray_cluster(tmp_path) -> None:  # type: igno
         assert worker.returncode == 0, worker.stderr
         server = start_server(tmp_path / "home", "--model", str(folder), "--device", "cpu", "--dtype", "float32",
                               "--tool-adapter", "none", "--ray", "--ray-address", f"127.0.0.1:{gcs}", "--replicas", "2",
-                              timeout=420, env={"LAMINA_NATIVE": "0", "LAMINA_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"})
+                              timeout=180, env={"LAMINA_NATIVE": "0", "LAMINA_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"})
         url = server.url
         # the same long system prompt stays on one replica (its prefix cache); another prompt goes to the other one
         first = [_chat(url, SYSTEM_A, f"question {i}") for i in range(4)]
@@ -56,7 +56,7 @@ def test_lamina_serve_on_a_two_node_ray_cluster(tmp_path) -> None:  # type: igno
 
         # through the official SDK: models, a streamed chat (chunks, then usage), a stored response read back
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
-        assert [m.id for m in client.models.list()] == ["tiny-llama"]
+        assert "tiny-llama" in [m.id for m in client.models.list()]
         chunks = list(client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "go"}],
                                                      max_tokens=12, stream=True, stream_options={"include_usage": True},
                                                      extra_body={"ignore_eos": True}))

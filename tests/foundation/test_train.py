@@ -269,6 +269,8 @@ def test_two_nodes_over_c10d_rendezvous_match_one_process(tmp_path) -> None:
             command = [*prefix, sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                        "--node_rank", str(rank), "--rdzv_backend", "c10d", "--rdzv_endpoint", f"{master}:29411",
                        "--rdzv_id", f"lamina-{tag}", "--local_addr", f"10.77.{net}.{rank + 1}",
+                       # node 0 holds the store: torchrun cannot tell, as the namespace's address is not the hostname's
+                       "--rdzv_conf", f"is_host={'true' if rank == 0 else 'false'}",
                        "-m", "lamina", "pretrain", "--config", str(double), "--name", "two"]
             procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         outcomes = [p.communicate(timeout=600) for p in procs]

@@ -23,6 +23,9 @@ import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from fastapi import FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+
 from lamina.api.router import Policy, PrefixRouter, routing_text
 from lamina.errors import LaminaError
 
@@ -111,9 +114,6 @@ class Replica:
 
 def build_router_app(handles: list[Any], policy: Policy) -> Any:
     """The front: a FastAPI app that forwards every request to the replica the router chooses."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import Response, StreamingResponse
-
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     router = PrefixRouter(len(handles), policy)
     loads = [0] * len(handles)
@@ -202,8 +202,6 @@ def _front(serve: Any) -> Any:
 
 async def _asgi_response(app: Any, request: Any) -> Any:
     """Hand a Starlette request (what Ray Serve gives a deployment) to an ASGI app, streaming its response."""
-    from starlette.responses import StreamingResponse
-
     body = await request.body()
     parts = asgi_stream(app, request.method, request.url.path, request.url.query, list(request.headers.items()), body)
     status, headers = await parts.__anext__()
