@@ -137,6 +137,10 @@ def test_two_processes_match_one(tmp_path, strategy: str) -> None:
     The data is the same by construction (batches are a function of seed and step); the only difference is
     the order of the gradient sums (the all-reduce adds the two ranks' halves, one process adds them in its
     accumulation), which in fp32 moves the loss by ~1e-7 per step and stays far below 1e-4 over these steps.
+
+    DDP runs on two *nodes* where this machine can make network namespaces (root or CAP_NET_ADMIN): one rank
+    in each, torchrun's c10d rendezvous on node 0's address, gloo over the veth link between them, as across
+    two machines. FSDP runs as two ranks on one node.
     """
     steps = {"max_steps": 12, "save_interval": 100, "eval_interval": 12, "warmup_steps": 2}
     single = _config(tmp_path / "one", micro_batch_size=4, grad_accum=2, **steps) if (tmp_path / "one").mkdir() is None else None
@@ -144,11 +148,19 @@ def test_two_processes_match_one(tmp_path, strategy: str) -> None:
     home = tmp_path / "home"
     one = _lamina(home, "pretrain", "--config", str(single), "--name", "one")
     assert one.returncode == 0, one.stderr[-2000:]
-    env = _env(home)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "lamina", "pretrain",
-                          "--config", str(double), "--name", "two", "--strategy", strategy],
-                         capture_output=True, text=True, env=env, timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
+    tag = str(os.getpid() % 10_000)
+    nodes = _netns_pair(tag) if strategy == "ddp" else None
+    try:
+        if nodes is None:
+            two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "lamina", "pretrain",
+                                  "--config", str(double), "--name", "two", "--strategy", strategy],
+                                 capture_output=True, text=True, env=_env(home), timeout=600)
+            assert two.returncode == 0, two.stderr[-3000:]
+        else:
+            _two_nodes(nodes, tag, home, double)
+    finally:
+        for ns in (f"lam{tag}a", f"lam{tag}b") if nodes else ():
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
     a, b = _metrics(home, "one"), _metrics(home, "two")
     assert sorted(a) == sorted(b) == list(range(1, 13))
     for step in a:
@@ -245,42 +257,41 @@ def _netns_pair(tag: str) -> tuple[list[str], list[str]] | None:
     return [ip, "netns", "exec", a], [ip, "netns", "exec", b]
 
 
-def test_two_nodes_over_c10d_rendezvous_match_one_process(tmp_path) -> None:
-    """torchrun on two "nodes" (network namespaces, one rank each, gloo over the veth link, c10d rendezvous on node
-    0's address) trains exactly as one process accumulating the same global batch does."""
-    tag = str(os.getpid() % 10_000)
-    nodes = _netns_pair(tag)
-    if nodes is None:
-        pytest.skip("cannot create network namespaces here (needs root or CAP_NET_ADMIN, and iproute2)")
+def _netns_pair(tag: str) -> tuple[list[str], list[str]] | None:
+    """Two network namespaces joined by a veth pair (10.77.x.1 and 10.77.x.2): two "nodes" on this machine. None
+    where the namespaces cannot be made (no CAP_NET_ADMIN, no iproute2)."""
+    import shutil
+
+    ip = shutil.which("ip")
+    if ip is None:
+        return None
+    a, b, net = f"lam{tag}a", f"lam{tag}b", int(tag) % 250 + 1
+    steps = [["netns", "add", a], ["netns", "add", b], ["link", "add", f"v{tag}a", "type", "veth", "peer", "name", f"v{tag}b"],
+             ["link", "set", f"v{tag}a", "netns", a], ["link", "set", f"v{tag}b", "netns", b],
+             ["-n", a, "addr", "add", f"10.77.{net}.1/24", "dev", f"v{tag}a"], ["-n", b, "addr", "add", f"10.77.{net}.2/24", "dev", f"v{tag}b"],
+             ["-n", a, "link", "set", f"v{tag}a", "up"], ["-n", b, "link", "set", f"v{tag}b", "up"],
+             ["-n", a, "link", "set", "lo", "up"], ["-n", b, "link", "set", "lo", "up"]]
+    for step in steps:
+        if subprocess.run([ip, *step], capture_output=True).returncode != 0:
+            subprocess.run([ip, "netns", "del", a], capture_output=True)
+            subprocess.run([ip, "netns", "del", b], capture_output=True)
+            return None
+    return [ip, "netns", "exec", a], [ip, "netns", "exec", b]
+
+
+def _two_nodes(nodes: tuple[list[str], list[str]], tag: str, home: Path, config: Path) -> None:
+    """`lamina pretrain` under torchrun on both nodes at once, one rank each, rendezvous on node 0."""
     net = int(tag) % 250 + 1
-    try:
-        steps = {"max_steps": 8, "save_interval": 100, "eval_interval": 8, "warmup_steps": 2}
-        (tmp_path / "one").mkdir()
-        (tmp_path / "two").mkdir()
-        single = _config(tmp_path / "one", micro_batch_size=4, grad_accum=2, **steps)
-        double = _config(tmp_path / "two", micro_batch_size=4, grad_accum=1, **steps)
-        home = tmp_path / "home"
-        one = _lamina(home, "pretrain", "--config", str(single), "--name", "one")
-        assert one.returncode == 0, one.stderr[-2000:]
-        master = f"10.77.{net}.1"
-        procs = []
-        for rank, prefix in enumerate(nodes):
-            env = {**_env(home), "GLOO_SOCKET_IFNAME": f"v{tag}{'ab'[rank]}"}
-            command = [*prefix, sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-                       "--node_rank", str(rank), "--rdzv_backend", "c10d", "--rdzv_endpoint", f"{master}:29411",
-                       "--rdzv_id", f"lamina-{tag}", "--local_addr", f"10.77.{net}.{rank + 1}",
-                       # node 0 holds the store: torchrun cannot tell, as the namespace's address is not the hostname's
-                       "--rdzv_conf", f"is_host={'true' if rank == 0 else 'false'}",
-                       "-m", "lamina", "pretrain", "--config", str(double), "--name", "two"]
-            procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-        outcomes = [p.communicate(timeout=600) for p in procs]
-        for p, (_, err) in zip(procs, outcomes, strict=True):
-            assert p.returncode == 0, err[-3000:]
-        a, b = _metrics(home, "one"), _metrics(home, "two")
-        assert sorted(a) == sorted(b) == list(range(1, 9))
-        for step in a:
-            assert b[step]["loss"] == pytest.approx(a[step]["loss"], abs=1e-4), (step, a[step]["loss"], b[step]["loss"])
-        assert (home / "models" / "two" / "model.safetensors").exists()  # node 0's rank 0 wrote the gathered weights
-    finally:
-        for ns in (f"lam{tag}a", f"lam{tag}b"):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    procs = []
+    for rank, prefix in enumerate(nodes):
+        env = {**_env(home), "GLOO_SOCKET_IFNAME": f"v{tag}{'ab'[rank]}"}
+        command = [*prefix, sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                   "--node_rank", str(rank), "--rdzv_backend", "c10d", "--rdzv_endpoint", f"10.77.{net}.1:29411",
+                   "--rdzv_id", f"lamina-{tag}", "--local_addr", f"10.77.{net}.{rank + 1}",
+                   # node 0 holds the store: torchrun cannot tell, as the namespace's address is not the hostname's
+                   "--rdzv_conf", f"is_host={'true' if rank == 0 else 'false'}",
+                   "-m", "lamina", "pretrain", "--config", str(config), "--name", "two"]
+        procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outcomes = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outcomes, strict=True):
+        assert p.returncode == 0, err[-3000:]
