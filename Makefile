@@ -14,7 +14,7 @@ JOBS ?= auto
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: serve test lint bench clean chromium
+.PHONY: serve test test-ray lint bench clean chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,12 @@ chromium:
 
 test: lint chromium
 	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
+
+# `lamina serve --ray` on a real two-node Ray cluster (about 40 s). Not in `make test`: Ray is a 200 MB optional
+# dependency, and CI's budget is 12 minutes; tests/api/test_ray_e2e.py skips where Ray is not installed.
+test-ray: $(VENV)/.test
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[ray]'
+	$(BIN)/python -m pytest tests/api/test_ray_e2e.py tests/api/test_router.py
 
 bench: $(VENV)/.test
 	$(BIN)/python bench/decode.py

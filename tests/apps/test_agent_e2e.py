@@ -140,8 +140,22 @@ def test_cli_bad_input_is_one_line(home: Path, tmp_path: Path) -> None:
                           (("x", "--tool", "rm_rf"), "no tool named 'rm_rf'"),
                           (("x", "--allow-dir", str(tmp_path / "missing")), "is not a folder"),
                           (("--show", "run_nope"), "no agent run 'run_nope'")]:
-        out = lamina(home, "agent", *args)
-        assert out.returncode == 2 and out.stderr.startswith("error: ") and message in out.stderr, (args, out.stderr)
+        out = _in_process(home, "agent", *args)
+        assert out.exit_code == 2 and out.stderr.startswith("error: ") and message in out.stderr, (args, out.stderr)
+
+
+def _in_process(home: Path, *args: str):  # type: ignore[no-untyped-def]
+    """The CLI in this process (click's runner): what fails before any model loads needs no new interpreter."""
+    from click.testing import CliRunner
+
+    from lamina.cli import cli
+    from lamina.settings import get_settings
+
+    get_settings.cache_clear()
+    try:
+        return CliRunner().invoke(cli, list(args), env={"LAMINA_HOME": str(home)})
+    finally:
+        get_settings.cache_clear()
 
 
 # --- the library, in process ---------------------------------------------------------------------------

@@ -248,7 +248,7 @@ def _netns_pair(tag: str) -> tuple[list[str], list[str]] | None:
              ["link", "set", f"v{tag}a", "netns", a], ["link", "set", f"v{tag}b", "netns", b],
              ["-n", a, "addr", "add", f"10.77.{net}.1/24", "dev", f"v{tag}a"], ["-n", b, "addr", "add", f"10.77.{net}.2/24", "dev", f"v{tag}b"],
              ["-n", a, "link", "set", f"v{tag}a", "up"], ["-n", b, "link", "set", f"v{tag}b", "up"],
-             ["-n", a, "link", "set", "lo", "up"], ["-n", b, "link", "set", "lo", "up"]]
+             ["-n", a, "link", "set", "lo", "up"], ["-n", b, "link", "set", "lo", "up"], ["netns", "exec", b, "true"]]
     for step in steps:
         if subprocess.run([ip, *step], capture_output=True).returncode != 0:
             subprocess.run([ip, "netns", "del", a], capture_output=True)
@@ -270,7 +270,7 @@ def _netns_pair(tag: str) -> tuple[list[str], list[str]] | None:
              ["link", "set", f"v{tag}a", "netns", a], ["link", "set", f"v{tag}b", "netns", b],
              ["-n", a, "addr", "add", f"10.77.{net}.1/24", "dev", f"v{tag}a"], ["-n", b, "addr", "add", f"10.77.{net}.2/24", "dev", f"v{tag}b"],
              ["-n", a, "link", "set", f"v{tag}a", "up"], ["-n", b, "link", "set", f"v{tag}b", "up"],
-             ["-n", a, "link", "set", "lo", "up"], ["-n", b, "link", "set", "lo", "up"]]
+             ["-n", a, "link", "set", "lo", "up"], ["-n", b, "link", "set", "lo", "up"], ["netns", "exec", b, "true"]]
     for step in steps:
         if subprocess.run([ip, *step], capture_output=True).returncode != 0:
             subprocess.run([ip, "netns", "del", a], capture_output=True)
