@@ -257,28 +257,6 @@ def _netns_pair(tag: str) -> tuple[list[str], list[str]] | None:
     return [ip, "netns", "exec", a], [ip, "netns", "exec", b]
 
 
-def _netns_pair(tag: str) -> tuple[list[str], list[str]] | None:
-    """Two network namespaces joined by a veth pair (10.77.x.1 and 10.77.x.2): two "nodes" on this machine. None
-    where the namespaces cannot be made (no CAP_NET_ADMIN, no iproute2)."""
-    import shutil
-
-    ip = shutil.which("ip")
-    if ip is None:
-        return None
-    a, b, net = f"lam{tag}a", f"lam{tag}b", int(tag) % 250 + 1
-    steps = [["netns", "add", a], ["netns", "add", b], ["link", "add", f"v{tag}a", "type", "veth", "peer", "name", f"v{tag}b"],
-             ["link", "set", f"v{tag}a", "netns", a], ["link", "set", f"v{tag}b", "netns", b],
-             ["-n", a, "addr", "add", f"10.77.{net}.1/24", "dev", f"v{tag}a"], ["-n", b, "addr", "add", f"10.77.{net}.2/24", "dev", f"v{tag}b"],
-             ["-n", a, "link", "set", f"v{tag}a", "up"], ["-n", b, "link", "set", f"v{tag}b", "up"],
-             ["-n", a, "link", "set", "lo", "up"], ["-n", b, "link", "set", "lo", "up"], ["netns", "exec", b, "true"]]
-    for step in steps:
-        if subprocess.run([ip, *step], capture_output=True).returncode != 0:
-            subprocess.run([ip, "netns", "del", a], capture_output=True)
-            subprocess.run([ip, "netns", "del", b], capture_output=True)
-            return None
-    return [ip, "netns", "exec", a], [ip, "netns", "exec", b]
-
-
 def _two_nodes(nodes: tuple[list[str], list[str]], tag: str, home: Path, config: Path) -> None:
     """`lamina pretrain` under torchrun on both nodes at once, one rank each, rendezvous on node 0."""
     net = int(tag) % 250 + 1
