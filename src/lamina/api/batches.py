@@ -292,7 +292,7 @@ class BatchStore:
         now = time.time()
         with self.db.transaction() as tx:
             tx.lock("batches:claim")
-            row = tx.execute("SELECT id, key_id, status, expires_at FROM batches WHERE status IN ('in_progress', 'finalizing', "
+            row = tx.execute("SELECT id, endpoint, status, expires_at FROM batches WHERE status IN ('in_progress', 'finalizing', "
                              "'cancelling') AND (lease_until IS NULL OR lease_until < ? OR lease_owner = ?) ORDER BY created_at LIMIT 1",
                              (now, owner)).fetchone()
             if row is not None:
@@ -429,9 +429,7 @@ class BatchRunner:
                     await asyncio.sleep(self.poll_s)
 
     async def _run(self, client: Any, row: Any) -> None:
-        batch_id, endpoint = row["id"], None
-        endpoint = (await asyncio.to_thread(self.store.db.query_one, "SELECT endpoint FROM batches WHERE id = ?", (batch_id,)))[0]
-        status = row["status"]
+        batch_id, endpoint, status = row["id"], row["endpoint"], row["status"]
         pending = await asyncio.to_thread(self.store.pending, batch_id) if status == "in_progress" else []
         running: set[asyncio.Task] = set()
         renewed = time.monotonic()
