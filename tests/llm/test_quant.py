@@ -11,6 +11,7 @@ import copy
 import math
 import os
 import signal
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -504,6 +505,27 @@ def test_a_failing_compiler_falls_back_to_pytorch_kernels(monkeypatch: pytest.Mo
     _, seconds = choose_kernel("int8", torch.float32, torch.device("cpu"), tmp_path, config, options)
     assert "int8-native" not in seconds and "int8-float32" in seconds  # the others are still measured
     assert not list((tmp_path / "native").glob("*.so"))  # no half-written library left behind
+
+
+def test_a_build_is_copied_to_a_new_cache_not_compiled_again(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
+    options = native.NativeOptions.from_settings(Settings())
+    compiles: list[list[str]] = []
+    run = subprocess.run
+
+    def counting(cmd, *args, **kwargs):  # type: ignore[no-untyped-def]
+        compiles.extend([cmd] if "-shared" in cmd else [])
+        return run(cmd, *args, **kwargs)
+
+    monkeypatch.setattr(native.subprocess, "run", counting)
+    first = native.library(tmp_path / "home-a", options)
+    assert first is not None and len(compiles) == 1
+    assert list((tmp_path / "user-cache" / "lamina" / "native").glob("lamina_cpu-*.so"))
+    second = native.library(tmp_path / "home-b", options)  # another home: copied, not compiled
+    assert second is not None and len(compiles) == 1 and native.isa(tmp_path / "home-b", options) == native.isa(tmp_path / "home-a", options)
+    assert [f.name for f in (tmp_path / "home-b" / "native").iterdir()] == [os.path.basename(first._name)]
+    (tmp_path / "user-cache" / "lamina" / "native").chmod(0o777)  # a folder others may write to is never read
+    assert native.library(tmp_path / "home-c", options) is not None and len(compiles) == 2
 
 
 def test_native_options_come_from_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
