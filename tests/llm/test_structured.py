@@ -12,7 +12,7 @@ import pytest
 from lamina.errors import InvalidRequestError
 from lamina.llm import SamplingParams
 from lamina.llm.engine.core import Engine, EngineArgs
-from lamina.llm.engine.grammar import Grammars, StructuredOutput, closed
+from lamina.llm.engine.grammar import Grammars, Matcher, StructuredOutput, closed
 from lamina.llm.llm import structured_output
 
 ASK = "Describe a person as JSON."
@@ -225,3 +225,63 @@ def test_a_budget_that_runs_out_still_ends_in_valid_json(smollm, max_tokens: int
     assert c.finish_reason == "length" and c.parsed is None and c.completion_tokens <= max_tokens
     free = smollm.chat([{"role": "user", "content": "Write a very long story about a dragon."}], max_tokens=max_tokens, temperature=0)
     assert free.finish_reason == "length"  # the same budget, unconstrained, is cut wherever it ends
+
+
+def _drive(matcher, tok, favoured: list[int], steps: int, closing: bool = False) -> list[int]:  # type: ignore[no-untyped-def]
+    """`steps` greedy picks of a model that always prefers `favoured` (in that order) over every other token."""
+    import torch
+
+    picked = []
+    for _ in range(steps):
+        if matcher.done:
+            break
+        logits = torch.zeros(tok.vocab_size)
+        for rank, t in enumerate(favoured):
+            logits[t] = 10.0 - rank
+        token = int(matcher.apply(logits, closing=closing).argmax())
+        assert matcher.advance(token), tok.decode([token])
+        picked.append(token)
+    return picked
+
+
+def test_a_string_that_loops_is_closed_and_a_repeated_array_is_left_alone(smollm) -> None:
+    grammars, tok = smollm.engine._engine.grammars, smollm.tokenizer
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "n": {"type": "array", "items": {"type": "integer"}}},
+              "required": ["name", "n"], "additionalProperties": False}
+    m = grammars.matcher(StructuredOutput("json_schema", schema))
+    prefix = tok.encode('{"name": "', add_special_tokens=False)
+    assert all(m.advance(t) for t in prefix)
+    loop = tok.encode("_2023", add_special_tokens=False)
+    picked = _drive(m, tok, loop, 60)  # the model wants "_2023" forever
+    text = tok.decode(prefix + picked)
+    assert '"' in text[len('{"name": "'):], text  # the string was closed once the loop was seen
+    assert m.loops_broken == 1 and not m.closing
+    assert text.count("_2023") <= Matcher.LOOP_TOKENS // len(loop) + 2, text
+    # a loop of the same number in an array is data: nothing forces it to end
+    m = grammars.matcher(StructuredOutput("json_schema", schema))
+    assert all(m.advance(t) for t in tok.encode('{"name": "x", "n": [0', add_special_tokens=False))
+    zeros = tok.encode(", 0", add_special_tokens=False)
+    picked = _drive(m, tok, zeros, 80)
+    assert picked == (zeros * 80)[:80] and m.loops_broken == 0
+
+
+@pytest.mark.parametrize("closing", [False, True])
+def test_a_looping_email_is_ended_by_the_shortest_valid_escape(smollm, closing: bool) -> None:
+    """An email's local part cannot take the closing quote, and may hold `}` (which is text there, not a closer):
+    the matcher finds the shortest run of one-byte tokens that lets the string close, and the object ends valid."""
+    grammars, tok = smollm.engine._engine.grammars, smollm.tokenizer
+    schema = {"type": "object", "properties": {"email": {"type": "string", "format": "email"}, "ok": {"type": "boolean"}},
+              "required": ["email", "ok"], "additionalProperties": False}
+    m = grammars.matcher(StructuredOutput("json_schema", schema))
+    prefix = tok.encode('{"email": "example', add_special_tokens=False)
+    assert all(m.advance(t) for t in prefix)
+    loop = tok.encode(".example", add_special_tokens=False)
+    brace = tok.encode("}", add_special_tokens=False)
+    true = tok.encode(" true", add_special_tokens=False)
+    picked = _drive(m, tok, loop + brace + true, 200, closing=closing)  # loops, else braces, else true
+    text = tok.decode(prefix + picked)
+    assert m.done, text
+    value = json.loads(text)
+    jsonschema.validate(value, schema, format_checker=jsonschema.FormatChecker())
+    assert "@" in value["email"] and "}" not in value["email"], text
+    assert m.closing == closing

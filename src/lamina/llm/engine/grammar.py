@@ -16,7 +16,9 @@ What is built on it here:
 - `Grammars`: one per model. Its `LLTokenizer` is built once, on a thread started with the model (about
   0.3 s), not lazily on the first request; compiled grammars are kept (LRU), and each sequence gets a copy.
 - `Matcher`: one sequence's state. Its mask is computed while the model runs its forward (the engine
-  overlaps them: llguidance drops the GIL), then applied before penalties and temperature.
+  overlaps them: llguidance drops the GIL), then applied before penalties and temperature. A JSON output is
+  closed before max_tokens cuts it mid-value, and a string a small model loops in ("2023_2023_...") is
+  ended: by its quote where allowed, else by the shortest valid run of one-byte tokens (an email's `@0"`).
 """
 
 from __future__ import annotations
@@ -258,21 +260,40 @@ class Grammars:
     def matcher(self, structured: StructuredOutput) -> Matcher:
         """A fresh matcher at the start of `structured`'s language."""
         # Only JSON closes early: in a grammar with free text (a tool call under auto) a quote or a brace is text.
-        closers = self.closers if structured.kind in ("json_schema", "json_object") else None
-        return Matcher(self._template(structured).deep_copy(), self.tokenizer.vocab_size, self.vocab_size, closers)
+        if structured.kind not in ("json_schema", "json_object"):
+            return Matcher(self._template(structured).deep_copy(), self.tokenizer.vocab_size, self.vocab_size)
+        return Matcher(self._template(structured).deep_copy(), self.tokenizer.vocab_size, self.vocab_size,
+                       self.closers, self.blanks, self.token_bytes, self.escape_alphabet)
+
+    @cached_property
+    def escape_alphabet(self) -> tuple[int, list[int]] | None:
+        """The token of a lone quote, and the one-byte tokens a matcher tries, in order, to reach a point where a
+        string may close (the separators formats are made of, a digit, letters); None without a quote token."""
+        single = {b: i for i, b in enumerate(self.token_bytes) if len(b) == 1}
+        if b'"' not in single:
+            return None
+        return single[b'"'], [single[c] for c in (b"@", b".", b"-", b":", b"/", b"_", b"0", b"1", b"a", b"A", b"T", b"Z",
+                                                   b"+", b" ") if c in single]
+
+    @cached_property
+    def token_bytes(self) -> list[bytes]:
+        """Each token's bytes, by id (what a JSON matcher scans to know whether it is inside a string)."""
+        tok = self.tokenizer
+        return [tok.decode_bytes([i]) for i in range(tok.vocab_size)]
 
     @cached_property
     def closers(self) -> np.ndarray:
         """(tokenizer vocab,) bool: the tokens that only close what is open (made of `"`, `]` and `}`), and the
         end of sequence; what a matcher keeps to when the token budget is nearly spent."""
-        tok = self.tokenizer
-        out = np.zeros(tok.vocab_size, dtype=bool)
-        for i in range(tok.vocab_size):
-            text = tok.decode_bytes([i])
-            out[i] = bool(text) and not text.strip(b'"]}')
-        if 0 <= self._eos_id < tok.vocab_size:
+        out = np.array([bool(b) and not b.strip(b'"]}') for b in self.token_bytes], dtype=bool)
+        if 0 <= self._eos_id < len(out):
             out[self._eos_id] = True
         return out
+
+    @cached_property
+    def blanks(self) -> np.ndarray:
+        """(tokenizer vocab,) bool: the tokens made only of JSON whitespace, which a closing output skips."""
+        return np.array([bool(b) and not b.strip(b" \t\n\r") for b in self.token_bytes], dtype=bool)
 
     def _template(self, structured: StructuredOutput) -> Any:
         import llguidance as llg
@@ -294,17 +315,45 @@ class Grammars:
 
 
 class Matcher:
-    """One sequence's place in its grammar: the mask of the tokens that may come next, and the tokens taken."""
+    """One sequence's place in its grammar: the mask of the tokens that may come next, and the tokens taken.
 
-    def __init__(self, matcher: Any, tokenizer_vocab: int, model_vocab: int, closers: np.ndarray | None = None) -> None:
+    A JSON matcher (given `closers`, `blanks` and `token_bytes`) also guards against a small model's loop inside
+    a string ("2023_2023_2023_...", "example.email.example.email..."), which would otherwise run to max_tokens and
+    leave the output cut mid-value: once the string's last `LOOP_TOKENS` tokens repeat with a period of at most
+    `LOOP_PERIOD`, the string is closed where its grammar allows a quote; where it does not yet (a format or a
+    pattern still unmet), every token that would extend a repeat of `REPEAT_TOKENS` tokens is masked (DRY's
+    rule, as a hard mask) until the string ends. Loops outside strings are left alone: an array of zeros is data.
+    """
+
+    LOOP_TOKENS = 32
+    LOOP_PERIOD = 16
+    REPEAT_TOKENS = 4
+    ESCAPE_DEPTH = 12
+    ESCAPE_WIDTH = 256
+
+    def __init__(self, matcher: Any, tokenizer_vocab: int, model_vocab: int, closers: np.ndarray | None = None,
+                 blanks: np.ndarray | None = None, token_bytes: list[bytes] | None = None,
+                 escape: tuple[int, list[int]] | None = None) -> None:
         self._m = matcher
         self._vocab = tokenizer_vocab
         self._model_vocab = model_vocab
         self._mask = np.zeros((tokenizer_vocab + 31) // 32, dtype=np.int32)
         self._fresh = False
         self._closers = closers
+        self._blanks = blanks
+        self._bytes = token_bytes
+        self._quoted = np.array([b[:1] == b'"' for b in token_bytes], dtype=bool) if token_bytes is not None else None
         self.closing = False
         """Whether the budget ran low and the output was closed early (its finish reason is then `length`)."""
+        self.loops_broken = 0
+        """How many looping strings the guard ended."""
+        self._string: list[int] | None = None
+        """The tokens of the JSON string being written (None outside strings)."""
+        self._escaped = False
+        self._looping = False
+        self._escape = escape
+        self._forced: list[int] = []
+        """The tokens that end the open string, found by `_escape_path`, still to be taken."""
 
     def fill(self) -> None:
         """Compute the mask of the next token (drops the GIL: the engine runs it beside the forward)."""
@@ -317,24 +366,111 @@ class Matcher:
 
         `closing` (the token budget is nearly spent): where the grammar allows a token that only closes (a
         string's quote, `]`, `}`, the end), keep to those, so that the output ends complete and valid instead
-        of being cut mid-value; where it allows none (a required key still to write), the mask is unchanged."""
+        of being cut mid-value; where it allows none (a required key still to write), whitespace is left out
+        where anything else is allowed. A looping string is ended as the class says."""
         self.fill()
-        allowed = np.unpackbits(self._mask.view(np.uint8), count=self._vocab, bitorder="little")
-        if closing and self._closers is not None:
-            ends = allowed.astype(bool) & self._closers
-            if ends.any():
-                allowed = ends.astype(np.uint8)
-                self.closing = True
+        allowed = np.unpackbits(self._mask.view(np.uint8), count=self._vocab, bitorder="little").astype(bool)
+        if self._closers is not None:
+            if not self._looping and self._string is not None and self._loops():
+                self._looping = True
+                self.loops_broken += 1
+            if self._looping or closing:
+                # inside a string only a quote closes (a `}` there is text: an email's local part may hold one)
+                ends = allowed & self._closers & (self._quoted if self._string is not None else True)
+                if ends.any():
+                    allowed = ends
+                    self._forced = []
+                    self.closing |= closing and not self._looping
+                else:
+                    if self._string is not None and not self._forced:
+                        self._forced = self._escape_path()
+                    if self._forced and allowed[self._forced[0]]:
+                        only = np.zeros_like(allowed)
+                        only[self._forced[0]] = True
+                        allowed = only
+                        self.closing |= closing and not self._looping
+                    elif self._looping:
+                        allowed = self._unrepeated(allowed)
+                    if closing and self._blanks is not None and (allowed & ~self._blanks).any():
+                        allowed = allowed & ~self._blanks
         out = logits.detach().to(torch.float32, copy=True).cpu()
         values = out.numpy()
-        np.putmask(values[: self._vocab], allowed == 0, -np.inf)
+        np.putmask(values[: self._vocab], ~allowed, -np.inf)
         if self._model_vocab > self._vocab:
             values[self._vocab :] = -np.inf
         return out.to(logits.device)
 
+    def _loops(self) -> bool:
+        """Whether the open string's last LOOP_TOKENS tokens repeat with a period of at most LOOP_PERIOD."""
+        s, n = self._string, self.LOOP_TOKENS
+        if s is None or len(s) < n:
+            return False
+        tail = s[-n:]
+        return any(all(tail[i] == tail[i - p] for i in range(p, n)) for p in range(1, self.LOOP_PERIOD + 1))
+
+    def _escape_path(self) -> list[int]:
+        """The shortest run of one-byte tokens (from the escape alphabet, breadth first, at most ESCAPE_DEPTH long
+        and ESCAPE_WIDTH wide) after which the open string may take its closing quote, the quote included; []
+        if none is found. What ends an email's local part: `@0.0"`. Checked by llguidance without moving the
+        matcher (about a microsecond a check)."""
+        if self._escape is None:
+            return []
+        quote, alphabet = self._escape
+        frontier: list[list[int]] = [[]]
+        for _ in range(self.ESCAPE_DEPTH):
+            grown: list[list[int]] = []
+            for seq in frontier:
+                for token in alphabet:
+                    candidate = [*seq, token]
+                    if self._m.validate_tokens(candidate) < len(candidate):
+                        continue
+                    if self._m.validate_tokens([*candidate, quote]) == len(candidate) + 1:
+                        return [*candidate, quote]
+                    grown.append(candidate)
+                if len(grown) >= self.ESCAPE_WIDTH:
+                    break
+            frontier = grown[: self.ESCAPE_WIDTH]
+            if not frontier:
+                break
+        return []
+
+    def _unrepeated(self, allowed: np.ndarray) -> np.ndarray:
+        """`allowed` without the tokens that would extend a repeat of REPEAT_TOKENS tokens within the open string
+        (unchanged if that would leave nothing)."""
+        s, k = self._string or [], self.REPEAT_TOKENS
+        if len(s) < k:
+            return allowed
+        suffix = s[-k:]
+        banned = {s[j] for j in range(k, len(s)) if s[j - k : j] == suffix}
+        if not banned:
+            return allowed
+        out = allowed.copy()
+        out[[t for t in banned if t < self._vocab]] = False
+        return out if out.any() else allowed
+
+    def _scan(self, token: int) -> None:
+        """Follow whether the output is inside a JSON string (quotes and backslash escapes)."""
+        if self._bytes is None or not 0 <= token < len(self._bytes):
+            return
+        if self._string is not None:
+            self._string.append(token)
+        for byte in self._bytes[token]:
+            if self._string is not None:
+                if self._escaped:
+                    self._escaped = False
+                elif byte == 0x5C:  # backslash
+                    self._escaped = True
+                elif byte == 0x22:  # the closing quote
+                    self._string, self._looping = None, False
+            elif byte == 0x22:
+                self._string = []
+
     def advance(self, token: int) -> bool:
         """Take `token`; False if the grammar did not allow it (the matcher is then in error)."""
         self._fresh = False
+        if self._forced:
+            self._forced = self._forced[1:] if token == self._forced[0] else []
+        self._scan(token)
         return bool(self._m.consume_token(token))
 
     @property
