@@ -182,6 +182,8 @@ def _start(kind: str, home: Path, streams: int) -> tuple[subprocess.Popen, str]:
     return proc, url
 
 
+REPEATS = 3
+"""Throughput pairs (constrained, then the same tokens free) per stream count; the median ratio is reported."""
 STRICT = True
 """Send schemas in OpenAI's strict mode (what the SDKs' `parse()` sends): objects that leave additionalProperties
 unsaid are closed. llama.cpp's converter closes them anyway (its documented default), so this is the like-for-like
@@ -248,9 +250,14 @@ def _throughput(url: str, picked: list[dict[str, Any]], streams: int, rounds: in
         return len(stamps) / (max(stamps) - min(stamps)), [len(r["stamps"]) for r in results]
 
     batch = picked[: max(streams, rounds) if streams == 1 else streams]
-    constrained, lengths = run([(s, _prompt(s), MAX_TOKENS, False, f"constrained-{streams}") for s in batch])
-    free, _ = run([(None, _prompt(s), max(2, n), True, f"free-{streams}") for s, n in zip(batch, lengths, strict=True)])
-    return {"constrained_tok_s": constrained, "unconstrained_tok_s": free, "ratio": constrained / free}
+    pairs = []
+    for i in range(REPEATS):  # constrained then free, REPEATS times: the machine's drift lands on both sides
+        constrained, lengths = run([(s, _prompt(s), MAX_TOKENS, False, f"constrained-{streams}-{i}") for s in batch])
+        free, _ = run([(None, _prompt(s), max(2, n), True, f"free-{streams}-{i}") for s, n in zip(batch, lengths, strict=True)])
+        pairs.append((constrained, free))
+    ratios = sorted(c / f for c, f in pairs)
+    return {"constrained_tok_s": statistics.median(c for c, _ in pairs), "unconstrained_tok_s": statistics.median(f for _, f in pairs),
+            "ratio": statistics.median(ratios), "ratios": ratios}
 
 
 def _compile_times(all_schemas: list[dict[str, Any]]) -> dict[str, float]:

@@ -263,7 +263,12 @@ class Grammars:
         if structured.kind not in ("json_schema", "json_object"):
             return Matcher(self._template(structured).deep_copy(), self.tokenizer.vocab_size, self.vocab_size)
         return Matcher(self._template(structured).deep_copy(), self.tokenizer.vocab_size, self.vocab_size,
-                       self.closers, self.blanks, self.token_bytes, self.escape_alphabet)
+                       self.closers, self.blanks, self.token_bytes, self.escape_alphabet, self.quoted)
+
+    @cached_property
+    def quoted(self) -> np.ndarray:
+        """(tokenizer vocab,) bool: the tokens whose first byte is a quote."""
+        return np.array([b[:1] == b'"' for b in self.token_bytes], dtype=bool)
 
     @cached_property
     def escape_alphabet(self) -> tuple[int, list[int]] | None:
@@ -333,7 +338,7 @@ class Matcher:
 
     def __init__(self, matcher: Any, tokenizer_vocab: int, model_vocab: int, closers: np.ndarray | None = None,
                  blanks: np.ndarray | None = None, token_bytes: list[bytes] | None = None,
-                 escape: tuple[int, list[int]] | None = None) -> None:
+                 escape: tuple[int, list[int]] | None = None, quoted: np.ndarray | None = None) -> None:
         self._m = matcher
         self._vocab = tokenizer_vocab
         self._model_vocab = model_vocab
@@ -342,7 +347,6 @@ class Matcher:
         self._closers = closers
         self._blanks = blanks
         self._bytes = token_bytes
-        self._quoted = np.array([b[:1] == b'"' for b in token_bytes], dtype=bool) if token_bytes is not None else None
         self.closing = False
         """Whether the budget ran low and the output was closed early (its finish reason is then `length`)."""
         self.loops_broken = 0
@@ -352,7 +356,10 @@ class Matcher:
         self._escaped = False
         self._looping = False
         self._escape = escape
+        self._quoted = quoted
+        """(tokenizer vocab,) bool: the tokens that begin with a quote (the only closers inside a string)."""
         self._forced: list[int] = []
+        self._escape_tried = False
         """The tokens that end the open string, found by `_escape_path`, still to be taken."""
 
     def fill(self) -> None:
@@ -376,13 +383,15 @@ class Matcher:
                 self.loops_broken += 1
             if self._looping or closing:
                 # inside a string only a quote closes (a `}` there is text: an email's local part may hold one)
-                ends = allowed & self._closers & (self._quoted if self._string is not None else True)
+                in_string = self._string is not None and self._quoted is not None
+                ends = allowed & self._closers & (self._quoted if in_string else True)
                 if ends.any():
                     allowed = ends
                     self._forced = []
                     self.closing |= closing and not self._looping
                 else:
-                    if self._string is not None and not self._forced:
+                    if self._string is not None and not self._forced and not self._escape_tried:
+                        self._escape_tried = True  # once a string: a search that found nothing is not run again
                         self._forced = self._escape_path()
                     if self._forced and allowed[self._forced[0]]:
                         only = np.zeros_like(allowed)
@@ -395,7 +404,7 @@ class Matcher:
                         allowed = allowed & ~self._blanks
         out = logits.detach().to(torch.float32, copy=True).cpu()
         values = out.numpy()
-        np.putmask(values[: self._vocab], ~allowed, -np.inf)
+        np.copyto(values[: self._vocab], -np.inf, where=~allowed)  # (4x faster than putmask here)
         if self._model_vocab > self._vocab:
             values[self._vocab :] = -np.inf
         return out.to(logits.device)
@@ -463,7 +472,7 @@ class Matcher:
                 elif byte == 0x22:  # the closing quote
                     self._string, self._looping = None, False
             elif byte == 0x22:
-                self._string = []
+                self._string, self._escape_tried = [], False
 
     def advance(self, token: int) -> bool:
         """Take `token`; False if the grammar did not allow it (the matcher is then in error)."""
