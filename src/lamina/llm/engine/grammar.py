@@ -260,45 +260,24 @@ class Grammars:
     def matcher(self, structured: StructuredOutput) -> Matcher:
         """A fresh matcher at the start of `structured`'s language."""
         # Only JSON closes early: in a grammar with free text (a tool call under auto) a quote or a brace is text.
-        if structured.kind not in ("json_schema", "json_object"):
-            return Matcher(self._template(structured).deep_copy(), self.tokenizer.vocab_size, self.vocab_size)
-        return Matcher(self._template(structured).deep_copy(), self.tokenizer.vocab_size, self.vocab_size,
-                       self.closers, self.blanks, self.token_bytes, self.escape_alphabet, self.quoted)
+        json = self.json_vocab if structured.kind in ("json_schema", "json_object") else None
+        return Matcher(self._template(structured).deep_copy(), self.tokenizer.vocab_size, self.vocab_size, json)
 
     @cached_property
-    def quoted(self) -> np.ndarray:
-        """(tokenizer vocab,) bool: the tokens whose first byte is a quote."""
-        return np.array([b[:1] == b'"' for b in self.token_bytes], dtype=bool)
-
-    @cached_property
-    def escape_alphabet(self) -> tuple[int, list[int]] | None:
-        """The token of a lone quote, and the one-byte tokens a matcher tries, in order, to reach a point where a
-        string may close (the separators formats are made of, a digit, letters); None without a quote token."""
-        single = {b: i for i, b in enumerate(self.token_bytes) if len(b) == 1}
-        if b'"' not in single:
-            return None
-        return single[b'"'], [single[c] for c in (b"@", b".", b"-", b":", b"/", b"_", b"0", b"1", b"a", b"A", b"T", b"Z",
-                                                   b"+", b" ") if c in single]
-
-    @cached_property
-    def token_bytes(self) -> list[bytes]:
-        """Each token's bytes, by id (what a JSON matcher scans to know whether it is inside a string)."""
+    def json_vocab(self) -> JsonVocab:
+        """The vocabulary's tables a JSON matcher uses (built once, on the first JSON request: ~50 ms)."""
         tok = self.tokenizer
-        return [tok.decode_bytes([i]) for i in range(tok.vocab_size)]
-
-    @cached_property
-    def closers(self) -> np.ndarray:
-        """(tokenizer vocab,) bool: the tokens that only close what is open (made of `"`, `]` and `}`), and the
-        end of sequence; what a matcher keeps to when the token budget is nearly spent."""
-        out = np.array([bool(b) and not b.strip(b'"]}') for b in self.token_bytes], dtype=bool)
-        if 0 <= self._eos_id < len(out):
-            out[self._eos_id] = True
-        return out
-
-    @cached_property
-    def blanks(self) -> np.ndarray:
-        """(tokenizer vocab,) bool: the tokens made only of JSON whitespace, which a closing output skips."""
-        return np.array([bool(b) and not b.strip(b" \t\n\r") for b in self.token_bytes], dtype=bool)
+        token_bytes = [tok.decode_bytes([i]) for i in range(tok.vocab_size)]
+        closers = np.array([bool(b) and not b.strip(b'"]}') for b in token_bytes], dtype=bool)
+        if 0 <= self._eos_id < len(closers):
+            closers[self._eos_id] = True
+        single = {b: i for i, b in enumerate(token_bytes) if len(b) == 1}
+        escape = None
+        if b'"' in single:
+            escape = single[b'"'], [single[c] for c in (b"@", b".", b"-", b":", b"/", b"_", b"0", b"1", b"a", b"A", b"T",
+                                                        b"Z", b"+", b" ") if c in single]
+        return JsonVocab(token_bytes, closers, np.array([b[:1] == b'"' for b in token_bytes], dtype=bool),
+                         np.array([bool(b) and not b.strip(b" \t\n\r") for b in token_bytes], dtype=bool), escape)
 
     def _template(self, structured: StructuredOutput) -> Any:
         import llguidance as llg
@@ -319,15 +298,33 @@ class Grammars:
         return template
 
 
+@dataclass(frozen=True)
+class JsonVocab:
+    """What a JSON matcher knows of the vocabulary, by token id."""
+
+    token_bytes: list[bytes]
+    """Each token's bytes (scanned to know whether the output is inside a string)."""
+    closers: np.ndarray
+    """bool: the tokens that only close what is open (made of `"`, `]` and `}`), and the end of sequence."""
+    quoted: np.ndarray
+    """bool: the tokens that begin with a quote (inside a string, the only closers)."""
+    blanks: np.ndarray
+    """bool: the tokens made only of JSON whitespace (a closing output skips them)."""
+    escape: tuple[int, list[int]] | None
+    """The lone quote's token, and the one-byte tokens tried in order to reach a point where a string may close
+    (the separators formats are made of, a digit, letters); None without a lone quote token."""
+
+
 class Matcher:
     """One sequence's place in its grammar: the mask of the tokens that may come next, and the tokens taken.
 
-    A JSON matcher (given `closers`, `blanks` and `token_bytes`) also guards against a small model's loop inside
-    a string ("2023_2023_2023_...", "example.email.example.email..."), which would otherwise run to max_tokens and
-    leave the output cut mid-value: once the string's last `LOOP_TOKENS` tokens repeat with a period of at most
+    A JSON matcher (given the `JsonVocab`) also guards against a small model's loop inside a string
+    ("2023_2023_2023_...", "example.email.example.email..."), which would otherwise run to max_tokens and leave
+    the output cut mid-value: once the string's last `LOOP_TOKENS` tokens repeat with a period of at most
     `LOOP_PERIOD`, the string is closed where its grammar allows a quote; where it does not yet (a format or a
-    pattern still unmet), every token that would extend a repeat of `REPEAT_TOKENS` tokens is masked (DRY's
-    rule, as a hard mask) until the string ends. Loops outside strings are left alone: an array of zeros is data.
+    pattern still unmet), by the shortest run of one-byte tokens after which it may (`_escape_path`); failing
+    that, every token that would extend a repeat of `REPEAT_TOKENS` tokens is masked (DRY's rule, as a hard
+    mask) until the string ends. Loops outside strings are left alone: an array of zeros is data.
     """
 
     LOOP_TOKENS = 32
@@ -336,17 +333,15 @@ class Matcher:
     ESCAPE_DEPTH = 12
     ESCAPE_WIDTH = 256
 
-    def __init__(self, matcher: Any, tokenizer_vocab: int, model_vocab: int, closers: np.ndarray | None = None,
-                 blanks: np.ndarray | None = None, token_bytes: list[bytes] | None = None,
-                 escape: tuple[int, list[int]] | None = None, quoted: np.ndarray | None = None) -> None:
+    def __init__(self, matcher: Any, tokenizer_vocab: int, model_vocab: int, json: JsonVocab | None = None) -> None:
         self._m = matcher
         self._vocab = tokenizer_vocab
         self._model_vocab = model_vocab
         self._mask = np.zeros((tokenizer_vocab + 31) // 32, dtype=np.int32)
         self._fresh = False
-        self._closers = closers
-        self._blanks = blanks
-        self._bytes = token_bytes
+        self._json = json
+        """Set for JSON outputs, which close early and break loops; None for other grammars (a tool call under
+        auto), where a quote or a brace is text."""
         self.closing = False
         """Whether the budget ran low and the output was closed early (its finish reason is then `length`)."""
         self.loops_broken = 0
@@ -355,12 +350,10 @@ class Matcher:
         """The tokens of the JSON string being written (None outside strings)."""
         self._escaped = False
         self._looping = False
-        self._escape = escape
-        self._quoted = quoted
-        """(tokenizer vocab,) bool: the tokens that begin with a quote (the only closers inside a string)."""
         self._forced: list[int] = []
-        self._escape_tried = False
         """The tokens that end the open string, found by `_escape_path`, still to be taken."""
+        self._escape_tried = False
+        """Whether `_escape_path` ran for the open string (a search that found nothing is not run again)."""
 
     def fill(self) -> None:
         """Compute the mask of the next token (drops the GIL: the engine runs it beside the forward)."""
@@ -377,31 +370,30 @@ class Matcher:
         where anything else is allowed. A looping string is ended as the class says."""
         self.fill()
         allowed = np.unpackbits(self._mask.view(np.uint8), count=self._vocab, bitorder="little").astype(bool)
-        if self._closers is not None:
+        json = self._json
+        if json is not None:
             if not self._looping and self._string is not None and self._loops():
                 self._looping = True
                 self.loops_broken += 1
             if self._looping or closing:
                 # inside a string only a quote closes (a `}` there is text: an email's local part may hold one)
-                in_string = self._string is not None and self._quoted is not None
-                ends = allowed & self._closers & (self._quoted if in_string else True)
+                ends = allowed & json.closers & (json.quoted if self._string is not None else True)
                 if ends.any():
                     allowed = ends
                     self._forced = []
                     self.closing |= closing and not self._looping
                 else:
                     if self._string is not None and not self._forced and not self._escape_tried:
-                        self._escape_tried = True  # once a string: a search that found nothing is not run again
+                        self._escape_tried = True
                         self._forced = self._escape_path()
                     if self._forced and allowed[self._forced[0]]:
-                        only = np.zeros_like(allowed)
-                        only[self._forced[0]] = True
-                        allowed = only
+                        allowed = np.zeros_like(allowed)
+                        allowed[self._forced[0]] = True
                         self.closing |= closing and not self._looping
                     elif self._looping:
                         allowed = self._unrepeated(allowed)
-                    if closing and self._blanks is not None and (allowed & ~self._blanks).any():
-                        allowed = allowed & ~self._blanks
+                    if closing and (allowed & ~json.blanks).any():
+                        allowed = allowed & ~json.blanks
         out = logits.detach().to(torch.float32, copy=True).cpu()
         values = out.numpy()
         np.copyto(values[: self._vocab], -np.inf, where=~allowed)  # (4x faster than putmask here)
@@ -420,11 +412,11 @@ class Matcher:
     def _escape_path(self) -> list[int]:
         """The shortest run of one-byte tokens (from the escape alphabet, breadth first, at most ESCAPE_DEPTH long
         and ESCAPE_WIDTH wide) after which the open string may take its closing quote, the quote included; []
-        if none is found. What ends an email's local part: `@0.0"`. Checked by llguidance without moving the
+        if none is found. What ends an email's local part: `@0"`. Checked by llguidance without moving the
         matcher (about a microsecond a check)."""
-        if self._escape is None:
+        if self._json is None or self._json.escape is None:
             return []
-        quote, alphabet = self._escape
+        quote, alphabet = self._json.escape
         frontier: list[list[int]] = [[]]
         for _ in range(self.ESCAPE_DEPTH):
             grown: list[list[int]] = []
@@ -459,11 +451,11 @@ class Matcher:
 
     def _scan(self, token: int) -> None:
         """Follow whether the output is inside a JSON string (quotes and backslash escapes)."""
-        if self._bytes is None or not 0 <= token < len(self._bytes):
+        if self._json is None or not 0 <= token < len(self._json.token_bytes):
             return
         if self._string is not None:
             self._string.append(token)
-        for byte in self._bytes[token]:
+        for byte in self._json.token_bytes[token]:
             if self._string is not None:
                 if self._escaped:
                     self._escaped = False
