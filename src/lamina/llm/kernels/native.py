@@ -16,8 +16,9 @@ pool already does on 2 cores; the C file's "thread team" says more).
 
 The library is compiled on first use with the system C compiler (`-O3 -march=native -pthread`, about a
 second, no Python or PyTorch headers) into LAMINA_HOME/cache/native, keyed by the source, the compiler and
-the CPU (and copied from the user's ~/.cache/lamina/native where an earlier home built it), and loaded with ctypes (which releases the GIL while it runs). Where there is no compiler, or the
-CPU lacks AVX2/FMA/F16C, `library()` returns None and quantisation uses PyTorch's kernels.
+the CPU (or copied from the user's ~/.cache/lamina/native where an earlier home built it), and loaded with
+ctypes (which releases the GIL while it runs). Where there is no compiler, or the CPU lacks AVX2/FMA/F16C,
+`library()` returns None and quantisation uses PyTorch's kernels.
 
 What to build with (on or off, the `-march`, the compiler) is a `NativeOptions` the caller passes; this
 module reads no environment. `NativeOptions.from_settings` makes one from LAMINA_NATIVE,
@@ -176,10 +177,8 @@ def _build_and_load(cache_dir: Path | None, options: NativeOptions) -> ctypes.CD
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *flags, version, *cpu_features()]).encode()).hexdigest()[:16]
     folder = (cache_dir or Path(tempfile.gettempdir()) / "lamina-cache") / "native"
     path = folder / f"lamina_cpu-{digest}.so"
-    if not path.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        if _copy_atomically(shared_builds() / path.name, path, trusted_source=True):
-            return _bind(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not path.exists() and not _copy_atomically(shared_builds() / path.name, path, trusted_source=True):
         fd, tmp = tempfile.mkstemp(dir=folder, suffix=".so")
         os.close(fd)
         cmd = [cc, *flags, "-o", tmp, str(SOURCE), "-lm"]
