@@ -33,8 +33,9 @@ def _client(server: Server):  # type: ignore[no-untyped-def]
 
 
 def _line(custom_id: str, url: str = "/v1/chat/completions", **body) -> str:  # type: ignore[no-untyped-def]
-    body = {"model": MODEL, "messages": [{"role": "user", "content": f"hello {custom_id}"}], "max_tokens": 3, **body}
-    return json.dumps({"custom_id": custom_id, "method": "POST", "url": url, "body": body})
+    # raw U+2028 and U+0085 in a JSON string are valid JSON Lines, though str.splitlines() breaks on them
+    body = {"model": MODEL, "messages": [{"role": "user", "content": f"hello {custom_id}\u2028\x85 ünï"}], "max_tokens": 3, **body}
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": url, "body": body}, ensure_ascii=False)
 
 
 def _wait(client, batch_id: str, until=("completed", "failed", "cancelled", "expired"), timeout: float = 180):  # type: ignore[no-untyped-def]
@@ -48,6 +49,8 @@ def _wait(client, batch_id: str, until=("completed", "failed", "cancelled", "exp
 
 
 def _lines(client, file_id: str | None) -> list[dict]:  # type: ignore[no-untyped-def]
+    """The records of an output file, read as a naive reader does (splitlines): the random model's text holds any
+    character, so the server must write U+2028 and U+0085 escaped."""
     return [json.loads(x) for x in client.files.content(file_id).text.splitlines()] if file_id else []
 
 

@@ -221,7 +221,8 @@ class BatchStore:
         if source.purpose != "batch":
             raise InvalidRequestError(f"the input file {source.id} has purpose {source.purpose!r}; upload it with purpose 'batch'",
                                       param="input_file_id")
-        lines = self.files.content(source.id).decode("utf-8", errors="replace").splitlines()
+        # split("\n"), not splitlines(): a JSON string may hold a raw U+2028 or U+0085, which splitlines() breaks on
+        lines = self.files.content(source.id).decode("utf-8", errors="replace").split("\n")
         rows, seen = [], set()
         for number, text in enumerate(lines, start=1):
             if not text.strip():
@@ -332,13 +333,23 @@ class BatchStore:
                       "response": {"status_code": r["status"], "request_id": f"req_{batch_id.removeprefix('batch_')}_{r['line']}",
                                    "body": body} if r["status"] is not None else None,
                       "error": json.loads(r["error"]) if r["error"] else None}
-            (out if r["status"] is not None and 200 <= r["status"] < 300 else err).append(json.dumps(record, ensure_ascii=False))
+            (out if r["status"] is not None and 200 <= r["status"] < 300 else err).append(_jsonl(record))
         output = self.files.create(f"{batch_id}_output.jsonl", ("\n".join(out) + "\n").encode(), "batch_output") if out else None
         errors = self.files.create(f"{batch_id}_error.jsonl", ("\n".join(err) + "\n").encode(), "batch_output") if err else None
         with self.db.transaction() as tx:
             tx.execute(f"UPDATE batches SET status = ?, {end}_at = ?, output_file_id = ?, error_file_id = ?, lease_owner = NULL, "
                        "lease_until = NULL WHERE id = ? AND lease_owner = ?",
                        (end, time.time(), output.id if output else None, errors.id if errors else None, batch_id, owner))
+
+
+_LINE_BREAKS = str.maketrans({"\u0085": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def _jsonl(record: dict[str, Any]) -> str:
+    """One output line. The characters that `str.splitlines()` (and JavaScript before ES2019) take for line breaks
+    are written escaped, so that a reader which splits on them still gets one record per line; the rest of the
+    text stays UTF-8 as it is."""
+    return json.dumps(record, ensure_ascii=False).translate(_LINE_BREAKS)
 
 
 def _parse_line(text: str, number: int, endpoint: str, seen: set[str]) -> tuple[str | None, Any, dict[str, Any] | None]:

@@ -55,7 +55,7 @@ def load_qa(path: str | Path) -> list[QAItem]:
     path = PYDOC_QA if str(path) == "pydoc" else Path(path)
     items = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines(): JSON strings may hold U+2028
     except OSError as e:
         raise InvalidRequestError(f"cannot read the question set {path}: {e.strerror}", param="qa") from None
     for n, line in enumerate(lines, start=1):
