@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures as futures
 import os
 import signal
+import time
 
 import httpx
 import pytest
@@ -81,7 +82,12 @@ def test_replicas_share_keys_limits_responses_and_survive_a_kill(postgres_url: s
                 runs[-1].result(timeout=120)
         assert finished == [300] * (REPLICAS - 1)
         db = open_database(postgres_url)
-        rows = db.query("SELECT status, completion_tokens FROM usage WHERE key_name = 'free' AND endpoint = '/v1/chat/completions'")
+        # a replica writes a stream's usage once its response has ended; the SDK returns at `[DONE]`, a moment before
+        query = "SELECT status, completion_tokens FROM usage WHERE key_name = 'free' AND endpoint = '/v1/chat/completions'"
+        deadline, rows = time.monotonic() + 30, db.query(query)
+        while sum(r[0] is not None for r in rows) < REPLICAS - 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            rows = db.query(query)
         assert sorted((r[0], r[1]) for r in rows if r[0] is not None) == [(200, 300)] * (REPLICAS - 1)
         assert [r[0] for r in rows if r[0] is None] == [None]  # the killed replica's request: admitted, never finished
         db.close()
