@@ -126,14 +126,14 @@ def main() -> None:
     from lamina.apps.agents.adapters import use_tool_adapter
     from lamina.apps.agents.tools import builtin_tools, retriever_search
     from lamina.foundation.embeddings import Embedder
-    from lamina.infra.db import Database
+    from lamina.infra.db import open_database
     from lamina.infra.vectorstore import VectorStores
     from lamina.llm import LLM
     from lamina.llm.rag import Retriever
     from lamina.settings import get_settings
 
     home = get_settings().home
-    retriever = Retriever(VectorStores(Database(home / "lamina.db"), home / "vector_stores"),
+    retriever = Retriever(VectorStores(open_database(home / "lamina.db"), home / "vector_stores"),
                           Embedder.load("all-minilm-l6-v2", device="cpu", dtype="float32", home=home))
     box = Toolbox(builtin_tools(search=retriever_search(retriever, [a.store]), stores=[a.store]))
     llm = LLM.load(None)

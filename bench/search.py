@@ -88,13 +88,13 @@ def real_chunks(skip_ingest: bool) -> dict:
     from lamina.foundation.corpora import export_pydoc
     from lamina.foundation.embeddings import Embedder
     from lamina.foundation.ingest import Ingestor
-    from lamina.infra.db import Database
+    from lamina.infra.db import open_database
     from lamina.infra.vector_index import VectorIndex
     from lamina.infra.vectorstore import VectorStores
 
     home = Path(tempfile.mkdtemp(prefix="lamina-bench-search-"))
     embedder = Embedder.load("all-minilm-l6-v2", device="cpu", dtype="float32", home=home)
-    stores = VectorStores(Database(home / "lamina.db"), home / "vector_stores")
+    stores = VectorStores(open_database(home / "lamina.db"), home / "vector_stores")
     store = stores.create("pydoc", embedding_model=embedder.name, dim=embedder.dim)
     paths = export_pydoc(home / "corpora" / "pydoc")
     if skip_ingest:
