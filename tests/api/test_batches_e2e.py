@@ -125,6 +125,13 @@ def test_a_batch_through_the_sdk_with_bad_lines_reported_by_number(folder, tmp_p
         assert done.status == "cancelled" and done.cancelled_at
         out = _lines(client, done.output_file_id)
         assert 2 <= len(out) < 60 and len(out) == done.request_counts.completed
+
+        # the list pages by `after`, newest first: the SDK's iterator, one batch a page, sees every batch once
+        every = client.batches.list(limit=100)
+        assert not every.has_more and every.data[0].id == batch.id and len(every.data) == 4
+        assert [b.id for b in client.batches.list(limit=1)] == [b.id for b in every.data]
+        assert [b.request_counts for b in client.batches.list(limit=3).data] == [b.request_counts for b in every.data[:3]]
+        assert client.batches.list(after="batch_nope").data == []
     finally:
         server.stop()
 

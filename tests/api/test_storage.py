@@ -121,3 +121,33 @@ def test_agent_runs_are_recorded_step_by_step(replicas) -> None:  # type: ignore
     got = b.get("run_1")
     assert (got.status, got.answer, got.prompt_tokens, len(got.steps)) == ("answered", "4", 20, 2)
     assert [r.id for r in b.list()] == ["run_1"]
+
+
+def test_batches_list_by_key_newest_first_in_pages_with_their_counts(replicas, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from lamina.api.batches import BatchCreate, BatchStore
+
+    key, _ = KeyStore(replicas[0]).create("team")
+    a, b = BatchStore(replicas[0], FileStore(replicas[0], tmp_path / "files")), BatchStore(replicas[1], FileStore(replicas[1], tmp_path / "files"))
+
+    def batch(lines: int, owner=key):  # type: ignore[no-untyped-def]
+        rows = [json.dumps({"custom_id": f"c{i}", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}})
+                for i in range(lines)]
+        upload = a.files.create("in.jsonl", "\n".join(rows).encode(), "batch")
+        return a.create(BatchCreate(input_file_id=upload.id, endpoint="/v1/embeddings"), owner).id
+
+    made = [batch(n) for n in (1, 2, 3, 4, 5)]
+    batch(6, owner=None)  # another owner's: never listed with the key's
+    every = b.list(key, None, 100)
+    assert [x.id for x in every.data] == made[::-1] and not every.has_more
+    assert [x.request_counts.total for x in every.data] == [5, 4, 3, 2, 1]
+    pages, after = [], None
+    while True:
+        page = b.list(key, after, 2)
+        pages.append([x.id for x in page.data])
+        if not page.has_more:
+            break
+        after = page.last_id
+    assert pages == [made[:2:-1], made[2:0:-1], made[:1]]
+    assert b.list(key, "batch_nope", 2).data == [] and [x.request_counts.total for x in b.list(None, None, 10).data] == [6]

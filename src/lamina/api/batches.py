@@ -252,12 +252,19 @@ class BatchStore:
         return self._batch(row)
 
     def list(self, key: APIKey | None, after: str | None, limit: int) -> BatchList:
-        rows = self.db.query("SELECT * FROM batches WHERE key_id IS NOT DISTINCT FROM ? ORDER BY created_at DESC, id DESC",
-                             (_key_id(key),))
+        """Newest first, a page of `limit` after the batch `after` (keyset pagination: one query for the page, one
+        for its request counts)."""
+        where, params = "key_id IS NOT DISTINCT FROM ?", [_key_id(key)]
         if after is not None:
-            ids = [r["id"] for r in rows]
-            rows = rows[ids.index(after) + 1:] if after in ids else []
-        page = [self._batch(r) for r in rows[:limit]]
+            mark = self.db.query_one("SELECT created_at, id FROM batches WHERE id = ? AND key_id IS NOT DISTINCT FROM ?",
+                                     (after, _key_id(key)))
+            if mark is None:
+                return BatchList(data=[], first_id=None, last_id=None, has_more=False)
+            where += " AND (created_at < ? OR (created_at = ? AND id < ?))"
+            params += [mark[0], mark[0], mark[1]]
+        rows = self.db.query(f"SELECT * FROM batches WHERE {where} ORDER BY created_at DESC, id DESC LIMIT ?", (*params, limit + 1))
+        counts = self._counts([r["id"] for r in rows[:limit]])
+        page = [self._batch(r, counts) for r in rows[:limit]]
         return BatchList(data=page, first_id=page[0].id if page else None, last_id=page[-1].id if page else None,
                          has_more=len(rows) > limit)
 
@@ -270,11 +277,20 @@ class BatchStore:
             raise APIError(409, f"Cannot cancel a batch that is {batch.status}.", param="batch_id", code="batch_not_cancellable")
         return self.get(batch_id, key)
 
-    def _batch(self, row: Any) -> Batch:
-        counts = self.db.query_one(
-            "SELECT COUNT(*), CAST(COALESCE(SUM(CASE WHEN status >= 200 AND status < 300 THEN 1 ELSE 0 END), 0) AS BIGINT), "
-            "CAST(COALESCE(SUM(CASE WHEN error IS NOT NULL THEN 1 ELSE 0 END), 0) AS BIGINT) FROM batch_lines WHERE batch_id = ?",
-            (row["id"],))
+    def _counts(self, batch_ids: list[str]) -> dict[str, tuple[int, int, int]]:
+        """(total, completed, failed) lines of each batch, in one query."""
+        if not batch_ids:
+            return {}
+        rows = self.db.query(
+            "SELECT batch_id, COUNT(*), CAST(SUM(CASE WHEN status >= 200 AND status < 300 THEN 1 ELSE 0 END) AS BIGINT), "
+            "CAST(SUM(CASE WHEN error IS NOT NULL THEN 1 ELSE 0 END) AS BIGINT) FROM batch_lines "
+            f"WHERE batch_id IN ({', '.join('?' * len(batch_ids))}) GROUP BY batch_id", tuple(batch_ids))
+        return {r[0]: (int(r[1]), int(r[2]), int(r[3])) for r in rows}
+
+    def _batch(self, row: Any, counts: dict[str, tuple[int, int, int]] | None = None) -> Batch:
+        if counts is None:
+            counts = self._counts([row["id"]])
+        total, completed, failed = counts.get(row["id"], (0, 0, 0))
         errors = json.loads(row["errors"]) if row["errors"] else None
         return Batch(
             id=row["id"], endpoint=row["endpoint"], input_file_id=row["input_file_id"], completion_window=row["completion_window"],
@@ -282,7 +298,7 @@ class BatchStore:
             errors=BatchErrors(data=[BatchError(**e) for e in errors]) if errors else None,
             created_at=int(row["created_at"]), expires_at=int(row["expires_at"]),
             **{name: int(row[name]) if row[name] is not None else None for name in _TIMES},
-            request_counts=BatchRequestCounts(total=int(counts[0]), completed=int(counts[1]), failed=int(counts[2])),
+            request_counts=BatchRequestCounts(total=total, completed=completed, failed=failed),
             metadata=json.loads(row["metadata"]) if row["metadata"] else None,
         )
 
@@ -395,6 +411,8 @@ class BatchRunner:
         self.owner = f"{uuid.uuid4().hex[:12]}"
         self.token = secrets.token_urlsafe(32)
         """The secret of BATCH_HEADER: only requests this runner makes carry it."""
+        self._key_ids: dict[str, int | None] = {}
+        """The key id of each batch seen (it never changes), so that a line costs one query: its key's."""
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -413,10 +431,17 @@ class BatchRunner:
         token, _, batch_id = header.partition(" ")
         if not secrets.compare_digest(token, self.token):
             return False, None
-        row = self.store.db.query_one("SELECT key_id FROM batches WHERE id = ?", (batch_id,))
-        if row is None or row[0] is None:
+        if batch_id not in self._key_ids:
+            row = self.store.db.query_one("SELECT key_id FROM batches WHERE id = ?", (batch_id,))
+            if row is None:
+                return True, None
+            if len(self._key_ids) >= 1024:
+                self._key_ids.clear()
+            self._key_ids[batch_id] = row[0]
+        key_id = self._key_ids[batch_id]
+        if key_id is None:
             return True, None
-        key = keys.by_id(int(row[0]))
+        key = keys.by_id(int(key_id))
         if key is None or not key.active:
             raise APIError(401, "The API key that created this batch was revoked.", code="invalid_api_key")
         return True, key
