@@ -137,7 +137,7 @@ def build_router_app(handles: list[Any], policy: Policy) -> Any:
         except BaseException:
             loads[i] -= 1
             raise
-        kept = {k: v for k, v in response_headers if k.lower() not in ("content-length", "transfer-encoding")}
+        kept = _passed_on(response_headers)
         kept[REPLICA_HEADER] = str(i)
         media = kept.pop("content-type", None)
 
@@ -210,5 +210,10 @@ async def _asgi_response(app: Any, request: Any) -> Any:
         async for chunk in parts:
             yield chunk
 
-    kept = {k: v for k, v in headers if k.lower() not in ("content-length", "transfer-encoding")}
+    kept = _passed_on(headers)
     return StreamingResponse(rest(), status_code=status, headers=kept, media_type=kept.pop("content-type", None))
+
+
+def _passed_on(headers: list[tuple[str, str]]) -> dict[str, str]:
+    """A replica's response headers as the front sends them on: the length and framing are the front's own."""
+    return {k: v for k, v in headers if k.lower() not in ("content-length", "transfer-encoding")}
