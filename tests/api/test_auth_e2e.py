@@ -109,10 +109,13 @@ def test_usage_rows_match_the_tokens_returned(server: Server) -> None:
     results = [client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=n, temperature=0) for n in (3, 5)]
     stream = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4, stream=True, stream_options={"include_usage": True})
     streamed = [c for c in stream][-1].usage
-    time.sleep(0.3)  # the row of a stream is finished after its last byte
     db = sqlite3.connect(server.home / "lamina.db")
-    rows = db.execute("SELECT prompt_tokens, completion_tokens, status, endpoint, model FROM usage WHERE key_name = 'metered' "
-                      "AND endpoint = '/v1/chat/completions' ORDER BY id").fetchall()
+    query = ("SELECT prompt_tokens, completion_tokens, status, endpoint, model FROM usage WHERE key_name = 'metered' "
+             "AND endpoint = '/v1/chat/completions' ORDER BY id")
+    deadline, rows = time.monotonic() + 30, db.execute(query).fetchall()
+    while any(status is None for _, _, status, *_ in rows) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the row of a stream is finished after its last byte, a moment after the SDK has returned
+        rows = db.execute(query).fetchall()
     expected = [(r.usage.prompt_tokens, r.usage.completion_tokens) for r in results] + [(streamed.prompt_tokens, streamed.completion_tokens)]
     assert [(p, c) for p, c, *_ in rows] == expected
     assert all(status == 200 and model == MODEL for _, _, status, _, model in rows)
