@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
 import click
 
@@ -83,6 +84,14 @@ def pretrain(config_path: str, resume: bool, strategy: str, max_steps: int | Non
                    f"(perplexity {math.exp(min(result.val_loss, 50)):.1f}); run in {result.run_dir}")
         if result.model_dir is not None:
             click.echo(f"registered as {config.name!r}: lamina generate --model {config.name} --raw \"The\"")
+    if dist.enabled:
+        # Every file is written and the group is destroyed; what is left is the interpreter's own teardown, where
+        # torch 2.13's gloo sometimes aborts ("terminate called without an active exception": 1 run in 6 of a
+        # 2-rank FSDP run on a loaded 2-core machine), and torchrun then reports the whole run failed. Leave now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(0)
 
 
 def _describe_step(stats) -> str:  # type: ignore[no-untyped-def]
