@@ -162,7 +162,7 @@ PromptAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "int | Non
 class Attention(nn.Module):
     prompt_attention: PromptAttention | None = None
     """Set by the inference layer (`lamina.llm.kernels.native_decode.use_native_prompt_attention`) where it has a
-    faster kernel: used for float32 prompt chunks (batch 1, T > 1) over a cache, without autograd."""
+    faster kernel: used for float32 and bfloat16 prompt chunks (batch 1, T > 1) over a cache, without autograd."""
 
     def __init__(self, config: LlamaConfig, layer_idx: int) -> None:
         super().__init__()
@@ -190,7 +190,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd), S = cached + T
-            if (self.prompt_attention is not None and B == 1 and T > 1 and q.dtype == torch.float32
+            if (self.prompt_attention is not None and B == 1 and T > 1 and q.dtype in (torch.float32, torch.bfloat16)
                     and not getattr(cache, "ragged", False) and not torch.is_grad_enabled()):
                 return self.o_proj(self.prompt_attention(q, k, v, self.sliding_window))
         y = attend(q, k, v, mask)  # (B, nh, T, hd)

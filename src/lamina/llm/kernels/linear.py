@@ -109,17 +109,21 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
-        flat = x.reshape(-1, self.in_features).to(self.activation)
-        if self.lib is not None and flat.shape[0] >= self.gemm_rows:  # a prompt: compute-bound, the float GEMM wins
+        if self.lib is not None and x.numel() >= self.gemm_rows * self.in_features:  # a prompt: compute-bound, the float GEMM wins
             gemm = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
             w = native.dequantize(self.lib, self.fmt, self.blocks, self.out_features, self.in_features, gemm)
             y = F.linear(x.reshape(-1, self.in_features).to(gemm), w)
-        elif self.lib is not None:
+            return self._finish(y, shape, dtype)
+        flat = x.reshape(-1, self.in_features).to(self.activation)
+        if self.lib is not None:
             y = native.matmul(self.lib, self.fmt, self.blocks, self.out_features, self.in_features, flat.contiguous())
         elif self.mode == "int8":
             y = torch._weight_int8pack_mm(flat, self.qweight, self.scales)
         else:
             y = torch._weight_int4pack_mm_for_cpu(flat, self.qweight, GROUP, self.scales)
+        return self._finish(y, shape, dtype)
+
+    def _finish(self, y: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
         y = y.to(dtype).reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(dtype)
 

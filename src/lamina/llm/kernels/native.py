@@ -248,7 +248,7 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib.lam_llama_decode.restype = i32
     lib.lam_has_prompt_attention.argtypes = []
     lib.lam_has_prompt_attention.restype = i32
-    lib.lam_prompt_attention.argtypes = [vp, i64, i64, vp, vp, i64, i64, i32, vp, i32, i32, i32, i32, i32, i32, ctypes.c_float, i32]
+    lib.lam_prompt_attention.argtypes = [vp, i64, i64, i32, vp, vp, i64, i64, i32, vp, i32, i32, i32, i32, i32, i32, ctypes.c_float, i32]
     lib.lam_prompt_attention.restype = i32
     layout = (lib.lam_decode_config_size(), lib.lam_decode_config_version())
     if layout != (ctypes.sizeof(DecodeConfig), DecodeConfig.VERSION):
@@ -362,19 +362,23 @@ def dequantize(lib: ctypes.CDLL, fmt: int, tiles: torch.Tensor, out_features: in
 
 
 def prompt_attention(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None) -> torch.Tensor:
-    """Causal attention of a prompt chunk: q (1, nh, T, hd) float32 at positions S - T .. S - 1 over k, v
-    (1, nkv, S, hd) float32 or bfloat16 (any strides but the last dimension's) -> (1, T, nh * hd) float32, as
-    `lamina.arch.llama.attend` with `causal_mask(T, S, window)` computes it.
+    """Causal attention of a prompt chunk: q (1, nh, T, hd) float32 or bfloat16 at positions S - T .. S - 1 over
+    k, v (1, nkv, S, hd) float32 or bfloat16 (any strides but the last dimension's) -> (1, T, nh * hd) in q's
+    dtype, as `lamina.arch.llama.attend` with `causal_mask(T, S, window)` computes it. bfloat16 queries over a
+    bfloat16 cache take bfloat16 dot products where the build has them (`lam_has_prompt_attention() == 2`):
+    SDPA's arithmetic for bfloat16, P rounded to bfloat16 for P V; everything else is float32 arithmetic.
     """
     _, nh, T, hd = q.shape
     _, nkv, S, _ = k.shape
-    if q.dtype != torch.float32 or k.dtype != v.dtype or k.dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"prompt attention takes float32 queries and float32 or bfloat16 keys/values, not {q.dtype}/{k.dtype}/{v.dtype}")
+    floats = (torch.float32, torch.bfloat16)
+    if q.dtype not in floats or k.dtype != v.dtype or k.dtype not in floats:
+        raise ValueError(f"prompt attention takes float32 or bfloat16 queries, keys and values, not {q.dtype}/{k.dtype}/{v.dtype}")
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or k.stride()[1:] != v.stride()[1:]:
         raise ValueError("prompt attention needs the head dimension contiguous and keys and values laid out alike")
-    out = torch.empty(1, T, nh * hd, dtype=torch.float32)
+    out = torch.empty(1, T, nh * hd, dtype=q.dtype)
     status = lib.lam_prompt_attention(
-        q.data_ptr(), q.stride(1), q.stride(2), k.data_ptr(), v.data_ptr(), k.stride(1), k.stride(2), int(k.dtype == torch.bfloat16),
-        out.data_ptr(), T, S - T, nh, nkv, hd, window or 0, hd**-0.5, torch.get_num_threads())
+        q.data_ptr(), q.stride(1), q.stride(2), int(q.dtype == torch.bfloat16), k.data_ptr(), v.data_ptr(), k.stride(1),
+        k.stride(2), int(k.dtype == torch.bfloat16), out.data_ptr(), T, S - T, nh, nkv, hd, window or 0, hd**-0.5,
+        torch.get_num_threads())
     raise_for_status(status, f"attention of {T} queries over {S} keys ({nh}/{nkv} heads of {hd})")
     return out

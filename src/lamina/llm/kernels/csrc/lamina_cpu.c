@@ -741,6 +741,40 @@ static void dequant_job(void *ctx, const Me *me) {
         const int nr = N - t * NR < NR ? N - t * NR : NR;
         for (int b = 0; b < nb; b++) {
             const uint8_t *tb = tile_at(w, fmt, K, t) + (size_t)b * tbb;
+#ifdef LAM_AVX512
+            if (fmt == FMT_Q4 || fmt == FMT_Q8) { /* a row's 32 weights as two registers of 16 (the scalar loop's values) */
+                for (int r = 0; r < nr; r++) {
+                    const __m512 d = _mm512_set1_ps(f16_to_f32(tb + 2 * r));
+                    __m512 lo, hi;
+                    if (fmt == FMT_Q4) {
+                        const __m512 mn = _mm512_set1_ps(f16_to_f32(tb + 32 + 2 * r));
+                        const __m128i q = _mm_setr_epi32(load32((const int8_t *)tb + 64 + 4 * r), load32((const int8_t *)tb + 128 + 4 * r),
+                                                         load32((const int8_t *)tb + 192 + 4 * r), load32((const int8_t *)tb + 256 + 4 * r));
+                        const __m512i qi = _mm512_cvtepu8_epi32(q), m15 = _mm512_set1_epi32(15);
+                        lo = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_and_si512(qi, m15)), mn);
+                        hi = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_srli_epi32(qi, 4)), mn);
+                    } else {
+                        int32_t q[8];
+                        for (int g = 0; g < 8; g++) q[g] = load32((const int8_t *)tb + 32 + 64 * g + 4 * r);
+                        lo = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q))));
+                        hi = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 4)))));
+                    }
+                    const size_t at = (size_t)(t * NR + r) * K + (size_t)b * QK;
+                    if (bf16) { /* round to nearest even as f32_to_bf16 (the weights are finite) */
+                        const __m512i one = _mm512_set1_epi32(1), half = _mm512_set1_epi32(0x7fff);
+                        const __m512i ul = _mm512_castps_si512(lo), uh = _mm512_castps_si512(hi);
+                        const __m512i rl = _mm512_srli_epi32(_mm512_add_epi32(ul, _mm512_add_epi32(half, _mm512_and_si512(_mm512_srli_epi32(ul, 16), one))), 16);
+                        const __m512i rh = _mm512_srli_epi32(_mm512_add_epi32(uh, _mm512_add_epi32(half, _mm512_and_si512(_mm512_srli_epi32(uh, 16), one))), 16);
+                        _mm256_storeu_si256((__m256i *)((uint16_t *)out + at), _mm512_cvtepi32_epi16(rl));
+                        _mm256_storeu_si256((__m256i *)((uint16_t *)out + at + 16), _mm512_cvtepi32_epi16(rh));
+                    } else {
+                        _mm512_storeu_ps((float *)out + at, lo);
+                        _mm512_storeu_ps((float *)out + at + 16, hi);
+                    }
+                }
+                continue;
+            }
+#endif
             for (int r = 0; r < nr; r++) {
                 const float d = f16_to_f32(tb + 2 * r);
                 if (fmt == FMT_Q4) {
@@ -810,9 +844,9 @@ static inline __m512 exp512(__m512 x) {
 }
 
 typedef struct {
-    const float *q;      /* q[h * q_sh + t * q_st + d], float32 */
+    const char *q;       /* q[(h * q_sh + t * q_st + d) * qsz], float32 or bfloat16 (q_bf16) */
     const char *k, *v;   /* k[(g * kv_sh + j * kv_ss) * esz + d * esz], float32 or bfloat16 */
-    float *out;          /* (T, nh, hd) */
+    char *out;           /* (T, nh, hd), float32, or bfloat16 when the queries are */
     int64_t q_sh, q_st, kv_sh, kv_ss;
     int T, start, nh, nkv, hd, window, bf16, units, pos_blocks;
     float scale;
@@ -820,6 +854,8 @@ typedef struct {
     size_t scratch_floats; /* per thread */
     float *kt;             /* the keys transposed: kv head g's block b at kt + (g * blocks + b) * hd * PA_KEYS, [d][key] */
     int blocks, unit_pos;  /* key blocks (of PA_KEYS); query positions per unit */
+    int q_bf16, dot;       /* dot: bfloat16 queries and keys/values on AVX-512-BF16, through bfloat16 dot products */
+    uint16_t *kp, *vp;     /* dot: each block's keys as [dim pair][key][2] and values as [key pair][dim][2] */
     _Atomic int next;
 } PromptAttn;
 
@@ -920,18 +956,161 @@ static void pa_transpose(const PromptAttn *a, int g, int b) {
     }
 }
 
+#ifdef __AVX512BF16__
+#define PA_DOT 1
+/* The dot path: a row's scores and its P V as bfloat16 pairs summed into float32 (vdpbf16ps, 32 products an
+ * instruction against 16 FMAs), as SDPA's flash kernel does for bfloat16 (its GEMMs take bfloat16 queries
+ * and P): the queries are used as they come (the scale goes on the float scores), P is rounded to bfloat16
+ * for P V, and the max, the exponentials and the sums stay float32. A block's keys are packed once as
+ * [dim pair][key] (32 bits a pair, 16 keys a register) and its values as [key pair][dim], zeros past the
+ * last key and dimension, so every register load is one aligned line. */
+static inline int pa_pairs(int hd) { return (hd + 1) / 2; }
+
+static void pa_pack(const PromptAttn *a, int g, int b) {
+    const int hd = a->hd, hp = pa_pairs(hd), S = a->start + a->T, kb = b * PA_KEYS, n = S - kb < PA_KEYS ? S - kb : PA_KEYS;
+    uint32_t *kp = (uint32_t *)(a->kp + ((size_t)g * a->blocks + b) * hp * 2 * PA_KEYS);
+    uint16_t *vp = a->vp + ((size_t)g * a->blocks + b) * hd * PA_KEYS;
+    if (n < PA_KEYS) {
+        memset(kp, 0, sizeof(uint32_t) * hp * PA_KEYS);
+        memset(vp, 0, sizeof(uint16_t) * hd * PA_KEYS);
+    }
+    const uint16_t *kg = (const uint16_t *)a->k + (size_t)g * a->kv_sh, *vg = (const uint16_t *)a->v + (size_t)g * a->kv_sh;
+    for (int j = 0; j < n; j++) { /* keys: a 32-bit transpose, [key][pair] -> [pair][key] */
+        const uint16_t *kr = kg + (size_t)(kb + j) * a->kv_ss;
+        for (int p = 0; p < hd / 2; p++) memcpy(kp + (size_t)p * PA_KEYS + j, kr + 2 * p, 4);
+        if (hd & 1) kp[(size_t)(hp - 1) * PA_KEYS + j] = kr[hd - 1];
+    }
+    const __m512i lo = _mm512_setr_epi32(0x00200000, 0x00210001, 0x00220002, 0x00230003, 0x00240004, 0x00250005, 0x00260006,
+                                         0x00270007, 0x00280008, 0x00290009, 0x002a000a, 0x002b000b, 0x002c000c, 0x002d000d,
+                                         0x002e000e, 0x002f000f);
+    const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+    for (int j = 0; j < n; j += 2) { /* values: rows j and j + 1 interleaved, 32 dimensions a step */
+        const uint16_t *v0 = vg + (size_t)(kb + j) * a->kv_ss, *v1 = j + 1 < n ? v0 + a->kv_ss : NULL;
+        uint16_t *dst = vp + (size_t)j * hd;
+        for (int d = 0; d < hd; d += 32) {
+            const int left = hd - d < 32 ? hd - d : 32;
+            const __mmask32 m = left == 32 ? 0xFFFFFFFFu : (__mmask32)((1u << left) - 1);
+            const __m512i x0 = _mm512_maskz_loadu_epi16(m, v0 + d), x1 = v1 ? _mm512_maskz_loadu_epi16(m, v1 + d) : _mm512_setzero_si512();
+            const __m512i a0 = _mm512_permutex2var_epi16(x0, lo, x1), a1 = _mm512_permutex2var_epi16(x0, hi, x1);
+            _mm512_mask_storeu_epi16(dst + 2 * d, left >= 16 ? 0xFFFFFFFFu : (__mmask32)((1u << 2 * left) - 1), a0);
+            if (left > 16) _mm512_mask_storeu_epi16(dst + 2 * d + 32, left == 32 ? 0xFFFFFFFFu : (__mmask32)((1u << 2 * (left - 16)) - 1), a1);
+        }
+    }
+}
+
+/* pa_rows on the dot path: Q holds each row's bfloat16 query (hp pairs), kp and vp the block as packed. */
+static inline __attribute__((always_inline)) void pa_rows_dot(const PromptAttn *a, const uint16_t *Q, float *O, float *M, float *L,
+                                                              const int *pos, const uint16_t *kp, const uint16_t *vp, int kb, int n,
+                                                              const int R) {
+    const int hd = a->hd, hp = pa_pairs(hd);
+    enum { KV = PA_KEYS / 16 };
+    __m512 s[PA_ROWS][KV];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < KV; c++) s[r][c] = _mm512_setzero_ps();
+    for (int p = 0; p < hp; p++) {
+        __m512bh kd[KV];
+        for (int c = 0; c < KV; c++) kd[c] = (__m512bh)_mm512_load_si512(kp + ((size_t)p * PA_KEYS + 16 * c) * 2);
+        for (int r = 0; r < R; r++) {
+            uint32_t qq;
+            memcpy(&qq, Q + (size_t)r * 2 * hp + 2 * p, 4);
+            const __m512bh qd = (__m512bh)_mm512_set1_epi32((int)qq);
+            for (int c = 0; c < KV; c++) s[r][c] = _mm512_dpbf16_ps(s[r][c], qd, kd[c]);
+        }
+    }
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 ninf = _mm512_set1_ps(-INFINITY), scale = _mm512_set1_ps(a->scale);
+    float alpha[PA_ROWS];
+    uint16_t P[PA_ROWS][PA_KEYS] __attribute__((aligned(64)));
+    for (int r = 0; r < R; r++) {
+        const int p = pos[r], hi = kb + n - 1 < p ? kb + n - 1 : p, lo = a->window > 0 ? p - a->window + 1 : INT32_MIN;
+        const __m512i vh = _mm512_set1_epi32(hi), vl = _mm512_set1_epi32(lo);
+        __mmask16 ok[KV];
+        __m512 mx = ninf;
+        for (int c = 0; c < KV; c++) {
+            const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(kb + 16 * c), iota);
+            ok[c] = _mm512_cmple_epi32_mask(idx, vh) & _mm512_cmpge_epi32_mask(idx, vl);
+            s[r][c] = _mm512_mask_mul_ps(ninf, ok[c], s[r][c], scale);
+            mx = _mm512_max_ps(mx, s[r][c]);
+        }
+        const float mb = _mm512_reduce_max_ps(mx);
+        const float m_old = M[r], m_new = m_old > mb ? m_old : mb;
+        if (m_new == -INFINITY) {
+            alpha[r] = 1.0f;
+            memset(P[r], 0, sizeof P[r]);
+            continue;
+        }
+        alpha[r] = m_old == m_new ? 1.0f : m_old == -INFINITY ? 0.0f : expf(m_old - m_new);
+        const __m512 mv = _mm512_set1_ps(m_new);
+        __m512 sum = _mm512_mul_ps(_mm512_loadu_ps(L + 16 * r), _mm512_set1_ps(alpha[r]));
+        __m512 pc[KV];
+        for (int c = 0; c < KV; c++) {
+            pc[c] = _mm512_maskz_mov_ps(ok[c], exp512(_mm512_sub_ps(s[r][c], mv)));
+            sum = _mm512_add_ps(sum, pc[c]);
+        }
+        for (int c = 0; c < KV; c += 2) _mm512_store_si512(P[r] + 16 * c, (__m512i)_mm512_cvtne2ps_pbh(pc[c + 1], pc[c]));
+        _mm512_storeu_ps(L + 16 * r, sum);
+        M[r] = m_new;
+    }
+    const int np = (n + 1) / 2;
+    for (int d0 = 0; d0 < hd; d0 += 64) {
+        const int dn = hd - d0 < 64 ? hd - d0 : 64;
+        __mmask16 mk[4];
+        for (int i = 0; i < 4; i++) {
+            const int left = dn - 16 * i;
+            mk[i] = left >= 16 ? 0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+        }
+        __m512 acc[PA_ROWS][4];
+        for (int r = 0; r < R; r++) {
+            const __m512 al = _mm512_set1_ps(alpha[r]);
+            for (int i = 0; i < 4; i++) acc[r][i] = _mm512_mul_ps(al, _mm512_maskz_loadu_ps(mk[i], O + (size_t)r * hd + d0 + 16 * i));
+        }
+        for (int jp = 0; jp < np; jp++) {
+            const uint16_t *vr = vp + ((size_t)jp * hd + d0) * 2;
+            __m512bh v[4];
+            for (int i = 0; i < 4; i++) v[i] = (__m512bh)_mm512_maskz_loadu_epi32(mk[i], vr + 32 * i);
+            for (int r = 0; r < R; r++) {
+                uint32_t pp;
+                memcpy(&pp, P[r] + 2 * jp, 4);
+                const __m512bh pj = (__m512bh)_mm512_set1_epi32((int)pp);
+                for (int i = 0; i < 4; i++) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], pj, v[i]);
+            }
+        }
+        for (int r = 0; r < R; r++)
+            for (int i = 0; i < 4; i++) _mm512_mask_storeu_ps(O + (size_t)r * hd + d0 + 16 * i, mk[i], acc[r][i]);
+    }
+}
+#endif
+
+static inline float pa_q(const PromptAttn *a, const char *src, int d) {
+    if (!a->q_bf16) return ((const float *)src)[d];
+    const uint32_t bits = (uint32_t)((const uint16_t *)src)[d] << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
 static void pa_unit(const PromptAttn *a, int u, float *scratch) {
     const int hd = a->hd, rep = a->nh / a->nkv, g = u % a->nkv, up = a->unit_pos;
     const int pb = a->pos_blocks - 1 - u / a->nkv; /* the last positions (the most keys) first */
     const int t0 = pb * up, t1 = t0 + up < a->T ? t0 + up : a->T, rows = (t1 - t0) * rep;
     float *Q = scratch, *O = Q + (size_t)up * rep * hd, *M = O + (size_t)up * rep * hd, *L = M + up * rep;
     int *pos = (int *)(L + 16 * up * rep);
-    const size_t esz = a->bf16 ? 2 : 4;
+    const size_t esz = a->bf16 ? 2 : 4, qsz = a->q_bf16 ? 2 : 4;
+#ifdef PA_DOT
+    const int hp = pa_pairs(hd);
+    uint16_t *Qb = (uint16_t *)Q; /* the dot path: the queries as they are, hp pairs a row */
+#endif
     for (int t = t0; t < t1; t++)
         for (int i = 0; i < rep; i++) {
             const int r = (t - t0) * rep + i;
-            const float *src = a->q + (g * rep + i) * a->q_sh + t * a->q_st;
-            for (int d = 0; d < hd; d++) Q[(size_t)r * hd + d] = src[d] * a->scale;
+            const char *src = a->q + ((g * rep + i) * a->q_sh + t * a->q_st) * qsz;
+#ifdef PA_DOT
+            if (a->dot) {
+                memcpy(Qb + (size_t)r * 2 * hp, src, 2 * hd);
+                if (hd & 1) Qb[(size_t)r * 2 * hp + hd] = 0;
+            } else
+#endif
+                for (int d = 0; d < hd; d++) Q[(size_t)r * hd + d] = pa_q(a, src, d) * a->scale;
             memset(O + (size_t)r * hd, 0, sizeof(float) * hd);
             memset(L + 16 * r, 0, sizeof(float) * 16);
             M[r] = -INFINITY, pos[r] = a->start + t;
@@ -941,14 +1120,29 @@ static void pa_unit(const PromptAttn *a, int u, float *scratch) {
     const char *vg = a->v + (size_t)g * a->kv_sh * esz;
     for (int kb = first / PA_KEYS * PA_KEYS; kb < end; kb += PA_KEYS) {
         const int n = end - kb < PA_KEYS ? end - kb : PA_KEYS;
-        const float *kt = a->kt + ((size_t)g * a->blocks + kb / PA_KEYS) * hd * PA_KEYS;
+        const size_t blk = (size_t)g * a->blocks + kb / PA_KEYS;
+        const float *kt = a->dot ? NULL : a->kt + blk * hd * PA_KEYS;
         const char *vb = vg + (size_t)kb * a->kv_ss * esz;
         for (int r0 = 0; r0 < rows; r0 += PA_ROWS) {
             const int R = rows - r0 < PA_ROWS ? rows - r0 : PA_ROWS;
             if (kb > pos[r0 + R - 1]) continue; /* rows go by position: these (and all before) see none of the block */
             if (a->window > 0 && kb + n - 1 < pos[r0] - a->window + 1) break; /* all of it before these rows' windows */
-            const float *Qr = Q + (size_t)r0 * hd;
             float *Or = O + (size_t)r0 * hd;
+#ifdef PA_DOT
+            if (a->dot) {
+                const uint16_t *Qr = Qb + (size_t)r0 * 2 * hp, *kp = a->kp + blk * hp * 2 * PA_KEYS, *vp = a->vp + blk * hd * PA_KEYS;
+                switch (R) {
+                case 6: pa_rows_dot(a, Qr, Or, M + r0, L + 16 * r0, pos + r0, kp, vp, kb, n, 6); break;
+                case 5: pa_rows_dot(a, Qr, Or, M + r0, L + 16 * r0, pos + r0, kp, vp, kb, n, 5); break;
+                case 4: pa_rows_dot(a, Qr, Or, M + r0, L + 16 * r0, pos + r0, kp, vp, kb, n, 4); break;
+                case 3: pa_rows_dot(a, Qr, Or, M + r0, L + 16 * r0, pos + r0, kp, vp, kb, n, 3); break;
+                case 2: pa_rows_dot(a, Qr, Or, M + r0, L + 16 * r0, pos + r0, kp, vp, kb, n, 2); break;
+                default: pa_rows_dot(a, Qr, Or, M + r0, L + 16 * r0, pos + r0, kp, vp, kb, n, 1); break;
+                }
+                continue;
+            }
+#endif
+            const float *Qr = Q + (size_t)r0 * hd;
             switch (R) {
             case 6: pa_rows(a, Qr, Or, M + r0, L + 16 * r0, pos + r0, kt, vb, kb, n, 6); break;
             case 5: pa_rows(a, Qr, Or, M + r0, L + 16 * r0, pos + r0, kt, vb, kb, n, 5); break;
@@ -963,57 +1157,78 @@ static void pa_unit(const PromptAttn *a, int u, float *scratch) {
         for (int i = 0; i < rep; i++) {
             const int r = (t - t0) * rep + i;
             const float inv = 1.0f / _mm512_reduce_add_ps(_mm512_loadu_ps(L + 16 * r));
-            float *dst = a->out + ((size_t)t * a->nh + g * rep + i) * hd;
-            for (int d = 0; d < hd; d++) dst[d] = O[(size_t)r * hd + d] * inv;
+            const size_t at = ((size_t)t * a->nh + g * rep + i) * hd;
+            if (a->q_bf16)
+                for (int d = 0; d < hd; d++) ((uint16_t *)a->out)[at + d] = f32_to_bf16(O[(size_t)r * hd + d] * inv);
+            else
+                for (int d = 0; d < hd; d++) ((float *)a->out)[at + d] = O[(size_t)r * hd + d] * inv;
         }
 }
 
 static void prompt_attention_job(void *ctx, const Me *me) {
     PromptAttn *a = ctx;
-    FOR_SHARE(me, i, a->nkv * a->blocks) pa_transpose(a, i / a->blocks, i % a->blocks);
+#ifdef PA_DOT
+    if (a->dot) {
+        FOR_SHARE(me, i, a->nkv * a->blocks) pa_pack(a, i / a->blocks, i % a->blocks);
+    } else
+#endif
+        FOR_SHARE(me, i, a->nkv * a->blocks) pa_transpose(a, i / a->blocks, i % a->blocks);
     barrier(me);
     float *scratch = a->scratch + (size_t)me->tid * a->scratch_floats;
     for (int u; (u = atomic_fetch_add_explicit(&a->next, 1, memory_order_relaxed)) < a->units;) pa_unit(a, u, scratch);
 }
 #endif
 
+/* 0: no prompt attention kernel in this build (no AVX-512); 1: float32 FMAs; 2: also bfloat16 dot products
+ * (AVX-512-BF16), taken for bfloat16 queries over a bfloat16 cache. */
 int lam_has_prompt_attention(void) {
-#ifdef LAM_AVX512
+#if defined(LAM_AVX512) && defined(PA_DOT)
+    return 2;
+#elif defined(LAM_AVX512)
     return 1;
 #else
     return 0;
 #endif
 }
 
-/* out (T, nh, hd) float32 = attention of q over k, v as described above; strides in elements. LAM_ERR_CONFIG
- * where this build has no such kernel (no AVX-512) or the shapes do not fit it. */
-int lam_prompt_attention(const float *q, int64_t q_sh, int64_t q_st, const void *k, const void *v, int64_t kv_sh, int64_t kv_ss,
-                         int kv_bf16, float *out, int T, int start, int nh, int nkv, int hd, int window, float scale, int threads) {
+/* out (T, nh, hd) = attention of q over k, v as described above; strides in elements; q and out float32 or
+ * bfloat16 (q_bf16). LAM_ERR_CONFIG where this build has no such kernel (no AVX-512) or the shapes do not fit it. */
+int lam_prompt_attention(const void *q, int64_t q_sh, int64_t q_st, int q_bf16, const void *k, const void *v, int64_t kv_sh,
+                         int64_t kv_ss, int kv_bf16, void *out, int T, int start, int nh, int nkv, int hd, int window, float scale,
+                         int threads) {
 #ifdef LAM_AVX512
     if (T < 1 || start < 0 || nkv < 1 || nh % nkv || hd < 1 || hd > MAX_HEAD_DIM) return LAM_ERR_CONFIG;
     const int rep = nh / nkv, nth = threads < 1 ? 1 : threads > MAX_THREADS - 1 ? MAX_THREADS - 1 : threads;
     int up = PA_POS; /* fewer positions a unit where that leaves too few units to share */
     while (up > 8 && (T + up - 1) / up * nkv < 4 * nth) up /= 2;
     const size_t rows = (size_t)up * rep;
-    const size_t per = (2 * rows * hd + 18 * rows + 15) / 16 * 16; /* Q, O, M, L (16 each), pos */
+    const size_t per = (2 * rows * (hd + 1) + 18 * rows + 15) / 16 * 16; /* Q (a bfloat16 row padded to pairs), O, M, L (16 each), pos */
     const int blocks = (start + T + PA_KEYS - 1) / PA_KEYS;
+#ifdef PA_DOT
+    const int dot = q_bf16 && kv_bf16;
+#else
+    const int dot = 0;
+#endif
     PromptAttn a = {q, k, v, out, q_sh, q_st, kv_sh, kv_ss, T, start, nh, nkv, hd, window, kv_bf16 != 0, 0, (T + up - 1) / up,
-                    scale, NULL, per, NULL, blocks, up, 0};
+                    scale, NULL, per, NULL, blocks, up, q_bf16 != 0, dot, NULL, NULL, 0};
     a.units = a.pos_blocks * nkv;
     a.scratch = aligned_alloc(64, per * sizeof(float) * nth);
-    a.kt = aligned_alloc(64, (size_t)nkv * blocks * hd * PA_KEYS * sizeof(float));
-    if (!a.scratch || !a.kt) {
-        free(a.scratch);
-        free(a.kt);
+    const size_t cells = (size_t)nkv * blocks * PA_KEYS;
+    if (dot) {
+        a.kp = aligned_alloc(64, cells * (hd + 1) / 2 * 2 * sizeof(uint16_t));
+        a.vp = aligned_alloc(64, cells * hd * sizeof(uint16_t) + 64);
+    } else
+        a.kt = aligned_alloc(64, cells * hd * sizeof(float));
+    if (!a.scratch || (dot ? !a.kp || !a.vp : !a.kt)) {
+        free(a.scratch), free(a.kt), free(a.kp), free(a.vp);
         return LAM_ERR_NOMEM;
     }
     run_job(prompt_attention_job, &a, nth);
-    free(a.scratch);
-    free(a.kt);
+    free(a.scratch), free(a.kt), free(a.kp), free(a.vp);
     return LAM_OK;
 #else
-    (void)q, (void)q_sh, (void)q_st, (void)k, (void)v, (void)kv_sh, (void)kv_ss, (void)kv_bf16, (void)out, (void)T, (void)start;
-    (void)nh, (void)nkv, (void)hd, (void)window, (void)scale, (void)threads;
+    (void)q, (void)q_sh, (void)q_st, (void)q_bf16, (void)k, (void)v, (void)kv_sh, (void)kv_ss, (void)kv_bf16, (void)out, (void)T;
+    (void)start, (void)nh, (void)nkv, (void)hd, (void)window, (void)scale, (void)threads;
     return LAM_ERR_CONFIG;
 #endif
 }
