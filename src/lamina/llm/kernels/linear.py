@@ -111,7 +111,9 @@ class QuantLinear(nn.Module):
         shape, dtype = x.shape, x.dtype
         if self.lib is not None and x.numel() >= self.gemm_rows * self.in_features:  # a prompt: compute-bound, the float GEMM wins
             gemm = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
-            w = native.dequantize(self.lib, self.fmt, self.blocks, self.out_features, self.in_features, gemm)
+            # (a scratch weight only where autograd keeps nothing: a backward pass would read the next layer's)
+            w = native.dequantize(self.lib, self.fmt, self.blocks, self.out_features, self.in_features, gemm,
+                                  scratch=not torch.is_grad_enabled())
             y = F.linear(x.reshape(-1, self.in_features).to(gemm), w)
             return self._finish(y, shape, dtype)
         flat = x.reshape(-1, self.in_features).to(self.activation)

@@ -856,7 +856,7 @@ typedef struct {
     int blocks, unit_pos;  /* key blocks (of PA_KEYS); query positions per unit */
     int q_bf16, dot;       /* dot: bfloat16 queries and keys/values on AVX-512-BF16, through bfloat16 dot products */
     uint16_t *kp, *vp;     /* dot: each block's keys as [dim pair][key][2] and values as [key pair][dim][2] */
-    _Atomic int next;
+    _Atomic int next, next_block, blocks_done;
 } PromptAttn;
 
 /* Rows r0 .. r0 + R - 1 of a unit (R a constant after inlining) against keys kb .. kb + n - 1. L holds each row's
@@ -1165,15 +1165,21 @@ static void pa_unit(const PromptAttn *a, int u, float *scratch) {
         }
 }
 
+/* The blocks are prepared and the units computed as threads take them from counters, not in static shares
+ * with a barrier between: called between PyTorch's operations, a worker can find its core still held by
+ * PyTorch's own spinning threads for a while, and the caller then does the work rather than wait for it. */
 static void prompt_attention_job(void *ctx, const Me *me) {
     PromptAttn *a = ctx;
+    const int total = a->nkv * a->blocks;
+    for (int i; (i = atomic_fetch_add_explicit(&a->next_block, 1, memory_order_relaxed)) < total;) {
 #ifdef PA_DOT
-    if (a->dot) {
-        FOR_SHARE(me, i, a->nkv * a->blocks) pa_pack(a, i / a->blocks, i % a->blocks);
-    } else
+        if (a->dot) pa_pack(a, i / a->blocks, i % a->blocks);
+        else
 #endif
-        FOR_SHARE(me, i, a->nkv * a->blocks) pa_transpose(a, i / a->blocks, i % a->blocks);
-    barrier(me);
+            pa_transpose(a, i / a->blocks, i % a->blocks);
+        atomic_fetch_add_explicit(&a->blocks_done, 1, memory_order_release);
+    }
+    while (atomic_load_explicit(&a->blocks_done, memory_order_acquire) < total) _mm_pause(); /* the last ones being made */
     float *scratch = a->scratch + (size_t)me->tid * a->scratch_floats;
     for (int u; (u = atomic_fetch_add_explicit(&a->next, 1, memory_order_relaxed)) < a->units;) pa_unit(a, u, scratch);
 }
@@ -1210,7 +1216,7 @@ int lam_prompt_attention(const void *q, int64_t q_sh, int64_t q_st, int q_bf16, 
     const int dot = 0;
 #endif
     PromptAttn a = {q, k, v, out, q_sh, q_st, kv_sh, kv_ss, T, start, nh, nkv, hd, window, kv_bf16 != 0, 0, (T + up - 1) / up,
-                    scale, NULL, per, NULL, blocks, up, q_bf16 != 0, dot, NULL, NULL, 0};
+                    scale, NULL, per, NULL, blocks, up, q_bf16 != 0, dot, NULL, NULL, 0, 0, 0};
     a.units = a.pos_blocks * nkv;
     a.scratch = aligned_alloc(64, per * sizeof(float) * nth);
     const size_t cells = (size_t)nkv * blocks * PA_KEYS;
