@@ -101,8 +101,10 @@ class ModelRunner:
         """Take note of the LoRA adapters loaded into the model (call after loading or removing one)."""
         self.adapters = set(adapter_names(self.model))
         # Llama-family models run each step in one native call where that applies (and, for float weights,
-        # was measured faster): the decoding rows, and for quantised models also the prompt chunks shorter
-        # than the length from which the float GEMM wins; the rest runs in PyTorch. Float weights in a dtype
+        # was measured faster): the decoding rows, and for quantised models also the prompt chunks shorter than
+        # NATIVE_PREFILL_ROWS; the rest runs in PyTorch (where each layer's `gemm_rows`, measured, picks the float
+        # GEMM or integer dots). A fixed length, not the measured one: that probe times 0.1 ms calls, and which
+        # path a 20-token chunk takes should not change with a noisy moment at start-up. Float weights in a dtype
         # whose PyTorch GEMM is slower here than float32's (bfloat16 without AVX-512-BF16 or AMX: about 1
         # GFLOP/s) feed their prompts through the native step too. LoRA adapters run inside the step, each row
         # under its own. Rebuilt here because adapters change the modules the step reads.
@@ -111,9 +113,8 @@ class ModelRunner:
         quantised = self.native is not None and self.native.quantized
         if self.native is not None:
             logger.info("decoding through the native step (%s weights)", "quantised" if quantised else "float")
-        rows = min((getattr(m, "gemm_rows", 1 << 30) for m in self.model.modules()), default=1)
         if quantised:
-            self.native_prefill_rows = min(rows, NATIVE_PREFILL_ROWS)
+            self.native_prefill_rows = NATIVE_PREFILL_ROWS
         elif (self.native is not None and self.dtype != torch.float32
               and probe_dtypes(self.device, self.cache_dir).slower_than_float32(self.dtype)):
             self.native_prefill_rows = 1 << 30
