@@ -36,7 +36,7 @@ from lamina.llm.engine.runner import kv_cache_dtype
 from lamina.llm.kernels import native
 from lamina.llm.kernels.linear import Kernel, QuantLinear, replace_linears
 from lamina.llm.kernels.native_decode import NativeDecoder
-from lamina.llm.kernels.quant import choose_kernel
+from lamina.llm.kernels.quant import choose_kernel, gemm_rows
 from lamina.settings import Settings
 
 pytestmark = pytest.mark.skipif(native.unavailable_reason() is not None, reason=f"native kernels: {native.unavailable_reason()}")
@@ -414,6 +414,31 @@ def test_kernel_choice_is_measured_and_cached(tmp_path) -> None:  # type: ignore
     assert "int4-native" in (tmp_path / "probes.json").read_text()
     again, seconds_again = choose_kernel("int4", torch.float32, torch.device("cpu"), tmp_path, config)
     assert again == kernel and seconds_again == seconds  # read back, not re-measured
+
+
+def test_gemm_rows_is_measured_on_prompt_chunks_and_cached(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The float GEMM's threshold comes from prompt chunks of a small model, longest first: where the float path
+    loses at 512 rows the answer is 'never', where it wins at every length it is the shortest (64), and between,
+    the last length of the run of wins (one win after a loss does not count)."""
+    from lamina.llm.kernels import quant
+
+    config = LlamaConfig(vocab_size=96, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=160)
+    kernel = Kernel("int4", torch.float32, "native")
+    timed: list[int] = []
+    for wins, want in (({512, 256, 128, 64}, 64), ({512, 256, 64}, 256), (set(), 1 << 30)):
+        def fake(config, dtype, kernel, cache_dir, rows, options, wins=wins):  # type: ignore[no-untyped-def]
+            for n in rows:
+                timed.append(n)
+                yield n, 2.0, 1.0 if n in wins else 3.0
+        monkeypatch.setattr(quant, "time_prompt_chunks", fake)
+        home = tmp_path / str(want)
+        assert gemm_rows(kernel, torch.bfloat16, home, config=config) == want
+        assert gemm_rows(kernel, torch.bfloat16, home, config=config) == want  # read back, not re-measured
+    assert timed == [512, 256, 128, 64, 512, 256, 128, 512]
+    monkeypatch.undo()
+    rows = gemm_rows(kernel, torch.bfloat16, tmp_path / "real", config=config)  # the real measurement
+    assert rows in (64, 128, 256, 512, 1 << 30)
+    assert "prompt chunks of a 2-layer model" in (tmp_path / "real" / "probes.json").read_text()
 
 
 # Each integer-dot path a build can take, with the CPU features it needs to run: -march=haswell is AVX2's

@@ -41,6 +41,7 @@ from lamina.llm.kernels.timing import (
     probe_config,
     time_decode,
     time_float_matmuls,
+    time_prompt_chunks,
     time_quant_matmuls,
 )
 
@@ -98,37 +99,53 @@ def choose_kernel(
     return next(k for k in candidates if k.name == best), seconds
 
 
-def gemm_rows(kernel: Kernel, float_dtype: torch.dtype, cache_dir: Path | None = None, options: NativeOptions = DEFAULT_OPTIONS) -> int:
-    """From how many input rows expanding native blocks to floats for the float GEMM beats integer dots."""
+def gemm_rows(
+    kernel: Kernel, float_dtype: torch.dtype, cache_dir: Path | None = None, options: NativeOptions = DEFAULT_OPTIONS,
+    config: LlamaConfig | None = None,
+) -> int:
+    """From how many input rows expanding native blocks to floats for the float GEMM beats integer dots.
+
+    Measured from the longest input down, while the float GEMM keeps winning: the answer is where it last won
+    (a suffix of wins is not one noisy timing; going up and taking the first win, three fresh processes on a
+    2-core AMD EPYC answered 512, 128 and 8). With a Llama `config`, on prompt chunks of a 2-layer model of its
+    width (`time_prompt_chunks`), 512 down to 64 tokens (shorter chunks take the fused native step): timed alone,
+    the matmuls miss what a model puts between them, PyTorch's threads spinning on the cores after each of its
+    operations, which the native calls then meet. Timed alone they favoured integer dots at 512 rows (2.4
+    against 2.8 ms) where a 2,048-token prefill took 1.85 s on them and 1.3 s on the float GEMM.
+    """
     if kernel.backend != "native":
         return 1 << 30
     gemm = float_dtype if float_dtype in (torch.float32, torch.bfloat16) else torch.float32
+    if config is not None and (config.moe is not None or config.dim % GROUP or config.hidden_dim % GROUP):
+        config = None
 
     def measure() -> dict:
-        # From the longest input down, while the float GEMM keeps winning: the answer is where it last won. Going
-        # up instead and taking the first win, one noisy timing of a 0.1 ms call (three fresh processes on a
-        # 2-core AMD EPYC answered 512, 128 and 8) settled every prompt chunk; a suffix of wins is not one fluke.
-        # The two paths' timings alternate, the best of each kept, so a slow spell of the machine hits both. Each
-        # input goes through a PyTorch operation first, as in a model (a norm, an activation): a large one runs on
-        # PyTorch's threads, which then spin on the cores for a while, and the native call meets that as it would.
+        found = 1 << 30
+        if config is not None:
+            for rows, t_int, t_float in time_prompt_chunks(config, gemm, kernel, cache_dir, (512, 256, 128, 64), options):
+                if t_float >= t_int:
+                    break
+                found = rows
+            return {"rows": found, "workload": "prompt chunks of a 2-layer model"}
         shapes = [(1536, 576), (576, 1536), (576, 576)]
         int_path = [QuantLinear(nn.Linear(i, o, bias=False), kernel, cache_dir, options=options) for o, i in shapes]
         float_path = [QuantLinear(nn.Linear(i, o, bias=False), kernel, cache_dir, options=options) for o, i in shapes]
         for layer in float_path:
             layer.gemm_rows = 1
-        found = 1 << 30
         for rows in (512, 256, 128, 64, 32, 16, 8):
             xs = [torch.randn(rows, i, dtype=gemm) for _, i in shapes]
             t_int = t_float = float("inf")
-            for _ in range(3):
-                t_int = min(t_int, best_time(lambda: [f(x * 1) for f, x in zip(int_path, xs, strict=True)], repeats=3))  # noqa: B023
-                t_float = min(t_float, best_time(lambda: [f(x * 1) for f, x in zip(float_path, xs, strict=True)], repeats=3))  # noqa: B023
+            for _ in range(3):  # alternating, the best of each kept
+                t_int = min(t_int, best_time(lambda: [f(x) for f, x in zip(int_path, xs, strict=True)], repeats=3))  # noqa: B023
+                t_float = min(t_float, best_time(lambda: [f(x) for f, x in zip(float_path, xs, strict=True)], repeats=3))  # noqa: B023
             if t_float >= t_int:
                 break
             found = rows
-        return {"rows": found}
+        return {"rows": found, "workload": "matmuls"}
 
-    key = f"native {kernel.mode} gemm rows from 512 down, {str(gemm).removeprefix('torch.')} | {native.source_key()} | {device_key(torch.device('cpu'))}"
+    shape = f"llama {config.dim}x{config.hidden_dim} {config.n_heads}/{config.n_kv_heads} heads" if config else "matmuls"
+    key = (f"native {kernel.mode} gemm rows from 512 down, {str(gemm).removeprefix('torch.')} on {shape} | {native.source_key()} | "
+           f"{device_key(torch.device('cpu'))}")
     return int(cached_probe(cache_dir, key, measure)["rows"])
 
 
@@ -155,7 +172,7 @@ def quantize_model(
         head_kernel = Kernel("int8", kernel.activation, kernel.backend)
     if stored and isinstance(model, Llama) and model.config.tie_embeddings and "embed_tokens.weight" in stored:
         stored = {**stored, "lm_head.weight": stored["embed_tokens.weight"]}
-    rows = gemm_rows(kernel, ref.dtype, cache_dir, options)
+    rows = gemm_rows(kernel, ref.dtype, cache_dir, options, config)
     replaced, reused = replace_linears(model, kernel, head_kernel, cache_dir, rows, stored or {}, options)
     logger.info("quantised %d linear layers to %s with the %s kernel, %d from the checkpoint's own blocks (%s)",
                 replaced, mode, kernel.name, reused, shown)

@@ -2,7 +2,7 @@
 
 Which kernel is fastest, and whether the native step beats PyTorch's forward, depends on the machine, so
 `quant.choose_kernel`, `quant.gemm_rows` and `native_decode.native_float_pays` all measure. They share these
-workloads, best of five after a warm-up. The native step is handed in (`decoder_for`) rather than imported,
+workloads, best of several after a warm-up. The native step is handed in (`decoder_for`) rather than imported,
 so this module sits below both the quantisation and the decode-step modules.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
@@ -77,6 +77,37 @@ def time_decode(
                 model(tokens, cache)
 
     return best_time(steps)
+
+
+def time_prompt_chunks(
+    config: LlamaConfig, dtype: torch.dtype, kernel: Kernel, cache_dir: Path | None, rows: Sequence[int],
+    options: NativeOptions = DEFAULT_OPTIONS,
+) -> Iterator[tuple[int, float, float]]:
+    """(rows, integer dots, float GEMM) for each of `rows` in turn: seconds for one prompt chunk of that many
+    tokens through a random 2-layer model of `config` whose QuantLinears on native `kernel` take each path, as
+    the engine's prompt chunks do (norms, rotary embeddings and attention between the matmuls, on PyTorch's
+    threads). The two alternate, the best of each kept, so a slow spell of the machine meets both. A generator:
+    the caller stops it when it has its answer."""
+    torch.manual_seed(0)
+    config = replace(probe_config(config), n_layers=2, max_seq_len=max(max(rows), 256))
+    model = Llama(config).to(dtype).eval()
+    replace_linears(model, kernel, kernel, cache_dir, options=options)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+
+    def chunk(tokens: torch.Tensor, gemm_rows: int) -> Callable[[], None]:
+        def run() -> None:
+            for layer in layers:
+                layer.gemm_rows = gemm_rows
+            model(tokens, model.new_cache(1, tokens.shape[1]), last_only=True)
+        return run
+
+    for n in rows:
+        tokens = torch.randint(0, config.vocab_size, (1, n))
+        t_int = t_float = float("inf")
+        for _ in range(2):
+            t_int = min(t_int, best_time(chunk(tokens, 1 << 30), repeats=2))
+            t_float = min(t_float, best_time(chunk(tokens, 1), repeats=2))
+        yield n, t_int, t_float
 
 
 def time_float_matmuls(shapes: list[tuple[int, int]], dtype: torch.dtype) -> float:
