@@ -138,6 +138,27 @@ def test_shared_prefix_is_copied_not_recomputed(smollm) -> None:
     assert apart["cached"]["b"] == 0
 
 
+def test_the_last_row_hands_its_tensors_to_the_retained_cache(smollm) -> None:
+    """A request alone: as it finishes, its keys and values are kept for prefix reuse without a copy (the slot
+    cache's own tensors change hands, the slot cache starts afresh), and the next turn reuses them, decoding what
+    a fresh engine decodes."""
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    engine = _engine(smollm)
+    ids = smollm.tokenizer.encode(PROMPTS[2])
+    engine.add_request("a", ids, params)
+    seen, out = set(), []
+    while engine.has_unfinished():
+        seen.add(engine.runner.slots.k.data_ptr())
+        out += [e.token_id for e in engine.step()]
+    (kept,) = engine.runner._retained.values()
+    assert kept.cache.k.data_ptr() in seen and kept.cache.length == len(ids) + len(out) - 1
+    assert engine.runner.slots.nbytes == 0 and engine.runner.slots.lengths == []
+    follow = ids + out + smollm.tokenizer.encode(" And then?")
+    again = _run(engine, {"b": follow}, params)
+    assert again["cached"]["b"] == len(ids) + len(out) - 1
+    assert again["tokens"]["b"] == _run(_engine(smollm, retained_caches=0), {"b": follow}, params)["tokens"]["b"]
+
+
 def test_sequences_that_outgrow_the_cache_and_finish_out_of_order(smollm) -> None:
     """The KV rows grow (a new allocation, inside the forward's inference mode) when a sequence passes a
     CACHE_STEP boundary; a sequence finishing in the middle of the rows afterwards is compacted away outside the

@@ -36,6 +36,13 @@ class KVCache:
         self.max_len = max_len
         self.length = 0
 
+    @classmethod
+    def over(cls, k: torch.Tensor, v: torch.Tensor, length: int) -> KVCache:
+        """A cache over existing tensors (n_layers, B, n_kv_heads, max_len, head_dim), `length` positions filled."""
+        cache = cls.__new__(cls)
+        cache.k, cache.v, cache.max_len, cache.length = k, v, k.shape[3], length
+        return cache
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's k, v (B, n_kv, T, hd) at `length` and return everything so far (B, n_kv, length+T, hd).
 
@@ -118,6 +125,13 @@ class SlotCache:
         self.k = self.k[:, :slots, :, :capacity].clone()
         self.v = self.v[:, :slots, :, :capacity].clone()
         self.lengths = self.lengths[:slots]
+
+    def drop_storage(self) -> None:
+        """Let go of the tensors (whoever took them keeps them, and the cache writes to them no more) for
+        empty ones, with no rows: for the moment the last row is freed."""
+        self.k = self.k[:, :0, :, :0].clone()
+        self.v = self.v[:, :0, :, :0].clone()
+        self.lengths = []
 
     def move(self, src: int, dst: int) -> None:
         """Copy row `src` to row `dst` (compaction when a sequence leaves)."""
