@@ -859,6 +859,67 @@ typedef struct {
     _Atomic int next, next_block, blocks_done;
 } PromptAttn;
 
+/* The masks of the (up to) 64 dimensions from d0 of a head of hd, 16 a register (prompt and decode attention). */
+static inline void dim_masks64(int hd, int d0, __mmask16 mk[4]) {
+    const int dn = hd - d0 < 64 ? hd - d0 : 64;
+    for (int i = 0; i < 4; i++) {
+        const int left = dn - 16 * i;
+        mk[i] = left >= 16 ? 0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+    }
+}
+
+/* Rows 0 .. R - 1's outputs, dimensions d0 .. d0 + 63, into registers, each scaled by its row's alpha (the
+ * online softmax's rescale), and back. */
+static inline __attribute__((always_inline)) void pa_out_load(__m512 acc[][4], const float *O, const float *alpha, int hd, int d0,
+                                                              const __mmask16 *mk, const int R) {
+    for (int r = 0; r < R; r++) {
+        const __m512 al = _mm512_set1_ps(alpha[r]);
+        for (int i = 0; i < 4; i++) acc[r][i] = _mm512_mul_ps(al, _mm512_maskz_loadu_ps(mk[i], O + (size_t)r * hd + d0 + 16 * i));
+    }
+}
+
+static inline __attribute__((always_inline)) void pa_out_store(__m512 acc[][4], float *O, int hd, int d0, const __mmask16 *mk,
+                                                               const int R) {
+    for (int r = 0; r < R; r++)
+        for (int i = 0; i < 4; i++) _mm512_mask_storeu_ps(O + (size_t)r * hd + d0 + 16 * i, mk[i], acc[r][i]);
+}
+
+/* One row's online softmax over a key block: its scores s (times `scale`) masked to the keys position p sees
+ * (causal, and within the window), the running max *M and the 16-lane sum L updated, the block's numerators
+ * into pc (zero where masked). Returns the factor the row's earlier output is to be scaled by. */
+static inline __attribute__((always_inline)) float pa_softmax(const PromptAttn *a, __m512 *s, __m512 scale, int p, int kb, int n,
+                                                              float *M, float *L, __m512 *pc) {
+    enum { KV = PA_KEYS / 16 };
+    const int hi = kb + n - 1 < p ? kb + n - 1 : p, lo = a->window > 0 ? p - a->window + 1 : INT32_MIN;
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i vh = _mm512_set1_epi32(hi), vl = _mm512_set1_epi32(lo);
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);
+    __mmask16 ok[KV];
+    __m512 mx = ninf;
+    for (int c = 0; c < KV; c++) {
+        const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(kb + 16 * c), iota);
+        ok[c] = _mm512_cmple_epi32_mask(idx, vh) & _mm512_cmpge_epi32_mask(idx, vl);
+        s[c] = _mm512_mask_mul_ps(ninf, ok[c], s[c], scale);
+        mx = _mm512_max_ps(mx, s[c]);
+    }
+    const float mb = _mm512_reduce_max_ps(mx);
+    const float m_old = *M, m_new = m_old > mb ? m_old : mb;
+    if (m_new == -INFINITY) { /* nothing of this block is visible to the row (a window) */
+        for (int c = 0; c < KV; c++) pc[c] = _mm512_setzero_ps();
+        return 1.0f;
+    }
+    const float alpha = m_old == m_new ? 1.0f : m_old == -INFINITY ? 0.0f : expf(m_old - m_new);
+    const __m512 mv = _mm512_set1_ps(m_new);
+    __m512 sum = _mm512_mul_ps(_mm512_loadu_ps(L), _mm512_set1_ps(alpha));
+    for (int c = 0; c < KV; c++) {
+        pc[c] = _mm512_maskz_mov_ps(ok[c], exp512(_mm512_sub_ps(s[c], mv)));
+        sum = _mm512_add_ps(sum, pc[c]);
+    }
+    _mm512_storeu_ps(L, sum);
+    *M = m_new;
+    return alpha;
+}
+
 /* Rows r0 .. r0 + R - 1 of a unit (R a constant after inlining) against keys kb .. kb + n - 1. L holds each row's
  * running sum as 16 lanes (one key in 16 a lane), added across only at the end. */
 static inline __attribute__((always_inline)) void pa_rows(const PromptAttn *a, const float *Q, float *O, float *M, float *L,
@@ -877,50 +938,17 @@ static inline __attribute__((always_inline)) void pa_rows(const PromptAttn *a, c
             for (int c = 0; c < KV; c++) s[r][c] = _mm512_fmadd_ps(qd, kd[c], s[r][c]);
         }
     }
-    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512 ninf = _mm512_set1_ps(-INFINITY);
     float alpha[PA_ROWS], P[PA_ROWS][PA_KEYS];
-    for (int r = 0; r < R; r++) {
-        const int p = pos[r], hi = kb + n - 1 < p ? kb + n - 1 : p, lo = a->window > 0 ? p - a->window + 1 : INT32_MIN;
-        const __m512i vh = _mm512_set1_epi32(hi), vl = _mm512_set1_epi32(lo);
-        __mmask16 ok[KV];
-        __m512 mx = ninf;
-        for (int c = 0; c < KV; c++) {
-            const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(kb + 16 * c), iota);
-            ok[c] = _mm512_cmple_epi32_mask(idx, vh) & _mm512_cmpge_epi32_mask(idx, vl);
-            s[r][c] = _mm512_mask_mov_ps(ninf, ok[c], s[r][c]);
-            mx = _mm512_max_ps(mx, s[r][c]);
-        }
-        const float mb = _mm512_reduce_max_ps(mx);
-        const float m_old = M[r], m_new = m_old > mb ? m_old : mb;
-        if (m_new == -INFINITY) { /* nothing of this block is visible to the row (a window) */
-            alpha[r] = 1.0f;
-            memset(P[r], 0, sizeof P[r]);
-            continue;
-        }
-        alpha[r] = m_old == m_new ? 1.0f : m_old == -INFINITY ? 0.0f : expf(m_old - m_new);
-        const __m512 mv = _mm512_set1_ps(m_new);
-        __m512 sum = _mm512_mul_ps(_mm512_loadu_ps(L + 16 * r), _mm512_set1_ps(alpha[r]));
-        for (int c = 0; c < KV; c++) {
-            const __m512 pc = _mm512_maskz_mov_ps(ok[c], exp512(_mm512_sub_ps(s[r][c], mv)));
-            _mm512_storeu_ps(P[r] + 16 * c, pc);
-            sum = _mm512_add_ps(sum, pc);
-        }
-        _mm512_storeu_ps(L + 16 * r, sum);
-        M[r] = m_new;
+    for (int r = 0; r < R; r++) { /* (the queries carry the scale already) */
+        __m512 pc[KV];
+        alpha[r] = pa_softmax(a, s[r], _mm512_set1_ps(1.0f), pos[r], kb, n, M + r, L + 16 * r, pc);
+        for (int c = 0; c < KV; c++) _mm512_storeu_ps(P[r] + 16 * c, pc[c]);
     }
     for (int d0 = 0; d0 < hd; d0 += 64) {
-        const int dn = hd - d0 < 64 ? hd - d0 : 64;
         __mmask16 mk[4];
-        for (int i = 0; i < 4; i++) {
-            const int left = dn - 16 * i;
-            mk[i] = left >= 16 ? 0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
-        }
+        dim_masks64(hd, d0, mk);
         __m512 acc[PA_ROWS][4];
-        for (int r = 0; r < R; r++) {
-            const __m512 al = _mm512_set1_ps(alpha[r]);
-            for (int i = 0; i < 4; i++) acc[r][i] = _mm512_mul_ps(al, _mm512_maskz_loadu_ps(mk[i], O + (size_t)r * hd + d0 + 16 * i));
-        }
+        pa_out_load(acc, O, alpha, hd, d0, mk, R);
         for (int j = 0; j < n; j++) {
             const char *vr = vb + ((size_t)j * a->kv_ss + d0) * esz;
             __m512 v[4];
@@ -933,8 +961,7 @@ static inline __attribute__((always_inline)) void pa_rows(const PromptAttn *a, c
                 for (int i = 0; i < 4; i++) acc[r][i] = _mm512_fmadd_ps(pj, v[i], acc[r][i]);
             }
         }
-        for (int r = 0; r < R; r++)
-            for (int i = 0; i < 4; i++) _mm512_mask_storeu_ps(O + (size_t)r * hd + d0 + 16 * i, mk[i], acc[r][i]);
+        pa_out_store(acc, O, hd, d0, mk, R);
     }
 }
 
@@ -1017,53 +1044,20 @@ static inline __attribute__((always_inline)) void pa_rows_dot(const PromptAttn *
             for (int c = 0; c < KV; c++) s[r][c] = _mm512_dpbf16_ps(s[r][c], qd, kd[c]);
         }
     }
-    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512 ninf = _mm512_set1_ps(-INFINITY), scale = _mm512_set1_ps(a->scale);
+    const __m512 scale = _mm512_set1_ps(a->scale);
     float alpha[PA_ROWS];
     uint16_t P[PA_ROWS][PA_KEYS] __attribute__((aligned(64)));
     for (int r = 0; r < R; r++) {
-        const int p = pos[r], hi = kb + n - 1 < p ? kb + n - 1 : p, lo = a->window > 0 ? p - a->window + 1 : INT32_MIN;
-        const __m512i vh = _mm512_set1_epi32(hi), vl = _mm512_set1_epi32(lo);
-        __mmask16 ok[KV];
-        __m512 mx = ninf;
-        for (int c = 0; c < KV; c++) {
-            const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(kb + 16 * c), iota);
-            ok[c] = _mm512_cmple_epi32_mask(idx, vh) & _mm512_cmpge_epi32_mask(idx, vl);
-            s[r][c] = _mm512_mask_mul_ps(ninf, ok[c], s[r][c], scale);
-            mx = _mm512_max_ps(mx, s[r][c]);
-        }
-        const float mb = _mm512_reduce_max_ps(mx);
-        const float m_old = M[r], m_new = m_old > mb ? m_old : mb;
-        if (m_new == -INFINITY) {
-            alpha[r] = 1.0f;
-            memset(P[r], 0, sizeof P[r]);
-            continue;
-        }
-        alpha[r] = m_old == m_new ? 1.0f : m_old == -INFINITY ? 0.0f : expf(m_old - m_new);
-        const __m512 mv = _mm512_set1_ps(m_new);
-        __m512 sum = _mm512_mul_ps(_mm512_loadu_ps(L + 16 * r), _mm512_set1_ps(alpha[r]));
         __m512 pc[KV];
-        for (int c = 0; c < KV; c++) {
-            pc[c] = _mm512_maskz_mov_ps(ok[c], exp512(_mm512_sub_ps(s[r][c], mv)));
-            sum = _mm512_add_ps(sum, pc[c]);
-        }
+        alpha[r] = pa_softmax(a, s[r], scale, pos[r], kb, n, M + r, L + 16 * r, pc);
         for (int c = 0; c < KV; c += 2) _mm512_store_si512(P[r] + 16 * c, (__m512i)_mm512_cvtne2ps_pbh(pc[c + 1], pc[c]));
-        _mm512_storeu_ps(L + 16 * r, sum);
-        M[r] = m_new;
     }
     const int np = (n + 1) / 2;
     for (int d0 = 0; d0 < hd; d0 += 64) {
-        const int dn = hd - d0 < 64 ? hd - d0 : 64;
         __mmask16 mk[4];
-        for (int i = 0; i < 4; i++) {
-            const int left = dn - 16 * i;
-            mk[i] = left >= 16 ? 0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
-        }
+        dim_masks64(hd, d0, mk);
         __m512 acc[PA_ROWS][4];
-        for (int r = 0; r < R; r++) {
-            const __m512 al = _mm512_set1_ps(alpha[r]);
-            for (int i = 0; i < 4; i++) acc[r][i] = _mm512_mul_ps(al, _mm512_maskz_loadu_ps(mk[i], O + (size_t)r * hd + d0 + 16 * i));
-        }
+        pa_out_load(acc, O, alpha, hd, d0, mk, R);
         for (int jp = 0; jp < np; jp++) {
             const uint16_t *vr = vp + ((size_t)jp * hd + d0) * 2;
             __m512bh v[4];
@@ -1075,11 +1069,21 @@ static inline __attribute__((always_inline)) void pa_rows_dot(const PromptAttn *
                 for (int i = 0; i < 4; i++) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], pj, v[i]);
             }
         }
-        for (int r = 0; r < R; r++)
-            for (int i = 0; i < 4; i++) _mm512_mask_storeu_ps(O + (size_t)r * hd + d0 + 16 * i, mk[i], acc[r][i]);
+        pa_out_store(acc, O, hd, d0, mk, R);
     }
 }
 #endif
+
+/* fn(..., R) with R (1 .. PA_ROWS) a constant, so that each row count gets its own unrolled copy. */
+#define PA_BY_ROWS(R, fn, ...)                                                                             \
+    switch (R) {                                                                                           \
+    case 6: fn(__VA_ARGS__, 6); break;                                                                     \
+    case 5: fn(__VA_ARGS__, 5); break;                                                                     \
+    case 4: fn(__VA_ARGS__, 4); break;                                                                     \
+    case 3: fn(__VA_ARGS__, 3); break;                                                                     \
+    case 2: fn(__VA_ARGS__, 2); break;                                                                     \
+    default: fn(__VA_ARGS__, 1); break;                                                                    \
+    }
 
 static inline float pa_q(const PromptAttn *a, const char *src, int d) {
     if (!a->q_bf16) return ((const float *)src)[d];
@@ -1131,26 +1135,12 @@ static void pa_unit(const PromptAttn *a, int u, float *scratch) {
 #ifdef PA_DOT
             if (a->dot) {
                 const uint16_t *Qr = Qb + (size_t)r0 * 2 * hp, *kp = a->kp + blk * hp * 2 * PA_KEYS, *vp = a->vp + blk * hd * PA_KEYS;
-                switch (R) {
-                case 6: pa_rows_dot(a, Qr, Or, M + r0, L + 16 * r0, pos + r0, kp, vp, kb, n, 6); break;
-                case 5: pa_rows_dot(a, Qr, Or, M + r0, L + 16 * r0, pos + r0, kp, vp, kb, n, 5); break;
-                case 4: pa_rows_dot(a, Qr, Or, M + r0, L + 16 * r0, pos + r0, kp, vp, kb, n, 4); break;
-                case 3: pa_rows_dot(a, Qr, Or, M + r0, L + 16 * r0, pos + r0, kp, vp, kb, n, 3); break;
-                case 2: pa_rows_dot(a, Qr, Or, M + r0, L + 16 * r0, pos + r0, kp, vp, kb, n, 2); break;
-                default: pa_rows_dot(a, Qr, Or, M + r0, L + 16 * r0, pos + r0, kp, vp, kb, n, 1); break;
-                }
+                PA_BY_ROWS(R, pa_rows_dot, a, Qr, Or, M + r0, L + 16 * r0, pos + r0, kp, vp, kb, n);
                 continue;
             }
 #endif
             const float *Qr = Q + (size_t)r0 * hd;
-            switch (R) {
-            case 6: pa_rows(a, Qr, Or, M + r0, L + 16 * r0, pos + r0, kt, vb, kb, n, 6); break;
-            case 5: pa_rows(a, Qr, Or, M + r0, L + 16 * r0, pos + r0, kt, vb, kb, n, 5); break;
-            case 4: pa_rows(a, Qr, Or, M + r0, L + 16 * r0, pos + r0, kt, vb, kb, n, 4); break;
-            case 3: pa_rows(a, Qr, Or, M + r0, L + 16 * r0, pos + r0, kt, vb, kb, n, 3); break;
-            case 2: pa_rows(a, Qr, Or, M + r0, L + 16 * r0, pos + r0, kt, vb, kb, n, 2); break;
-            default: pa_rows(a, Qr, Or, M + r0, L + 16 * r0, pos + r0, kt, vb, kb, n, 1); break;
-            }
+            PA_BY_ROWS(R, pa_rows, a, Qr, Or, M + r0, L + 16 * r0, pos + r0, kt, vb, kb, n);
         }
     }
     for (int t = t0; t < t1; t++)
@@ -1567,13 +1557,10 @@ static inline void rope_kv_write(const Me *me, const Step *s, const Layer *L) {
  * each output is the same sequence of FMAs over j as the AVX2 loop's, so the two give the same bits. */
 static inline __attribute__((always_inline)) void pv_block(const Step *s, const char *vb, int n, const float *sc, float *part,
                                                             int h0, int d0, const int HN, size_t ahead) {
-    const int hd = s->hd, bf = s->kv_bf16, dn = hd - d0 < 64 ? hd - d0 : 64;
+    const int hd = s->hd, bf = s->kv_bf16;
     const size_t esz = s->esz;
     __mmask16 mk[4];
-    for (int i = 0; i < 4; i++) {
-        const int left = dn - 16 * i;
-        mk[i] = left >= 16 ? 0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
-    }
+    dim_masks64(hd, d0, mk);
     __m512 acc[3][4];
     for (int h = 0; h < HN; h++)
         for (int i = 0; i < 4; i++) acc[h][i] = _mm512_setzero_ps();
