@@ -126,13 +126,6 @@ class SlotCache:
         self.v = self.v[:, :slots, :, :capacity].clone()
         self.lengths = self.lengths[:slots]
 
-    def drop_storage(self) -> None:
-        """Let go of the tensors (whoever took them keeps them, and the cache writes to them no more) for
-        empty ones, with no rows: for the moment the last row is freed."""
-        self.k = self.k[:, :0, :, :0].clone()
-        self.v = self.v[:, :0, :, :0].clone()
-        self.lengths = []
-
     def move(self, src: int, dst: int) -> None:
         """Copy row `src` to row `dst` (compaction when a sequence leaves)."""
         n = self.lengths[src]

@@ -262,7 +262,7 @@ class ModelRunner:
         if take:
             assert seq.row == 0 and self.slots.slots == 1
             cache = KVCache.over(self.slots.k, self.slots.v, n)
-            self.slots.drop_storage()
+            self.slots.shrink(0, 0)  # new, empty tensors: the cache writes to the ones handed over no more
         else:
             c = self.model.config
             cache = KVCache(c.n_layers, 1, c.n_kv_heads, n, c.head_dim, dtype=self.kv_dtype, device=self.device)

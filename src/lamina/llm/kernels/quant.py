@@ -37,7 +37,7 @@ from lamina.llm.kernels.linear import GROUP, Kernel, Mode, QuantLinear, replace_
 from lamina.llm.kernels.native import DEFAULT_OPTIONS, NativeOptions
 from lamina.llm.kernels.native_decode import NativeDecoder
 from lamina.llm.kernels.timing import (
-    best_time,
+    best_times_alternating,
     probe_config,
     time_decode,
     time_float_matmuls,
@@ -134,10 +134,8 @@ def gemm_rows(
             layer.gemm_rows = 1
         for rows in (512, 256, 128, 64, 32, 16, 8):
             xs = [torch.randn(rows, i, dtype=gemm) for _, i in shapes]
-            t_int = t_float = float("inf")
-            for _ in range(3):  # alternating, the best of each kept
-                t_int = min(t_int, best_time(lambda: [f(x) for f, x in zip(int_path, xs, strict=True)], repeats=3))  # noqa: B023
-                t_float = min(t_float, best_time(lambda: [f(x) for f, x in zip(float_path, xs, strict=True)], repeats=3))  # noqa: B023
+            t_int, t_float = best_times_alternating(lambda: [f(x) for f, x in zip(int_path, xs, strict=True)],  # noqa: B023
+                                                    lambda: [f(x) for f, x in zip(float_path, xs, strict=True)])  # noqa: B023
             if t_float >= t_int:
                 break
             found = rows

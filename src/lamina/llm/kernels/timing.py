@@ -86,7 +86,7 @@ def time_prompt_chunks(
     """(rows, integer dots, float GEMM) for each of `rows` in turn: seconds for one prompt chunk of that many
     tokens through a random 2-layer model of `config` whose QuantLinears on native `kernel` take each path, as
     the engine's prompt chunks do (norms, rotary embeddings and attention between the matmuls, on PyTorch's
-    threads). The two alternate, the best of each kept, so a slow spell of the machine meets both. A generator:
+    threads), the two timed in turns (`best_times_alternating`). A generator:
     the caller stops it when it has its answer."""
     torch.manual_seed(0)
     config = replace(probe_config(config), n_layers=2, max_seq_len=max(max(rows), 256))
@@ -103,11 +103,7 @@ def time_prompt_chunks(
 
     for n in rows:
         tokens = torch.randint(0, config.vocab_size, (1, n))
-        t_int = t_float = float("inf")
-        for _ in range(2):
-            t_int = min(t_int, best_time(chunk(tokens, 1 << 30), repeats=2))
-            t_float = min(t_float, best_time(chunk(tokens, 1), repeats=2))
-        yield n, t_int, t_float
+        yield n, *best_times_alternating(chunk(tokens, 1 << 30), chunk(tokens, 1), rounds=2, repeats=2)
 
 
 def time_float_matmuls(shapes: list[tuple[int, int]], dtype: torch.dtype) -> float:
@@ -126,6 +122,16 @@ def time_quant_matmuls(
     except (RuntimeError, NotImplementedError) as e:  # a kernel this build of torch does not have
         logger.info("quantised kernel %s unavailable: %s", kernel, e)
         return float("inf")
+
+
+def best_times_alternating(a: Callable[[], object], b: Callable[[], object], rounds: int = 3, repeats: int = 3) -> tuple[float, float]:
+    """The fastest runs of `a` and of `b`, timed in turns (`rounds` of `best_time` each), so that a slow spell of
+    the machine meets both rather than one."""
+    t_a = t_b = float("inf")
+    for _ in range(rounds):
+        t_a = min(t_a, best_time(a, repeats))
+        t_b = min(t_b, best_time(b, repeats))
+    return t_a, t_b
 
 
 def best_time(fn: Callable[[], object], repeats: int = 5) -> float:

@@ -716,6 +716,13 @@ int lam_matmul(int fmt, const uint8_t *w, int N, int K, const float *x, int M, f
 
 /* ---- W as floats (N x K), float32 or bfloat16: for long inputs, where a float GEMM beats integer dots ---- */
 
+static inline float bf16_to_f32(uint16_t h) {
+    const uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
 static inline uint16_t f32_to_bf16(float f) {
     uint32_t u;
     memcpy(&u, &f, 4);
@@ -974,10 +981,7 @@ static void pa_transpose(const PromptAttn *a, int g, int b) {
     for (int j = 0; j < n; j++) {
         const char *kr = a->k + ((size_t)g * a->kv_sh + (size_t)(kb + j) * a->kv_ss) * esz;
         if (a->bf16)
-            for (int d = 0; d < hd; d++) {
-                const uint32_t bits = (uint32_t)((const uint16_t *)kr)[d] << 16;
-                memcpy(kt + d * PA_KEYS + j, &bits, 4);
-            }
+            for (int d = 0; d < hd; d++) kt[d * PA_KEYS + j] = bf16_to_f32(((const uint16_t *)kr)[d]);
         else
             for (int d = 0; d < hd; d++) kt[d * PA_KEYS + j] = ((const float *)kr)[d];
     }
@@ -1086,11 +1090,7 @@ static inline __attribute__((always_inline)) void pa_rows_dot(const PromptAttn *
     }
 
 static inline float pa_q(const PromptAttn *a, const char *src, int d) {
-    if (!a->q_bf16) return ((const float *)src)[d];
-    const uint32_t bits = (uint32_t)((const uint16_t *)src)[d] << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
+    return a->q_bf16 ? bf16_to_f32(((const uint16_t *)src)[d]) : ((const float *)src)[d];
 }
 
 static void pa_unit(const PromptAttn *a, int u, float *scratch) {
